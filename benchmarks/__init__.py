@@ -1,0 +1,1 @@
+"""Long-context evaluation and speed / memory benchmarks (``ahn.benchmarks``)."""

@@ -1,0 +1,1 @@
+"""Self-distillation of memory adapters (``ahn.distill``)."""

@@ -1,0 +1,57 @@
+"""Delta rule (DeltaNet): the gated delta rule without decay (g = 0).
+
+Its reference and chunkwise implementation are the gated delta rule's with ``g = None``,
+which skips every decay factor rather than multiplying by exp(0).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from ..gated_delta_rule.chunk import chunk_gated_delta_rule
+from ..gated_delta_rule.recurrent import recurrent_gated_delta_rule
+
+
+def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+    from fla.ops.delta_rule import chunk_delta_rule as fla_chunk_delta_rule
+
+    return fla_chunk_delta_rule(
+        q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm,
+    )
+
+
+RULE = Rule(
+    name="delta_rule", has_g=False, has_beta=True,
+    recurrent=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule, fla=_fla,
+)
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.LongTensor] = None,
+    use_qk_l2norm: bool = False,
+    backend: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Delta rule: ``S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T``, ``o_t = S_t^T (scale q_t)``.
+
+    Shapes, arguments and return value as :func:`ahn.kernels.gated_delta_rule` without ``g``.
+    """
+    return run_rule(
+        RULE, q, k, v, None, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
+    )
+
+
+__all__ = ["delta_rule", "RULE"]

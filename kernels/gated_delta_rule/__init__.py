@@ -1,0 +1,68 @@
+"""Gated delta rule (GatedDeltaNet): decay, then a delta-rule write; read with q."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from .chunk import chunk_gated_delta_rule
+from .recurrent import recurrent_gated_delta_rule
+
+
+def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
+
+    return fla_chunk_gated_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm,
+    )
+
+
+RULE = Rule(
+    name="gated_delta_rule", has_g=True, has_beta=True,
+    recurrent=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule, fla=_fla,
+)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.LongTensor] = None,
+    use_qk_l2norm: bool = False,
+    backend: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gated delta rule: ``D = exp(g_t) S_{t-1}``, ``S_t = D + beta_t k_t (v_t - D^T k_t)^T``, ``o_t = S_t^T (scale q_t)``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; L2-normalised first when ``use_qk_l2norm``.
+        v: ``[B, T, H, V]``.
+        g: ``[B, T, H]`` log decay (<= 0).
+        beta: ``[B, T, H]`` write strength (usually in (0, 1)).
+        scale: query scale, default ``K ** -0.5``.
+        initial_state: ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``).
+        output_final_state: also return the state after the last token.
+        cu_seqlens: ``[N + 1]`` boundaries of N sequences packed along T (B must be 1).
+        backend: ``"auto"`` (fla on CUDA in half precision, else torch), ``"torch"``
+            (chunkwise), ``"recurrent"`` (the reference loop), ``"fla"``, ``"triton"``.
+        chunk_size: chunk length of the torch backend.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
+    """
+    return run_rule(
+        RULE, q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
+    )
+
+
+__all__ = ["gated_delta_rule", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "RULE"]

@@ -1,0 +1,38 @@
+"""Recurrent reference of the gated delta rule: the specification, one token at a time.
+
+    D_t = exp(g_t) S_{t-1}
+    S_t = D_t + beta_t k_t (v_t - D_t^T k_t)^T
+    o_t = S_t^T (scale q_t)
+
+``g = None`` is the plain delta rule (no decay).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,  # [B, T, H, K]
+    k: torch.Tensor,  # [B, T, H, K]
+    v: torch.Tensor,  # [B, T, H, V]
+    g: Optional[torch.Tensor],  # [B, T, H] log decay, or None
+    beta: torch.Tensor,  # [B, T, H]
+    scale: float,
+    initial_state: Optional[torch.Tensor],  # [B, H, K, V]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    outs = []
+    for t in range(T):
+        if g is not None:
+            S = S * g[:, t].exp()[..., None, None]
+        k_t = k[:, t]  # [B, H, K]
+        u = (v[:, t] - torch.einsum("bhk,bhkv->bhv", k_t, S)) * beta[:, t, :, None]  # [B, H, V]
+        S = S + torch.einsum("bhk,bhv->bhkv", k_t, u)
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
+    return o, S

@@ -1,0 +1,56 @@
+"""SSD (Mamba2's state-space duality form): a decayed outer-product write, read with q."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from .chunk import chunk_ssd
+from .recurrent import recurrent_ssd
+
+
+def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    if use_qk_l2norm:
+        from .._common import l2norm
+
+        q, k = l2norm(q), l2norm(k)
+    return chunk_simple_gla(
+        q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+
+
+RULE = Rule(name="ssd", has_g=True, has_beta=False, recurrent=recurrent_ssd, chunk=chunk_ssd, fla=_fla)
+
+
+def ssd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.LongTensor] = None,
+    use_qk_l2norm: bool = False,
+    backend: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Mamba2's SSD: ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T (scale q_t)``.
+
+    The caller folds Mamba2's dt into v (or k). Shapes, arguments and return value as
+    :func:`ahn.kernels.gated_delta_rule` without ``beta``; the fla backend is fla's
+    ``chunk_simple_gla`` (the same recurrence with a scalar per-head gate).
+    """
+    return run_rule(
+        RULE, q, k, v, g, None, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
+    )
+
+
+__all__ = ["ssd", "chunk_ssd", "recurrent_ssd", "RULE"]

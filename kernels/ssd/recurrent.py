@@ -1,0 +1,33 @@
+"""Recurrent reference of Mamba2's state-space duality (SSD) form, one token at a time.
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T
+    o_t = S_t^T (scale q_t)
+
+In Mamba2's names: k = B, q = C, g = dt * A, and the caller folds dt into v (x * dt).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def recurrent_ssd(
+    q: torch.Tensor,  # [B, T, H, K]
+    k: torch.Tensor,  # [B, T, H, K]
+    v: torch.Tensor,  # [B, T, H, V]
+    g: torch.Tensor,  # [B, T, H] log decay
+    beta: None,  # SSD has no write strength; kept for the common signature
+    scale: float,
+    initial_state: Optional[torch.Tensor],  # [B, H, K, V]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None] + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
+    return o, S
