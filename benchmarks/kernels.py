@@ -1,0 +1,109 @@
+"""Memory-kernel speed: chunkwise torch vs the recurrent reference (and fla on CUDA), side by side.
+
+    python -m ahn.benchmarks.kernels                       # T = 512 .. 8192, H = 4, K = V = 64
+    python -m ahn.benchmarks.kernels --lengths 1024 4096 --rules ssd --repeats 5
+
+Prints, for each rule and length, the median time of forward and forward+backward per
+backend, the speed-up of each backend over the recurrent reference, and the time per
+token (flat in T means linear time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ahn.kernels import delta_rule, gated_delta_rule, ssd
+from ahn.kernels._common import fla_available
+
+RULES = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "ssd": ssd}
+
+
+def make_args(rule, B, T, H, K, V, device, dtype):
+    q = torch.randn(B, T, H, K, device=device, dtype=dtype)
+    k = F.normalize(torch.randn(B, T, H, K, device=device), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    args = [q, k, v]
+    if rule != "delta_rule":
+        args.append(F.logsigmoid(torch.randn(B, T, H, device=device) + 3).to(dtype))
+    if rule != "ssd":
+        args.append(torch.rand(B, T, H, device=device, dtype=dtype))
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(rule, T, backend, args, device, repeats, backward):
+    f = RULES[rule]
+    if backward:
+        leaves = [a.detach().clone().requires_grad_(True) for a in args]
+
+        def fn():
+            o, s = f(*leaves, backend=backend, output_final_state=True)
+            (o.float().sum() + s.sum()).backward()
+
+    else:
+
+        def fn():
+            with torch.no_grad():
+                f(*args, backend=backend, output_final_state=True)
+
+    return time_call(fn, device, repeats)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64, help="K = V")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--no-recurrent", action="store_true", help="skip the (slow) recurrent reference")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    backends = ([] if a.no_recurrent else ["recurrent"]) + ["torch"]
+    if device.type == "cuda" and fla_available():
+        backends.append("fla")
+    print(f"device={device} dtype={dtype} B={a.batch} H={a.heads} K=V={a.head_dim} repeats={a.repeats} (median seconds)")
+    header = f"{'rule':<17}{'T':>7} {'pass':<8}" + "".join(f"{b:>12}" for b in backends)
+    header += "".join(f"{'x ' + b:>11}" for b in backends if b != "recurrent" and "recurrent" in backends)
+    header += f"{'us/token torch':>16}"
+    print(header)
+    print("-" * len(header))
+    for rule in a.rules:
+        for T in a.lengths:
+            args = make_args(rule, a.batch, T, a.heads, a.head_dim, a.head_dim, device, dtype)
+            for backward in (False, True):
+                t = {b: bench(rule, T, b, args, device, a.repeats, backward) for b in backends}
+                row = f"{rule:<17}{T:>7} {'fwd+bwd' if backward else 'fwd':<8}" + "".join(f"{t[b]:>12.4f}" for b in backends)
+                if "recurrent" in t:
+                    row += "".join(f"{t['recurrent'] / t[b]:>10.1f}x" for b in backends if b != "recurrent")
+                row += f"{1e6 * t['torch'] / (a.batch * T):>16.2f}"
+                print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""ahn.kernels: chunkwise torch vs the recurrent reference, varlen, state carry, errors.
+
+Tolerances are fixed per dtype here (float64: the maths agrees to rounding; float32 and
+bfloat16: the torch paths accumulate in float32, compared against float64 references).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ahn.kernels import delta_rule, gated_delta_rule, ssd
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
+RULES = ["gated_delta_rule", "delta_rule", "ssd"]
+FUNCS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "ssd": ssd}
+
+
+def make_inputs(rule, B, T, H, K, V, dtype=torch.float64, initial_state=True, n_states=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = {
+        "q": rnd(B, T, H, K),
+        "k": F.normalize(rnd(B, T, H, K), dim=-1),  # delta rules are stable for |k| <= 1
+        "v": rnd(B, T, H, V),
+    }
+    if rule != "delta_rule":
+        x["g"] = F.logsigmoid(rnd(B, T, H) + 2.0)
+    if rule != "ssd":
+        x["beta"] = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    if initial_state:
+        x["initial_state"] = rnd(n_states or B, H, K, V) * 0.5
+    return {n: t.to(dtype) for n, t in x.items()}
+
+
+def call(rule, x, **kw):
+    f = FUNCS[rule]
+    args = [x["q"], x["k"], x["v"]] + [x[n] for n in ("g", "beta") if n in x]
+    return f(*args, initial_state=x.get("initial_state"), output_final_state=True, **kw)
+
+
+def outputs_and_grads(rule, x, **kw):
+    """Run with grad on every input; return output, final state and every input's grad."""
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
+    o, s = call(rule, leaves, **kw)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
+    ((o * do).sum() + (s * ds).sum()).backward()
+    return o.detach(), s.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+def assert_close(a, b, tol, what):
+    a, b = a.double(), b.double()
+    err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+    assert err <= tol, f"{what}: relative max error {err:.3g} > {tol:.3g}"
+
+
+def compare(rule, x, tol, ref_kw=None, **kw):
+    o1, s1, g1 = outputs_and_grads(rule, x, backend="recurrent", **(ref_kw or {}))
+    o2, s2, g2 = outputs_and_grads(rule, x, backend="torch", **kw)
+    assert_close(o2, o1, tol, "output")
+    assert_close(s2, s1, tol, "final state")
+    for n in g1:
+        assert_close(g2[n], g1[n], tol, f"grad of {n}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_chunk_matches_recurrent(rule, T, initial_state):
+    # B > 1, head sizes not powers of two, K != V.
+    x = make_inputs(rule, B=2, T=T, H=3, K=5, V=7, initial_state=initial_state)
+    compare(rule, x, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_long_sequence_float32(rule):
+    x = make_inputs(rule, B=1, T=1000, H=2, K=16, V=16, dtype=torch.float32)
+    compare(rule, x, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("chunk_size", [1, 16, 50])
+def test_chunk_size_is_a_free_parameter(rule, chunk_size):
+    x = make_inputs(rule, B=1, T=77, H=2, K=4, V=6)
+    compare(rule, x, TOL[torch.float64], chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bfloat16_accumulates_in_float32(rule):
+    x64 = make_inputs(rule, B=2, T=100, H=2, K=8, V=8)
+    o_ref, s_ref = call(rule, x64, backend="recurrent")
+    xb = {n: t.to(torch.bfloat16) for n, t in x64.items()}
+    o, s = call(rule, xb, backend="torch")
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    # Reference on the same bf16-rounded inputs, computed in float64.
+    o_ref, s_ref = call(rule, {n: t.double() for n, t in xb.items()}, backend="recurrent")
+    assert_close(o, o_ref, TOL[torch.bfloat16], "bf16 output")
+    assert_close(s, s_ref, 1e-4, "bf16 final state")
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("backend", ["recurrent", "torch"])
+def test_varlen_equals_loop_over_sequences(rule, backend):
+    lengths = [1, 64, 65, 30, 0, 7]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    T = int(cu[-1])
+    x = make_inputs(rule, B=1, T=T, H=2, K=5, V=3, n_states=len(lengths))
+    o, s, grads = outputs_and_grads(rule, x, backend=backend, cu_seqlens=cu)
+    # Same seeds and cotangents, one sequence at a time, with the recurrent reference.
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64)
+    loss, outs, states = 0.0, [], []
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        seq = {n: (t[i : i + 1] if n == "initial_state" else t[:, a:b]) for n, t in leaves.items()}
+        oi, si = call(rule, seq, backend="recurrent")
+        outs.append(oi)
+        states.append(si)
+        loss = loss + (oi * do[:, a:b]).sum() + (si * ds[i : i + 1]).sum()
+    loss.backward()
+    assert_close(o, torch.cat(outs, 1), TOL[torch.float64], "varlen output")
+    assert_close(s, torch.cat(states, 0), TOL[torch.float64], "varlen states")
+    for n, t in leaves.items():
+        assert_close(grads[n], t.grad, TOL[torch.float64], f"varlen grad of {n}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("split", [1, 40, 64, 99])
+def test_split_and_carry_state_equals_one_pass(rule, split):
+    x = make_inputs(rule, B=2, T=100, H=2, K=6, V=5)
+    o, s = call(rule, x, backend="torch")
+    first = {n: (t if n == "initial_state" else t[:, :split]) for n, t in x.items()}
+    o1, s1 = call(rule, first, backend="torch")
+    second = {n: t[:, split:] for n, t in x.items() if n != "initial_state"}
+    second["initial_state"] = s1
+    o2, s2 = call(rule, second, backend="torch")
+    assert_close(torch.cat([o1, o2], 1), o, TOL[torch.float64], "split output")
+    assert_close(s2, s, TOL[torch.float64], "split state")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_l2norm_and_scale_options(rule):
+    x = make_inputs(rule, B=1, T=20, H=2, K=4, V=4, initial_state=False)
+    x["k"] = x["k"] * 3.0
+    o, s = call(rule, x, backend="torch", use_qk_l2norm=True, scale=0.3)
+    normed = dict(x, q=x["q"] / torch.sqrt((x["q"] ** 2).sum(-1, keepdim=True) + 1e-6),
+                  k=x["k"] / torch.sqrt((x["k"] ** 2).sum(-1, keepdim=True) + 1e-6))
+    o_ref, s_ref = call(rule, normed, backend="recurrent", scale=0.3)
+    assert_close(o, o_ref, TOL[torch.float64], "l2norm output")
+    # Default scale is K ** -0.5.
+    o_default, _ = call(rule, x, backend="torch")
+    o_explicit, _ = call(rule, x, backend="torch", scale=4 ** -0.5)
+    torch.testing.assert_close(o_default, o_explicit)
+
+
+def test_output_final_state_flag_and_no_state():
+    x = make_inputs("gated_delta_rule", B=1, T=10, H=1, K=4, V=4, initial_state=False)
+    o, s = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend="torch")
+    assert s is None and o.shape == (1, 10, 1, 4)
+
+
+def test_auto_backend_is_torch_on_cpu():
+    x = make_inputs("ssd", B=1, T=70, H=2, K=4, V=4)
+    o_auto, s_auto = call("ssd", x)
+    o_torch, s_torch = call("ssd", x, backend="torch")
+    torch.testing.assert_close(o_auto, o_torch, rtol=0, atol=0)
+    torch.testing.assert_close(s_auto, s_torch, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- errors
+def _gdr_args(**over):
+    x = make_inputs("gated_delta_rule", B=2, T=8, H=2, K=4, V=3, initial_state=False)
+    x.update(over)
+    return x
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"k": torch.randn(2, 8, 2, 5, dtype=torch.float64)}, "k must have the shape of q"),
+        ({"v": torch.randn(2, 7, 2, 3, dtype=torch.float64)}, r"v must be \[B, T, H, V\]"),
+        ({"g": torch.zeros(2, 8, 3, dtype=torch.float64)}, r"g must be \[B, T, H\]"),
+        ({"beta": torch.zeros(2, 8, dtype=torch.float64)}, "beta must have 3 dimensions"),
+        ({"g": torch.full((2, 8, 2), 0.5, dtype=torch.float64)}, "g is a log decay and must be <= 0"),
+        ({"q": torch.zeros(2, 8, 2, 4, dtype=torch.int64)}, "q has dtype torch.int64"),
+        ({"initial_state": torch.zeros(2, 2, 3, 4, dtype=torch.float64)}, r"initial_state must be \[N, H, K, V\]"),
+    ],
+)
+def test_bad_inputs_name_the_argument(over, match):
+    x = _gdr_args(**over)
+    with pytest.raises(ValueError, match=match):
+        call("gated_delta_rule", x, backend="torch")
+
+
+def test_bad_backend_and_cu_seqlens():
+    x = _gdr_args()
+    with pytest.raises(ValueError, match="backend='nope' is not one of"):
+        call("gated_delta_rule", x, backend="nope")
+    with pytest.raises(NotImplementedError, match="triton"):
+        call("gated_delta_rule", x, backend="triton")
+    with pytest.raises(ValueError, match="needs B == 1"):
+        call("gated_delta_rule", x, cu_seqlens=torch.tensor([0, 4, 8]))
+    one = {n: t[:1] for n, t in x.items()}
+    with pytest.raises(ValueError, match="end at T = 8"):
+        call("gated_delta_rule", one, cu_seqlens=torch.tensor([0, 4, 7]))
+    with pytest.raises(ValueError, match="1-D int32/int64"):
+        call("gated_delta_rule", one, cu_seqlens=torch.tensor([0.0, 8.0]))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        call("gated_delta_rule", one, chunk_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='fla' needs CUDA"):
+            call("gated_delta_rule", one, backend="fla")
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule", RULES)
+def test_fla_matches_torch_on_cuda(rule):
+    pytest.importorskip("fla")
+    x = make_inputs(rule, B=2, T=300, H=4, K=64, V=64, dtype=torch.bfloat16)
+    x = {n: t.cuda() for n, t in x.items()}
+    x["initial_state"] = x["initial_state"].float()
+    o1, s1, g1 = outputs_and_grads(rule, x, backend="fla")
+    o2, s2, g2 = outputs_and_grads(rule, x, backend="torch")
+    assert_close(o1, o2, TOL[torch.bfloat16], "fla output")
+    assert_close(s1, s2, TOL[torch.bfloat16], "fla state")
+    for n in g1:
+        assert_close(g1[n], g2[n], 0.1, f"fla grad of {n}")
