@@ -1,0 +1,206 @@
+"""Hybrid attention shared by every model family: sinks + sliding window + compressed memory.
+
+A decoder layer's attention, in "window" or "ahn" mode, computes for the query at slot t:
+
+* softmax attention over the sinks (the first ``S`` real tokens of its row) and the window
+  (slots t-W+1 .. t), with the frozen q/k/v after RoPE;
+* in "ahn" mode, plus the memory read-out: the memory state after writing every real,
+  non-sink token of slot <= t-W, read with q_t, then normed, gated and projected per head.
+
+Slots are positions in the (possibly left-padded) batch. Row r has ``P_r`` left pads; its
+sinks are slots ``P_r .. P_r+S-1``. Pads and sinks are never written into the memory and
+pads are never attended, so a padded row computes exactly what it would alone.
+
+The attention mode travels in an :class:`AHNContext`, passed through the decoder layers
+in place of the attention mask; the base model's own attention (``"full"`` mode) runs
+whenever the mask is anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("full", "window", "ahn")
+
+
+@dataclass
+class AHNContext:
+    """Per-forward settings handed to every hybrid attention layer.
+
+    Attributes:
+        mode: ``"window"`` (sinks + window only) or ``"ahn"`` (window + memory).
+        window, sinks: W and S of this forward.
+        pad_offsets: ``[B]`` left pads per row (slot of the first real token).
+        start: slot of the first new token (tokens already seen through the cache).
+        cache: the :class:`ahn.cache.AHNCache` being filled, or None (training / no cache).
+        attention_block: query block length of the blocked sliding-window attention.
+        backend: ``ahn.kernels`` backend of the memory.
+    """
+
+    mode: str
+    window: int
+    sinks: int
+    pad_offsets: torch.Tensor
+    start: int
+    cache: Optional[object]
+    attention_block: int
+    backend: str
+
+
+def repeat_heads(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
+    """Repeat kv heads ``n_rep`` times along ``dim`` (GQA), head h -> heads h*n_rep .. h*n_rep+n_rep-1."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
+
+
+def sink_window_attention(
+    q: torch.Tensor,  # [B, Hq, T, D], slots start .. start+T-1
+    ctx_k: torch.Tensor,  # [B, Hkv, L, D], slots ctx_start .. ctx_start+L-1 (window context, new tokens last)
+    ctx_v: torch.Tensor,  # [B, Hkv, L, D]
+    ctx_start: int,
+    sink_k: torch.Tensor,  # [B, Hkv, S, D], sink i of row r is slot P_r + i
+    sink_v: torch.Tensor,  # [B, Hkv, S, D]
+    *,
+    start: int,
+    window: int,
+    sinks: int,
+    pad_offsets: torch.Tensor,  # [B]
+    scale: float,
+    block: int,
+) -> torch.Tensor:
+    """Blocked sinks + sliding-window attention; returns ``[B, T, Hq, D]``.
+
+    Query block [a, a+bq) needs only context slots [a-W+1, a+bq): cost O(T * (S + W + bq)),
+    peak memory O(bq * (S + W + bq)) whatever T is.
+    """
+    B, Hq, T, D = q.shape
+    dev = q.device
+    P = pad_offsets.view(B, 1, 1)  # [B, 1, 1]
+    sink_slot = P + torch.arange(sink_k.shape[2], device=dev).view(1, 1, -1)  # [B, 1, S']
+    outs = []
+    for a in range(0, T, block):
+        bq = min(block, T - a)
+        t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
+        lo = max(ctx_start, start + a - window + 1)
+        hi = start + a + bq
+        k = ctx_k[:, :, lo - ctx_start : hi - ctx_start]
+        v = ctx_v[:, :, lo - ctx_start : hi - ctx_start]
+        j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
+        in_window = (j <= t) & (j > t - window)
+        real_non_sink = j >= P + sinks
+        pad_query_self = (t < P) & (j == t)  # a pad query attends to itself only: finite, ignored
+        mask = torch.cat([sink_slot <= t, (in_window & real_non_sink) | pad_query_self], dim=-1)  # [B, bq, S'+L']
+        o = F.scaled_dot_product_attention(
+            q[:, :, a : a + bq],
+            torch.cat([sink_k, k], dim=2),
+            torch.cat([sink_v, v], dim=2),
+            attn_mask=mask.unsqueeze(1),
+            scale=scale,
+            enable_gqa=True,
+        )
+        outs.append(o)
+    return torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, Hq, D]
+
+
+def gather_sinks(x: torch.Tensor, pad_offsets: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Sinks of each row from a full sequence: ``x [B, H, T, D]`` -> ``[B, H, min(S, T), D]``.
+
+    Entries past a row's end are clamped copies; the attention mask never shows them
+    (their slot is beyond every query).
+    """
+    B, H, T, D = x.shape
+    n = min(sinks, T)
+    idx = (pad_offsets.view(B, 1) + torch.arange(n, device=x.device)).clamp(max=T - 1)  # [B, n]
+    return x.gather(2, idx.view(B, 1, n, 1).expand(B, H, n, D))
+
+
+def memory_write_stream(new: torch.Tensor, old: Optional[torch.Tensor], start: int, window: int) -> torch.Tensor:
+    """Tokens written into the memory while processing the new slots, aligned with the queries.
+
+    The query at slot t reads the state after writing slot t-W; so for new slots
+    start .. start+T-1 the write stream is slots start-W .. start+T-1-W: the cached window
+    ``old`` (slots max(0, start-W) .. start-1, time on dim 1) then the new tokens, with zeros
+    (inert writes) for negative slots. ``new``: ``[B, T, ...]``; returns ``[B, T, ...]``.
+    """
+    T = new.shape[1]
+    parts = []
+    n_neg = max(0, window - start)  # slots start-W .. -1 do not exist
+    if n_neg:
+        parts.append(new.new_zeros(new.shape[0], min(n_neg, T), *new.shape[2:]))
+    if old is not None and old.shape[1]:
+        parts.append(old)
+    parts.append(new)
+    return torch.cat(parts, dim=1)[:, :T]
+
+
+def memory_write_mask(start: int, T: int, window: int, sinks: int, pad_offsets: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: whether the write-stream slot (start+i-W) is a real, non-sink token."""
+    slots = start - window + torch.arange(T, device=pad_offsets.device)
+    return slots.view(1, T) >= pad_offsets.view(-1, 1) + sinks
+
+
+def hybrid_attention(
+    memory,  # ahn.memory.Memory or None
+    hidden_states: torch.Tensor,  # [B, T, hidden], the layer's normed input
+    q: torch.Tensor,  # [B, Hq, T, D] after RoPE
+    k: torch.Tensor,  # [B, Hkv, T, D] after RoPE
+    v: torch.Tensor,  # [B, Hkv, T, D]
+    ctx: AHNContext,
+    layer_idx: int,
+    scale: float,
+) -> torch.Tensor:
+    """Sinks + window attention (+ memory in "ahn" mode) for T new tokens; returns ``[B, T, Hq * D]``."""
+    B, Hq, T, D = q.shape
+    W, S, start, P = ctx.window, ctx.sinks, ctx.start, ctx.pad_offsets
+    use_memory = ctx.mode == "ahn" and memory is not None
+    layer = ctx.cache.layers[layer_idx] if ctx.cache is not None else None
+    old_lo = max(0, start - W)  # first slot still in the cached window
+
+    stream = None
+    gates = memory.write_gates(hidden_states) if use_memory else None  # [B, T, Hq, G]
+    if layer is not None and not layer.is_initialized:
+        layer.lazy_initialization(k, v, gates)
+    if use_memory:
+        new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
+        # Cached slots that leave the window during these T tokens (O(T), not O(W), in decode).
+        mem_hi = max(old_lo, min(start, start + T - W))
+        old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
+        stream = [memory_write_stream(n, o, start, W) for n, o in zip(new, old)]
+
+    if layer is None:
+        attn = sink_window_attention(
+            q, k, v, start, gather_sinks(k, P, S), gather_sinks(v, P, S), start=start, window=W, sinks=S,
+            pad_offsets=P, scale=scale, block=ctx.attention_block,
+        )
+    else:
+        layer.write_sinks(k, v, P, start)
+        if T == 1:
+            # Decode: the token goes into the ring buffer, then one attention call reads the
+            # buffer in place (no copy of the window).
+            layer.append(k, v, gates, start)
+            attn = layer.decode_attention(q, start, P, scale)  # [B, 1, Hq, D]
+        else:
+            old_k, old_v, _ = layer.read_slots(old_lo, start)  # [B, L, Hkv, D]
+            attn = sink_window_attention(
+                q, torch.cat([old_k.transpose(1, 2), k], 2), torch.cat([old_v.transpose(1, 2), v], 2), old_lo,
+                layer.sink_k, layer.sink_v, start=start, window=W, sinks=S, pad_offsets=P, scale=scale,
+                block=ctx.attention_block,
+            )
+            layer.append(k, v, gates, start)
+
+    if not use_memory:
+        return attn.reshape(B, T, Hq * D)
+    wk, wv, wg = stream  # [B, T, Hkv, D], [B, T, Hkv, D], [B, T, Hq, G]
+    n_rep = Hq // wk.shape[2]
+    read, state = memory.read(
+        q.transpose(1, 2), repeat_heads(wk, n_rep, 2), repeat_heads(wv, n_rep, 2), wg,
+        memory_write_mask(start, T, W, S, P), initial_state=layer.memory_state if layer is not None else None,
+        backend=ctx.backend,
+    )
+    if layer is not None:
+        layer.memory_state = state
+    mem_out = memory.output(read, hidden_states)  # [B, T, Hq, D]
+    return (attn + mem_out.to(attn.dtype)).reshape(B, T, Hq * D)

@@ -1,0 +1,104 @@
+"""`AHNConfig`: the architecture of a memory adapter (which rule, window, sinks, layers).
+
+Architecture only: per-batch choices (a random window during distillation, say) are
+passed to the forward call, never written into the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+CONFIG_NAME = "ahn_config.json"
+
+
+@dataclass(frozen=True)
+class AHNConfig:
+    """Configuration of an AHN memory adapter.
+
+    Args:
+        memory: memory rule, one of :func:`ahn.memory.available_memories`
+            (``"gated_deltanet"``, ``"deltanet"``, ``"mamba2"``).
+        window: tokens kept losslessly in the sliding window (>= 1).
+        sinks: first tokens always kept (attention sinks, >= 0).
+        layers: decoder layer indices that get a memory; ``None`` means all layers.
+            Layers without memory still use sinks + window attention.
+        use_qk_l2norm: L2-normalise q and k before they enter the memory (delta rules need
+            it for stability; the paper's GatedDeltaNet does it).
+        backend: ``ahn.kernels`` backend for the memory (``"auto"``, ``"torch"``, ...).
+        attention_block: query block length of the blocked sliding-window attention used
+            for prefill / training (peak memory grows with it, not with T).
+        memory_kwargs: rule-specific options (e.g. ``{"conv_size": 4}``), validated by the rule.
+    """
+
+    memory: str = "gated_deltanet"
+    window: int = 32640
+    sinks: int = 128
+    layers: Optional[tuple[int, ...]] = None
+    use_qk_l2norm: bool = True
+    backend: str = "auto"
+    attention_block: int = 1024
+    memory_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from ahn.kernels import BACKENDS
+        from ahn.memory import available_memories
+
+        if self.memory not in available_memories():
+            raise ValueError(f"memory={self.memory!r} is unknown; choose one of {available_memories()}")
+        for name, lo in (("window", 1), ("sinks", 0), ("attention_block", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"{name}={value!r} must be an int >= {lo}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
+                raise ValueError(f"layers={self.layers!r} must be a list of layer indices or None (all layers)")
+            layers = tuple(self.layers)
+            if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
+                raise ValueError(f"layers={self.layers!r} must be distinct non-negative layer indices")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+        if not isinstance(self.memory_kwargs, dict):
+            raise ValueError(f"memory_kwargs={self.memory_kwargs!r} must be a dict")
+
+    def memory_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
+        """Indices of the layers that get a memory in a model with ``num_hidden_layers`` layers."""
+        if self.layers is None:
+            return tuple(range(num_hidden_layers))
+        bad = [i for i in self.layers if i >= num_hidden_layers]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: the model has {num_hidden_layers} layers (0 .. {num_hidden_layers - 1})")
+        return self.layers
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AHNConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"ahn_version"})
+        if unknown:
+            raise ValueError(f"unknown AHNConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json_string(self) -> str:
+        from ahn import __version__
+
+        return json.dumps({**self.to_dict(), "ahn_version": __version__}, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path) -> "AHNConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object of AHNConfig fields")
+        return cls.from_dict(d)

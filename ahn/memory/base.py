@@ -1,0 +1,143 @@
+"""The memory base class and registry (see the package docstring).
+
+Parameter names, shapes and initialisations follow the official AHN release
+(ByteDance-Seed/AHN, ``src/ahn/rnn/*``), so its checkpoints load by renaming only
+(see :mod:`ahn.adapters`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_REGISTRY: dict[str, type["Memory"]] = {}
+
+# Output RMSNorm epsilon of the official release (fla's FusedRMSNormSwishGate / RMSNormGated, eps=1e-5).
+NORM_EPS = 1e-5
+# GatedDeltaNet's dt initialisation (fla / mamba_ssm defaults): dt = exp(U(log DT_MIN, log DT_MAX)),
+# clamped below by DT_INIT_FLOOR; dt_bias = softplus^{-1}(dt).
+DT_MIN, DT_MAX, DT_INIT_FLOOR = 0.001, 0.1, 1e-4
+# GatedDeltaNet's A = U(A_INIT_RANGE), stored as A_log = log(A) (fla's GatedDeltaNet).
+A_INIT_RANGE = (0.0, 16.0)
+# Std of the normal initialisation of projection weights (transformers' initializer_range default).
+INIT_STD = 0.02
+
+
+def register_memory(name: str):
+    """Class decorator: make a :class:`Memory` subclass available as ``AHNConfig(memory=name)``."""
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"memory {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_memories() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def build_memory(name: str, **kwargs) -> "Memory":
+    if name not in _REGISTRY:
+        raise ValueError(f"memory={name!r} is unknown; choose one of {available_memories()}")
+    return _REGISTRY[name](**kwargs)
+
+
+def init_dt_bias(n: int) -> torch.Tensor:
+    """softplus^{-1} of dt drawn log-uniformly in [DT_MIN, DT_MAX]."""
+    dt = torch.exp(torch.rand(n) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)).clamp(min=DT_INIT_FLOOR)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def linear(n_in: int, n_out: int, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    nn.init.normal_(layer.weight, std=INIT_STD)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class GroupLinear(nn.Module):
+    """Per-head linear map, weight ``[H, D_in, D_out]`` (the release's layout), initialised to zero."""
+
+    def __init__(self, heads: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, T, H, D]
+        return torch.einsum("bthi,hio->btho", x.to(self.weight.dtype), self.weight)
+
+
+class RMSNormWeight(nn.Module):
+    """Holds an RMSNorm weight; the norm itself is applied in float32 by the memory."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+class Memory(nn.Module):
+    """Shared parts of every memory rule.
+
+    Args:
+        hidden_size: the model's hidden size (gates read the layer's normed hidden state).
+        num_heads: query heads H (k and v are repeated to H heads, as GQA does): H states of D x D.
+        head_dim: D.
+        use_qk_l2norm: L2-normalise q and k before the memory.
+        options: rule-specific options (``AHNConfig.memory_kwargs``), checked against
+            ``allowed_options``.
+
+    The default read-out (GatedDeltaNet, DeltaNet) is ``o_proj(rmsnorm(o_h) * silu(g_h))`` per
+    head h, with ``g = g_proj(x)`` one scalar per head from the current token.
+    """
+
+    name: str = ""
+    gate_channels: int = 0
+    output_gate_bias: bool = False
+    allowed_options: tuple[str, ...] = ()
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, use_qk_l2norm: bool = True,
+                 options: dict | None = None):
+        super().__init__()
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.allowed_options))
+        if unknown:
+            raise ValueError(
+                f"memory {self.name!r} does not take options {unknown}; allowed: {list(self.allowed_options) or 'none'}"
+            )
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.use_qk_l2norm = use_qk_l2norm
+        self.options = options
+        self.g_proj = linear(hidden_size, num_heads, bias=self.output_gate_bias)
+        self.o_proj = GroupLinear(num_heads, head_dim)
+
+    def write_gates(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, H, G] float32
+        raise NotImplementedError
+
+    def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
+        raise NotImplementedError
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``o [B, T, H, D]``, ``x [B, T, hidden]`` (current tokens) -> ``[B, T, H, D]``."""
+        gate = F.silu(self.g_proj(x).float()).unsqueeze(-1)  # [B, T, H, 1]
+        return self.o_proj(rms_norm(o, self.o_norm.weight) * gate)
+
+    @staticmethod
+    def masked(k: torch.Tensor, decay, mask: torch.Tensor):
+        """Make masked writes inert: k = 0 writes nothing, log decay 0 keeps the state."""
+        m = mask[:, :, None].to(k.dtype)  # [B, T, 1]
+        return k * m[..., None], (decay * m if decay is not None else None)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, qk_l2norm={self.use_qk_l2norm}"

@@ -1,0 +1,42 @@
+"""GatedDeltaNet memory (the paper's AHN-GDN): per-head decay and write strength.
+
+    g_s = -exp(A_log) * softplus(a_proj(x_s) + dt_bias)      (log decay, <= 0)
+    beta_s = sigmoid(b_proj(x_s))
+    M <- exp(g_s) M + beta_s k_s (v_s - exp(g_s) M^T k_s)^T,   o_t = M^T q_t / sqrt(D)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ahn.kernels import gated_delta_rule
+
+from .base import A_INIT_RANGE, Memory, RMSNormWeight, init_dt_bias, linear, register_memory
+
+
+@register_memory("gated_deltanet")
+class GatedDeltaNetMemory(Memory):
+    gate_channels = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        H = self.num_heads
+        self.a_proj = linear(self.hidden_size, H)
+        self.b_proj = linear(self.hidden_size, H)
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(*A_INIT_RANGE).log())
+        self.dt_bias = nn.Parameter(init_dt_bias(H))
+        self.o_norm = RMSNormWeight(self.head_dim)
+
+    def write_gates(self, x):
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())  # [B, T, H]
+        beta = torch.sigmoid(self.b_proj(x).float())
+        return torch.stack([g, beta], dim=-1)  # [B, T, H, 2]
+
+    def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
+        k, g = self.masked(k, gates[..., 0], mask)
+        return gated_delta_rule(
+            q, k, v, g, gates[..., 1], initial_state=initial_state, output_final_state=True,
+            use_qk_l2norm=self.use_qk_l2norm, backend=backend,
+        )
