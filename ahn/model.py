@@ -244,8 +244,11 @@ class AHNModel(nn.Module):
         save_adapter(self, path)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path) -> "AHNModel":
-        """Attach a saved adapter (ahn's format or the official AHN release's) to ``base_model``."""
+    def from_pretrained(cls, base_model: nn.Module, path, **overrides) -> "AHNModel":
+        """Attach a saved adapter (ahn's format or the official AHN release's) to ``base_model``.
+
+        ``overrides`` replace AHNConfig fields, e.g. ``window=8064`` for a shorter context.
+        """
         from ahn.adapters import load_adapter
 
-        return load_adapter(base_model, path)
+        return load_adapter(base_model, path, **overrides)

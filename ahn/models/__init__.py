@@ -39,10 +39,9 @@ class HybridAttentionMixin(nn.Module):
 
     Subclasses implement ``project_qkv(hidden_states, position_embeddings)`` returning q
     ``[B, Hq, T, D]`` and k, v ``[B, Hkv, T, D]``, after RoPE, exactly as the base does.
-    The memory module lives in ``self.ahn`` (None for a layer without memory).
+    The memory module lives in ``self.ahn`` (None for a layer without memory; set by
+    :func:`ahn.add_memory`, not a class attribute, which would shadow the registered module).
     """
-
-    ahn = None
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         if not isinstance(attention_mask, AHNContext):

@@ -1,0 +1,336 @@
+"""The AHN model on tiny random Qwen2 / Qwen3 models: the invariants of DESIGN.md and the user API."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+import ahn
+from ahn import AHNCache, AHNConfig, AHNModel
+
+MEMORIES = ["gated_deltanet", "deltanet", "mamba2"]
+ATOL = 2e-5  # float32 logits; SDPA over different key blocks agrees to ~1e-7
+VOCAB = 97
+
+
+def tiny_config(family: str):
+    common = dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+    )
+    if family == "qwen3":
+        return Qwen3Config(head_dim=12, **common)
+    return Qwen2Config(**common)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny random models saved with save_pretrained, loaded back through AutoModelForCausalLM."""
+    dirs = {}
+    for family in ("qwen2", "qwen3"):
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+        d = tmp_path_factory.mktemp(family)
+        model.save_pretrained(d)
+        dirs[family] = str(d)
+    return dirs
+
+
+def load_base(model_dirs, family="qwen2"):
+    return AutoModelForCausalLM.from_pretrained(model_dirs[family], attn_implementation="sdpa").eval()
+
+
+def randomize_memory(model: AHNModel, seed: int = 0, std: float = 0.3):
+    """Non-zero output projections (a fresh memory contributes nothing), so the memory path is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_memory_parameters():
+            if name.endswith("o_proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def ids(B=1, T=60, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x, **kw):
+    with torch.no_grad():
+        return model(x, use_cache=False, **kw).logits
+
+
+# ------------------------------------------------------------------------------ invariants
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_full_mode_is_the_base_model(model_dirs, family):
+    x = ids(2, 50)
+    ref = logits(load_base(model_dirs, family), x)
+    model = ahn.add_memory(load_base(model_dirs, family), AHNConfig(window=8, sinks=2))
+    randomize_memory(model)
+    with model.attention_mode("full"):
+        torch.testing.assert_close(logits(model, x), ref, rtol=0, atol=0)
+    assert model.mode == "ahn"
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_short_sequences_equal_the_base_model(model_dirs, memory, sinks, family):
+    x = ids(2, 30)
+    ref = logits(load_base(model_dirs, family), x)
+    model = ahn.add_memory(load_base(model_dirs, family), AHNConfig(memory=memory, window=30 - sinks, sinks=sinks))
+    randomize_memory(model)  # even a trained memory must read nothing when nothing was evicted
+    torch.testing.assert_close(logits(model, x), ref, rtol=0, atol=ATOL)
+    # The cached path too: prefill + decode.
+    with torch.no_grad():
+        cache = model.new_cache()
+        a = model(x[:, :17], past_key_values=cache).logits
+        b = torch.cat([model(x[:, t : t + 1], past_key_values=cache).logits for t in range(17, 30)], 1)
+    torch.testing.assert_close(torch.cat([a, b], 1), ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_fresh_adapter_equals_sinks_plus_window(model_dirs, memory):
+    x = ids(2, 70)
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory=memory, window=16, sinks=4))
+    with model.attention_mode("window"):
+        window_only = logits(model, x)
+    with model.attention_mode("full"):
+        full = logits(model, x)
+    fresh = logits(model, x)
+    torch.testing.assert_close(fresh, window_only, rtol=0, atol=0)
+    assert (fresh[:, 20:] - full[:, 20:]).abs().max() > 1e-3, "the window must actually cut the context"
+    torch.testing.assert_close(fresh[:, :20], full[:, :20], rtol=0, atol=ATOL)
+
+
+def run_incremental(model, x, splits, **kw):
+    """Prefill in uneven chunks, then decode token by token; checks the cache bound throughout."""
+    cache = model.new_cache(**kw)
+    W, S = cache.window, cache.sinks
+    outs, t = [], 0
+    with torch.no_grad():
+        for n in splits + [1] * (x.shape[1] - sum(splits)):
+            outs.append(model(x[:, t : t + n], past_key_values=cache).logits)
+            t += n
+            assert cache.kv_length <= S + W
+            assert cache.get_seq_length() == t
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_parallel_forward_equals_prefill_plus_decode(model_dirs, memory, sinks, family):
+    x = ids(2, 90, seed=3)
+    config = AHNConfig(memory=memory, window=10, sinks=sinks, attention_block=7)  # blocks straddle the window
+    model = ahn.add_memory(load_base(model_dirs, family), config)
+    randomize_memory(model)
+    parallel = logits(model, x)
+    with model.attention_mode("window"):
+        assert (parallel - logits(model, x)).abs().max() > 1e-3, "the memory must contribute"
+    incremental, cache = run_incremental(model, x, [5, 13, 1, 27])
+    torch.testing.assert_close(incremental, parallel, rtol=0, atol=ATOL)
+    # State size does not depend on T; KV entries are bounded by sinks + window.
+    layer = cache.layers[0]
+    assert layer.memory_state.shape == (2, 4, 12, 12)
+    assert cache.kv_length == sinks + 10
+
+
+def test_cache_is_bounded_and_constant_in_length(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=12, sinks=4))
+    sizes = {}
+    for T in (40, 200):
+        _, cache = run_incremental(model, ids(1, T), [T - 3])
+        sizes[T] = (cache.kv_length, cache.nbytes)
+    assert sizes[40] == sizes[200]
+    assert sizes[40][0] == 16
+    with model.attention_mode("window"):
+        _, cache = run_incremental(model, ids(1, 40), [30])
+    assert cache.layers[0].memory_state is None and cache.nbytes < sizes[40][1]
+
+
+def test_window_and_sinks_per_call_override(model_dirs):
+    x = ids(1, 50)
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    randomize_memory(model)
+    a = logits(model, x, window=20, sinks=4)
+    model2 = ahn.add_memory(load_base(model_dirs), AHNConfig(window=20, sinks=4))
+    model2.base_model.load_state_dict(model.base_model.state_dict())
+    torch.testing.assert_close(a, logits(model2, x), rtol=0, atol=0)
+    assert model.ahn_config.window == 8, "a per-call override must not touch the config"
+    with pytest.raises(ValueError, match="made for window=8"):
+        model(x, past_key_values=model.new_cache(), window=20)
+
+
+def test_only_memory_trains_and_base_weights_stay_bit_identical(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    before = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if ".ahn." not in n}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".ahn." in n for n in trainable)
+    assert set(n for n, _ in model.named_memory_parameters()) == {n.removeprefix("base_model.") for n in trainable}
+    opt = torch.optim.AdamW(model.memory_parameters(), lr=1e-2)
+    x = ids(2, 40)
+    for _ in range(3):
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    moved = [n for n, p in model.named_memory_parameters() if n.endswith("o_proj.weight") and p.abs().sum() > 0]
+    assert moved, "the memory's output projections must receive gradients"
+    for n, p in model.base_model.named_parameters():
+        if ".ahn." not in n:
+            assert torch.equal(p, before[n]), f"base weight {n} changed"
+
+
+def test_memory_on_a_subset_of_layers(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, layers=[1]))
+    names = {n for n, _ in model.named_memory_parameters()}
+    assert names and all(n.startswith("model.layers.1.") for n in names)
+    randomize_memory(model)
+    x = ids(1, 40)
+    torch.testing.assert_close(run_incremental(model, x, [11])[0], logits(model, x), rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------ generate
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_generate_batch_with_left_padding_equals_rows_alone(model_dirs, memory):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory=memory, window=6, sinks=2))
+    randomize_memory(model)
+    long, short = ids(1, 25, seed=5)[0], ids(1, 17, seed=6)[0]
+    pad = 0
+    batch = torch.stack([long, torch.cat([torch.full((8,), pad), short])])
+    mask = torch.stack([torch.ones(25, dtype=torch.long), torch.cat([torch.zeros(8, dtype=torch.long), torch.ones(17, dtype=torch.long)])])
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=pad)
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, **gen)
+        alone = [model.generate(row[None], attention_mask=torch.ones_like(row[None]), **gen)[0] for row in (long, short)]
+    assert torch.equal(both[0], alone[0])
+    assert torch.equal(both[1, 8:], alone[1])
+
+
+def test_generate_keeps_the_cache_bounded_and_samples(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=2))
+    randomize_memory(model)
+    cache = model.new_cache()
+    with torch.no_grad():
+        out = model.generate(ids(2, 20), past_key_values=cache, max_new_tokens=15, do_sample=True, top_k=5,
+                             pad_token_id=0)
+    assert out.shape == (2, 35)
+    assert cache.kv_length <= 8 and cache.get_seq_length() == 34  # the last token is not fed back
+
+
+def test_decode_continues_a_parallel_prefill(model_dirs):
+    """Greedy tokens from generate == argmax of one parallel forward over prompt + generated."""
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory="mamba2", window=5, sinks=1))
+    randomize_memory(model)
+    with torch.no_grad():
+        out = model.generate(ids(1, 12), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    full = logits(model, out[:, :-1])
+    assert torch.equal(full[:, 11:].argmax(-1), out[:, 12:])
+
+
+# ------------------------------------------------------------------------------ adapters
+def test_save_and_load_round_trip(model_dirs, tmp_path):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory="mamba2", window=8, sinks=2))
+    randomize_memory(model)
+    x = ids(1, 40)
+    expected = logits(model, x)
+    path = tmp_path / "adapter"
+    model.save_pretrained(path)
+    model.save_pretrained(path)  # overwriting an existing adapter is atomic too
+    assert sorted(os.listdir(path)) == ["ahn_adapter.safetensors", "ahn_config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"], "no temporary files left behind"
+    assert json.loads((path / "ahn_config.json").read_text())["memory"] == "mamba2"
+    loaded = AHNModel.from_pretrained(load_base(model_dirs), path)
+    torch.testing.assert_close(logits(loaded, x), expected, rtol=0, atol=0)
+    wider = AHNModel.from_pretrained(load_base(model_dirs), path, window=30)
+    assert wider.ahn_config.window == 30 and wider.ahn_config.memory == "mamba2"
+
+
+def test_mismatched_adapters_fail_clearly(model_dirs, tmp_path):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    model.save_pretrained(tmp_path / "gdn")
+    bigger = AutoModelForCausalLM.from_config(
+        Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)
+    )
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.ahn\.\S+' has shape .* made for another base"):
+        AHNModel.from_pretrained(bigger, tmp_path / "gdn")
+    cfg = json.loads((tmp_path / "gdn" / "ahn_config.json").read_text())
+    cfg["memory"] = "deltanet"
+    (tmp_path / "gdn" / "ahn_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="which this model does not have"):
+        AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "gdn")
+    cfg["memory"] = "lstm"
+    (tmp_path / "gdn" / "ahn_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="memory='lstm' is unknown"):
+        AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "gdn")
+    with pytest.raises(ValueError, match="is not a directory"):
+        AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("memory, impl", [("gated_deltanet", "GatedDeltaNet"), ("deltanet", "DeltaNet"), ("mamba2", "Mamba2")])
+def test_loads_the_official_release_format(model_dirs, tmp_path, memory, impl):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory=memory, window=8, sinks=2))
+    randomize_memory(model)
+    x = ids(1, 40)
+    expected = logits(model, x)
+    official = {n.replace(".self_attn.ahn.", ".ahn.fn."): p.detach().clone() for n, p in model.named_memory_parameters()}
+    if memory == "gated_deltanet":
+        for i in range(2):
+            official[f"model.layers.{i}.ahn.fn.D"] = torch.ones(4)  # stored by the release, unused
+    save_file(official, tmp_path / "model.safetensors")
+    hf = model.base_model.config.to_dict() | {"_ahn_implementation": impl, "sliding_window": 256}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    loaded = AHNModel.from_pretrained(load_base(model_dirs), tmp_path, window=8, sinks=2)
+    assert loaded.ahn_config.memory == memory
+    torch.testing.assert_close(logits(loaded, x), expected, rtol=0, atol=0)
+    assert AHNModel.from_pretrained(load_base(model_dirs), tmp_path).ahn_config.window == 32640
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"window": 0}, "window=0 must be an int >= 1"),
+        ({"sinks": -1}, "sinks=-1 must be an int >= 0"),
+        ({"memory": "lstm"}, r"memory='lstm' is unknown; choose one of \('deltanet', 'gated_deltanet', 'mamba2'\)"),
+        ({"layers": [0, 0]}, "distinct non-negative"),
+        ({"backend": "cuda"}, "backend='cuda' must be one of"),
+        ({"memory_kwargs": {"state_size": 3}}, r"does not take options \['state_size'\]"),
+    ],
+)
+def test_config_validation(model_dirs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ahn.add_memory(load_base(model_dirs), AHNConfig(**kwargs))
+
+
+def test_layer_index_out_of_range(model_dirs):
+    with pytest.raises(ValueError, match=r"layers \[5\] do not exist: the model has 2 layers"):
+        ahn.add_memory(load_base(model_dirs), AHNConfig(layers=[0, 5]))
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"model_type 'llama' is not supported by ahn; supported: \('qwen2', 'qwen3'\)"):
+        ahn.add_memory(llama, AHNConfig())
+
+
+def test_bad_masks_and_caches(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    x = ids(1, 10)
+    with pytest.raises(ValueError, match="left- or right-padded"):
+        model(x, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="already has an AHN memory"):
+        ahn.add_memory(model, AHNConfig())
+    with model.attention_mode("full"), pytest.raises(ValueError, match="cannot be used in attention_mode"):
+        model(x, past_key_values=AHNCache(2, 8, 2))
+    with pytest.raises(ValueError, match="mode='lstm' must be one of"):
+        with model.attention_mode("lstm"):
+            pass
