@@ -180,7 +180,10 @@ def run_rule(
     h0 = initial_state.to(dt) if initial_state is not None else None
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
-    impl = rule.recurrent if backend == "recurrent" else (lambda *a: rule.chunk(*a, chunk_size=chunk_size))
+    if backend == "recurrent" or (q.shape[1] == 1 and cu_seqlens is None):
+        impl = rule.recurrent  # one token (a decode step): the chunkwise form would only add padding
+    else:
+        impl = lambda *a: rule.chunk(*a, chunk_size=chunk_size)  # noqa: E731
     if cu_seqlens is None:
         o, ht = impl(q, k, v, g, beta, scale, h0)
     else:

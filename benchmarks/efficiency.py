@@ -1,0 +1,118 @@
+"""Prefill and decode cost of an AHN model against context length, side by side per mode.
+
+    python -m ahn.benchmarks.efficiency                              # tiny random Qwen2, CPU
+    python -m ahn.benchmarks.efficiency --prefill 65536 --decode-at 4096 32768 --modes ahn
+
+For each mode (``full``: the base model with a growing KV cache; ``window``: sinks + window;
+``ahn``: window + memory) it prefills N tokens (time, peak RSS growth, cache size) and
+decodes tokens after contexts of several lengths (ms per token), then prints ratios
+against the first mode. A random model: the figures are about cost, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import ahn
+
+
+def tiny_model(hidden: int, layers: int, heads: int, kv_heads: int, max_len: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_len + 1024,
+    )
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, ahn.AHNCache):
+        return cache.nbytes
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+@torch.no_grad()
+def prefill(model, n: int, block: int):
+    """Prefill n tokens in chunks of ``block`` (full attention would need an n x n mask otherwise)."""
+    x = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache() if model.mode != "full" else None
+    t0 = time.perf_counter()
+    for a in range(0, n, block):
+        out = model(x[:, a : a + block], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+    return time.perf_counter() - t0, cache
+
+
+@torch.no_grad()
+def decode_ms(model, cache, steps: int) -> float:
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model(tok, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prefill", type=int, nargs="+", default=[4096, 16384, 65536], help="prefill lengths")
+    p.add_argument("--decode-at", type=int, nargs="+", default=[2048, 4096, 16384, 32768], help="context lengths for decode")
+    p.add_argument("--modes", nargs="+", default=["ahn", "window", "full"], choices=["full", "window", "ahn"])
+    p.add_argument("--memory", default="gated_deltanet")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--sinks", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--block", type=int, default=4096, help="prefill chunk length")
+    p.add_argument("--steps", type=int, default=20, help="decode steps timed per context length")
+    a = p.parse_args(argv)
+    longest = max(a.prefill + a.decode_at)
+    model = ahn.add_memory(
+        tiny_model(a.hidden, a.layers, a.heads, a.kv_heads, longest),
+        ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks),
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Qwen2 hidden={a.hidden} layers={a.layers} "
+          f"heads={a.heads}/{a.kv_heads}; memory={a.memory} window={a.window} sinks={a.sinks}")
+    rows = []
+    for mode in a.modes:
+        with model.attention_mode(mode):
+            for n in a.prefill:
+                rss0 = peak_rss_gb()
+                secs, cache = prefill(model, n, a.block)
+                rows.append((mode, "prefill", n, secs, cache_bytes(cache), peak_rss_gb() - rss0))
+                print(f"{mode:<7} prefill {n:>7} tokens: {secs:8.2f} s  cache {cache_bytes(cache) / 2**20:8.2f} MiB  "
+                      f"peak RSS +{rows[-1][5]:.2f} GB", flush=True)
+            for n in a.decode_at:
+                _, cache = prefill(model, n, a.block)
+                ms = decode_ms(model, cache, a.steps)
+                rows.append((mode, "decode", n, ms, cache_bytes(cache), 0.0))
+                print(f"{mode:<7} decode at {n:>7}: {ms:8.2f} ms/token  cache {cache_bytes(cache) / 2**20:8.2f} MiB", flush=True)
+    base = a.modes[0]
+    print(f"\nratios to '{base}' (time, cache bytes):")
+    ref = {(kind, n): (t, c) for mode, kind, n, t, c, _ in rows if mode == base}
+    for mode, kind, n, t, c, _ in rows:
+        if mode != base:
+            rt, rc = ref[(kind, n)]
+            print(f"  {mode:<7} {kind:<7} {n:>7}: time x{t / rt:6.2f}   cache x{c / rc:6.2f}")
+    if "ahn" in a.modes:
+        dec = {n: t for mode, kind, n, t, _, _ in rows if mode == "ahn" and kind == "decode"}
+        lo, hi = min(dec), max(dec)
+        print(f"\nahn decode latency at {hi} vs {lo} tokens of context: x{dec[hi] / dec[lo]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
