@@ -334,3 +334,32 @@ def test_bad_masks_and_caches(model_dirs):
     with pytest.raises(ValueError, match="mode='lstm' must be one of"):
         with model.attention_mode("lstm"):
             pass
+
+
+def test_decode_writes_the_ring_buffer_in_place(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    x = ids(1, 40)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(x[:, :20], past_key_values=cache)  # the window is full from here on
+        layer = cache.layers[0]
+        storage = (layer.keys.data_ptr(), layer.values.data_ptr(), layer.gates.data_ptr())
+        for t in range(20, 40):
+            model(x[:, t : t + 1], past_key_values=cache)
+            assert (layer.keys.data_ptr(), layer.values.data_ptr(), layer.gates.data_ptr()) == storage
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_dirs):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same memory initialisation both times
+        model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+        randomize_memory(model)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        x = ids(2, 40)
+        model(x, labels=x, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_memory_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
