@@ -87,6 +87,9 @@ def main(argv=None):
     backends = ([] if a.no_recurrent else ["recurrent"]) + ["torch"]
     if device.type == "cuda" and fla_available():
         backends.append("fla")
+    for rule in a.rules:  # one untimed call per rule and backend: thread pools, lazy imports
+        for b in backends:
+            bench(rule, 64, b, make_args(rule, 1, 64, a.heads, a.head_dim, a.head_dim, device, dtype), device, 1, True)
     print(f"device={device} dtype={dtype} B={a.batch} H={a.heads} K=V={a.head_dim} repeats={a.repeats} (median seconds)")
     header = f"{'rule':<17}{'T':>7} {'pass':<8}" + "".join(f"{b:>12}" for b in backends)
     header += "".join(f"{'x ' + b:>11}" for b in backends if b != "recurrent" and "recurrent" in backends)
