@@ -47,7 +47,11 @@ def pad_offsets_from_mask(attention_mask: Optional[torch.Tensor], batch: int, le
     n = m.long().sum(-1)
     pos = torch.arange(length, device=m.device).view(1, -1)
     if not torch.equal(m, (pos >= pads.view(-1, 1)) & (pos < (pads + n).view(-1, 1))):
-        raise ValueError("attention_mask rows must be left- or right-padded (the ones of each row contiguous)")
+        raise ValueError(
+            "attention_mask rows must be left- or right-padded (the ones of each row contiguous). Note that "
+            "generate() without attention_mask infers one from pad_token_id, which masks every occurrence of that "
+            "token: pass attention_mask explicitly"
+        )
     return pads.to(device)
 
 

@@ -363,3 +363,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_dirs):
         grads.append({n: p.grad.clone() for n, p in model.named_memory_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_bfloat16_model(model_dirs, memory):
+    """A bf16 base: memory weights follow its dtype, the state accumulates in float32."""
+    base = AutoModelForCausalLM.from_pretrained(model_dirs["qwen2"], dtype=torch.bfloat16).eval()
+    model = ahn.add_memory(base, AHNConfig(memory=memory, window=6, sinks=2))
+    assert all(p.dtype == torch.bfloat16 for p in model.memory_parameters())
+    randomize_memory(model)
+    x = ids(2, 30)
+    parallel = logits(model, x).float()
+    incremental, cache = run_incremental(model, x, [20])
+    assert cache.layers[0].memory_state.dtype == torch.float32
+    torch.testing.assert_close(incremental.float(), parallel, rtol=0, atol=2e-2)  # bf16 rounding of activations
+    loss = model(x, labels=x, use_cache=False).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.memory_parameters())
+
+
+def test_generate_explains_a_mask_inferred_from_pad_tokens(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=2))
+    x = ids(1, 20)
+    x[0, 10] = 0
+    with pytest.raises(ValueError, match="pass attention_mask explicitly"):
+        model.generate(x, max_new_tokens=2, pad_token_id=0)
+    assert model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, pad_token_id=0).shape == (1, 22)
