@@ -22,11 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ahn --help
 
+# `python -m pytest` (pytest may come from the system site-packages); PYTHONSAFEPATH keeps the
+# repository root off sys.path, so the top-level kernels/ folder never shadows ahn.kernels.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m ahn.benchmarks.kernels
+	PYTHONSAFEPATH=1 $(BIN)/python -m ahn.benchmarks.kernels
 
 clean:
 	rm -rf $(VENV) build *.egg-info
