@@ -1,11 +1,62 @@
-"""The ``ahn`` command line. Sub-commands are added by the capabilities that provide them."""
+"""The ``ahn`` command line (also ``python -m ahn`` and ``torchrun -m ahn``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Optional, Sequence
 
 from ahn import __version__
+
+
+def _add_flops(sub) -> None:
+    p = sub.add_parser(
+        "flops",
+        help="FLOPs and cache of full attention vs sinks + window vs window + memory",
+        description=(
+            "Analytic prefill FLOPs (matmuls; causal attention over the lower triangle; the memory's own cost) "
+            "and the cache left after N tokens, for full attention, sinks + window, and window + memory."
+        ),
+    )
+    p.add_argument("--model", required=True,
+                   help="config.json path, model directory, shipped config name (e.g. Qwen2.5-3B-Instruct) or Hub id")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens processed (prefill length)")
+    p.add_argument("--window", type=int, default=32640)
+    p.add_argument("--sinks", type=int, default=128)
+    p.add_argument("--memory", default="gated_deltanet")
+    p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (memory gates and states are float32)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="PNG", help="also plot FLOPs and cache against sequence length")
+    p.add_argument("--max-len", type=int, default=None, help="longest length on the plot (default: --seq-len)")
+    p.set_defaults(func=_run_flops)
+
+
+def _run_flops(args) -> int:
+    from ahn.configs import load_model_config
+    from ahn.flops import MODES, ModelShape, compare
+
+    shape = ModelShape.from_config(load_model_config(args.model))
+    kw = dict(window=args.window, sinks=args.sinks, memory=args.memory, dtype=args.dtype, batch=args.batch)
+    result = compare(shape, args.seq_len, **kw)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}: {args.seq_len:,} tokens, sinks {args.sinks}, window {args.window}, memory {args.memory}, "
+              f"KV {args.dtype}")
+        print(f"{'mode':<8}{'TFLOPs':>12}{'saving':>9}{'cache GiB':>12}{'saving':>9}   FLOPs breakdown (TFLOPs)")
+        for mode in MODES:
+            r = result[mode]
+            parts = ", ".join(f"{k} {v / 1e12:.1f}" for k, v in r["flops_breakdown"].items())
+            fs = f"{r['flops_saving_pct']:.1f}%" if mode != "full" else "-"
+            cs = f"{r['cache_saving_pct']:.1f}%" if mode != "full" else "-"
+            print(f"{mode:<8}{r['flops'] / 1e12:>12.1f}{fs:>9}{r['cache_bytes'] / 2**30:>12.3f}{cs:>9}   {parts}")
+    if args.plot:
+        from ahn.flops import plot
+
+        plot(shape, args.max_len or args.seq_len, args.plot, title=args.model, **kw)
+        print(f"plot written to {args.plot}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"ahn {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_flops(sub)
     return parser
 
 
@@ -27,4 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        parser.exit(2, f"ahn {args.command}: error: {e}\n")
