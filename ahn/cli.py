@@ -17,15 +17,16 @@ def _add_flops(sub) -> None:
             "Analytic prefill FLOPs (matmuls; causal attention over the lower triangle; the memory's own cost) "
             "and the cache left after N tokens, for full attention, sinks + window, and window + memory."
         ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True,
                    help="config.json path, model directory, shipped config name (e.g. Qwen2.5-3B-Instruct) or Hub id")
     p.add_argument("--seq-len", type=int, required=True, help="tokens processed (prefill length)")
-    p.add_argument("--window", type=int, default=32640)
-    p.add_argument("--sinks", type=int, default=128)
-    p.add_argument("--memory", default="gated_deltanet")
+    p.add_argument("--window", type=int, default=32640, help="sliding-window tokens (excluding sinks)")
+    p.add_argument("--sinks", type=int, default=128, help="attention-sink tokens")
+    p.add_argument("--memory", default="gated_deltanet", help="memory rule: gated_deltanet, deltanet or mamba2")
     p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (memory gates and states are float32)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences processed together")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="PNG", help="also plot FLOPs and cache against sequence length")
     p.add_argument("--max-len", type=int, default=None, help="longest length on the plot (default: --seq-len)")
