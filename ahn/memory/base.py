@@ -71,7 +71,7 @@ class GroupLinear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(heads, dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, T, H, D]
-        return torch.einsum("bthi,hio->btho", x.to(self.weight.dtype), self.weight)
+        return (x.to(self.weight.dtype).transpose(1, 2) @ self.weight).transpose(1, 2)  # [B, H, T, D] @ [H, D, D]
 
 
 class RMSNormWeight(nn.Module):

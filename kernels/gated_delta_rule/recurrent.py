@@ -30,9 +30,9 @@ def recurrent_gated_delta_rule(
     for t in range(T):
         if g is not None:
             S = S * g[:, t].exp()[..., None, None]
-        k_t = k[:, t]  # [B, H, K]
-        u = (v[:, t] - torch.einsum("bhk,bhkv->bhv", k_t, S)) * beta[:, t, :, None]  # [B, H, V]
-        S = S + torch.einsum("bhk,bhv->bhkv", k_t, u)
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        k_t = k[:, t, :, None, :]  # [B, H, 1, K]
+        u = (v[:, t, :, None, :] - k_t @ S) * beta[:, t, :, None, None]  # [B, H, 1, V]
+        S = S + k_t.transpose(-1, -2) * u  # rank-1 update k_t u^T
+        outs.append(((q[:, t, :, None, :] * scale) @ S).squeeze(-2))  # [B, H, V]
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
     return o, S

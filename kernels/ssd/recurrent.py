@@ -27,7 +27,7 @@ def recurrent_ssd(
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     outs = []
     for t in range(T):
-        S = S * g[:, t].exp()[..., None, None] + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        S = S * g[:, t].exp()[..., None, None] + k[:, t, :, :, None] * v[:, t, :, None, :]  # + k_t v_t^T
+        outs.append(((q[:, t, :, None, :] * scale) @ S).squeeze(-2))  # [B, H, V]
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
     return o, S
