@@ -101,6 +101,11 @@ class AHNCacheLayer(CacheLayerMixin):
 
     def decode_attention(self, q: torch.Tensor, t: int, pad_offsets: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one query (slot t, already appended) over the buffer in place: ``[B, 1, Hq, D]``."""
+        if t - self.window + 1 >= self._last_sink_end(pad_offsets) and self.capacity == self.window:
+            # Every sink is filled and every ring entry holds a real, non-sink token of the
+            # window (the steady state of a long decode): nothing to mask.
+            o = F.scaled_dot_product_attention(q, self.keys, self.values, scale=scale, enable_gqa=True)
+            return o.transpose(1, 2)
         dev = q.device
         P = pad_offsets.view(-1, 1)  # [B, 1]
         sink_visible = P + torch.arange(self.sinks, device=dev).view(1, -1) <= t  # [B, S]
@@ -110,6 +115,12 @@ class AHNCacheLayer(CacheLayerMixin):
         mask = torch.cat([sink_visible, ring_visible], dim=1)[:, None, None, :]  # [B, 1, 1, S + C]
         o = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(1, 2)
+
+    def _last_sink_end(self, pad_offsets: torch.Tensor) -> int:
+        """First slot after every row's sinks (max over rows of P_r + S), computed once per batch."""
+        if getattr(self, "_sink_end_for", None) is not pad_offsets:
+            self._sink_end_for, self._sink_end = pad_offsets, int(pad_offsets.max()) + self.sinks
+        return self._sink_end
 
     # ------------------------------------------------------------- Cache interface
     def update(self, key_states, value_states, *args, **kwargs):
