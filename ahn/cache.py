@@ -85,6 +85,13 @@ class AHNCacheLayer(CacheLayerMixin):
         g = self.gates.index_select(1, idx - self.sinks) if self.gates is not None else None
         return k, v, g
 
+    def slot(self, j: int):
+        """The ring entry of slot j (in the window), time-major: k, v ``[B, 1, Hkv, D]``, gates ``[B, 1, Hq, G]``."""
+        i = j % self.window  # copies, not views: append() is about to overwrite this entry
+        k = self.keys[:, :, self.sinks + i].unsqueeze(1).clone()
+        v = self.values[:, :, self.sinks + i].unsqueeze(1).clone()
+        return k, v, self.gates[:, i : i + 1].clone()
+
     def append(self, k: torch.Tensor, v: torch.Tensor, gates: Optional[torch.Tensor], start: int) -> None:
         """Store new slots start .. start+T-1 (the last min(T, W) of them) in the ring."""
         assert start == self.seen, f"cache holds {self.seen} tokens but the new ones start at slot {start}"
