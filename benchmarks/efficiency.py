@@ -79,6 +79,7 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--block", type=int, default=4096, help="prefill chunk length")
     p.add_argument("--steps", type=int, default=20, help="decode steps timed per context length")
+    p.add_argument("--plot", metavar="PNG", help="also plot prefill time and decode latency against length")
     a = p.parse_args(argv)
     longest = max(a.prefill + a.decode_at)
     model = ahn.add_memory(
@@ -112,6 +113,32 @@ def main(argv=None):
         dec = {n: t for mode, kind, n, t, _, _ in rows if mode == "ahn" and kind == "decode"}
         lo, hi = min(dec), max(dec)
         print(f"\nahn decode latency at {hi} vs {lo} tokens of context: x{dec[hi] / dec[lo]:.2f}")
+    if a.plot:
+        plot(rows, a.modes, a.plot, f"Qwen2 hidden={a.hidden} layers={a.layers}, window={a.window} sinks={a.sinks}")
+        print(f"plot written to {a.plot}")
+
+
+def plot(rows, modes, path, title: str) -> None:
+    """PNG: prefill seconds and decode ms/token against tokens, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind, ylabel in ((axes[0], "prefill", "prefill time (s)"), (axes[1], "decode", "decode latency (ms/token)")):
+        for mode in modes:
+            pts = sorted((n, t) for m, k, n, t, _, _ in rows if m == mode and k == kind)
+            ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens (prefill length / context length)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()
