@@ -165,14 +165,11 @@ def hybrid_attention(
         layer.lazy_initialization(k, v, gates)
     if use_memory:
         new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
-        if layer is not None and T == 1:
-            # Decode: the one slot leaving the window (start - W), read before append overwrites it.
-            stream = layer.slot(start - W) if start >= W else [torch.zeros_like(x) for x in new]
-        else:
-            # Cached slots that leave the window during these T tokens, then the new ones.
-            mem_hi = max(old_lo, min(start, start + T - W))
-            old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
-            stream = [memory_write_stream(n, o, start, W) for n, o in zip(new, old)]
+        # Cached slots that leave the window during these T tokens (read before append
+        # overwrites them; one slot in decode), then the new ones.
+        mem_hi = max(old_lo, min(start, start + T - W))
+        old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
+        stream = [memory_write_stream(n, o, start, W) for n, o in zip(new, old)]
 
     if layer is None:
         attn = sink_window_attention(

@@ -69,7 +69,7 @@ class AHNCacheLayer(CacheLayerMixin):
     def write_sinks(self, k: torch.Tensor, v: torch.Tensor, pad_offsets: torch.Tensor, start: int) -> None:
         """Copy the new tokens that are sinks of their row (slots P_r .. P_r+S-1) into the sink entries."""
         T = k.shape[2]
-        if self.sinks == 0 or start >= int(pad_offsets.max()) + self.sinks:
+        if self.sinks == 0 or start >= self._last_sink_end(pad_offsets):
             return
         idx = start + torch.arange(T, device=k.device).view(1, T) - pad_offsets.view(-1, 1)  # [B, T] sink index
         b, t = ((idx >= 0) & (idx < self.sinks)).nonzero(as_tuple=True)
@@ -84,13 +84,6 @@ class AHNCacheLayer(CacheLayerMixin):
         v = self.values.index_select(2, idx).transpose(1, 2)
         g = self.gates.index_select(1, idx - self.sinks) if self.gates is not None else None
         return k, v, g
-
-    def slot(self, j: int):
-        """The ring entry of slot j (in the window), time-major: k, v ``[B, 1, Hkv, D]``, gates ``[B, 1, Hq, G]``."""
-        i = j % self.window  # copies, not views: append() is about to overwrite this entry
-        k = self.keys[:, :, self.sinks + i].unsqueeze(1).clone()
-        v = self.values[:, :, self.sinks + i].unsqueeze(1).clone()
-        return k, v, self.gates[:, i : i + 1].clone()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, gates: Optional[torch.Tensor], start: int) -> None:
         """Store new slots start .. start+T-1 (the last min(T, W) of them) in the ring."""
