@@ -129,26 +129,14 @@ def compare(shape: ModelShape, seq_len: int, **kwargs) -> dict:
 
 def plot(shape: ModelShape, max_len: int, path, title: str = "", points: int = 64, **kwargs) -> None:
     """PNG of FLOPs and cache bytes against sequence length for the three modes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ahn.plotting import line_panels
 
     lengths = sorted({max(1, round(max_len * (i + 1) / points)) for i in range(points)})
-    fig, (ax_f, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in MODES:
-        rows = [count(shape, n, mode, **kwargs) for n in lengths]
-        ax_f.plot(lengths, [r["flops"] / 1e12 for r in rows], label=mode)
-        ax_c.plot(lengths, [r["cache_bytes"] / 2**30 for r in rows], label=mode)
-    for ax, ylabel in ((ax_f, "prefill TFLOPs"), (ax_c, "cache GiB")):
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rows = {mode: [count(shape, n, mode, **kwargs) for n in lengths] for mode in MODES}
+    flops = {m: (lengths, [r["flops"] / 1e12 for r in rs]) for m, rs in rows.items()}
+    cache = {m: (lengths, [r["cache_bytes"] / 2**30 for r in rs]) for m, rs in rows.items()}
+    line_panels(path, title, [("sequence length (tokens)", "prefill TFLOPs", flops, False),
+                              ("sequence length (tokens)", "cache GiB", cache, False)])
 
 
 def _attended_pairs(query, key, is_causal: bool, attn_mask) -> int:

@@ -120,25 +120,16 @@ def main(argv=None):
 
 def plot(rows, modes, path, title: str) -> None:
     """PNG: prefill seconds and decode ms/token against tokens, one line per mode."""
-    import matplotlib
+    from ahn.plotting import line_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def series(kind):
+        pts = {m: sorted((n, t) for mode, k, n, t, _, _ in rows if mode == m and k == kind) for m in modes}
+        return {m: ([n for n, _ in p], [t for _, t in p]) for m, p in pts.items()}
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind, ylabel in ((axes[0], "prefill", "prefill time (s)"), (axes[1], "decode", "decode latency (ms/token)")):
-        for mode in modes:
-            pts = sorted((n, t) for m, k, n, t, _, _ in rows if m == mode and k == kind)
-            ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", label=mode)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens (prefill length / context length)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    xlabel = "tokens (prefill length / context length)"
+    line_panels(path, title, [(xlabel, "prefill time (s)", series("prefill"), True),
+                              (xlabel, "decode latency (ms/token)", series("decode"), True)])
+
 
 if __name__ == "__main__":
     main()

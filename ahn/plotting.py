@@ -1,0 +1,30 @@
+"""One plotting helper for the PNGs ahn writes (matplotlib imported on use, Agg backend)."""
+
+from __future__ import annotations
+
+
+def line_panels(path, title: str, panels, figsize=(11, 4)) -> None:
+    """Side-by-side line plots written to ``path``.
+
+    ``panels``: a list of ``(xlabel, ylabel, series, log2_x)`` where ``series`` maps a label
+    to ``(xs, ys)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
+    for ax, (xlabel, ylabel, series, log2_x) in zip(axes[0], panels):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
