@@ -79,20 +79,29 @@ def sink_window_attention(
     B, Hq, T, D = q.shape
     dev = q.device
     P = pad_offsets.view(B, 1, 1)  # [B, 1, 1]
-    sink_slot = P + torch.arange(sink_k.shape[2], device=dev).view(1, 1, -1)  # [B, 1, S']
+    n_sinks = sink_k.shape[2]
+    sink_slot = P + torch.arange(n_sinks, device=dev).view(1, 1, -1)  # [B, 1, S']
+    first_plain = int(pad_offsets.max()) + sinks  # from this slot on every key is a real non-sink token
+    steady_mask = None  # the mask of a full block whose keys are all real non-sink tokens: the same for all
     outs = []
     for a in range(0, T, block):
         bq = min(block, T - a)
-        t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
         lo = max(ctx_start, start + a - window + 1)
         hi = start + a + bq
         k = ctx_k[:, :, lo - ctx_start : hi - ctx_start]
         v = ctx_v[:, :, lo - ctx_start : hi - ctx_start]
-        j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
-        in_window = (j <= t) & (j > t - window)
-        real_non_sink = j >= P + sinks
-        pad_query_self = (t < P) & (j == t)  # a pad query attends to itself only: finite, ignored
-        mask = torch.cat([sink_slot <= t, (in_window & real_non_sink) | pad_query_self], dim=-1)  # [B, bq, S'+L']
+        steady = bq == block and lo == start + a - window + 1 and lo >= first_plain
+        if steady and steady_mask is not None:
+            mask = steady_mask
+        else:
+            t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
+            j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
+            in_window = (j <= t) & (j > t - window)
+            real_non_sink = j >= P + sinks
+            pad_query_self = (t < P) & (j == t)  # a pad query attends to itself only: finite, ignored
+            mask = torch.cat([sink_slot <= t, (in_window & real_non_sink) | pad_query_self], dim=-1)  # [B, bq, S'+L']
+            if steady:
+                steady_mask = mask
         o = F.scaled_dot_product_attention(
             q[:, :, a : a + bq],
             torch.cat([sink_k, k], dim=2),
@@ -163,10 +172,12 @@ def hybrid_attention(
     gates = memory.write_gates(hidden_states) if use_memory else None  # [B, T, Hq, G]
     if layer is not None and not layer.is_initialized:
         layer.lazy_initialization(k, v, gates)
+    if layer is not None and T == 1:
+        return _decode_step(memory if use_memory else None, hidden_states, q, k, v, gates, ctx, layer, scale)
     if use_memory:
         new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
         # Cached slots that leave the window during these T tokens (read before append
-        # overwrites them; one slot in decode), then the new ones.
+        # overwrites them), then the new ones.
         mem_hi = max(old_lo, min(start, start + T - W))
         old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
         stream = [memory_write_stream(n, o, start, W) for n, o in zip(new, old)]
@@ -178,19 +189,13 @@ def hybrid_attention(
         )
     else:
         layer.write_sinks(k, v, P, start)
-        if T == 1:
-            # Decode: the token goes into the ring buffer, then one attention call reads the
-            # buffer in place (no copy of the window).
-            layer.append(k, v, gates, start)
-            attn = layer.decode_attention(q, start, P, scale)  # [B, 1, Hq, D]
-        else:
-            old_k, old_v, _ = layer.read_slots(old_lo, start)  # [B, L, Hkv, D]
-            attn = sink_window_attention(
-                q, torch.cat([old_k.transpose(1, 2), k], 2), torch.cat([old_v.transpose(1, 2), v], 2), old_lo,
-                layer.sink_k, layer.sink_v, start=start, window=W, sinks=S, pad_offsets=P, scale=scale,
-                block=ctx.attention_block,
-            )
-            layer.append(k, v, gates, start)
+        old_k, old_v, _ = layer.read_slots(old_lo, start)  # [B, L, Hkv, D]
+        attn = sink_window_attention(
+            q, torch.cat([old_k.transpose(1, 2), k], 2), torch.cat([old_v.transpose(1, 2), v], 2), old_lo,
+            layer.sink_k, layer.sink_v, start=start, window=W, sinks=S, pad_offsets=P, scale=scale,
+            block=ctx.attention_block,
+        )
+        layer.append(k, v, gates, start)
 
     if not use_memory:
         return attn.reshape(B, T, Hq * D)
@@ -205,3 +210,32 @@ def hybrid_attention(
         layer.memory_state = state
     mem_out = memory.output(read, hidden_states)  # [B, T, Hq, D]
     return (attn + mem_out.to(attn.dtype)).reshape(B, T, Hq * D)
+
+
+def _decode_step(memory, hidden_states, q, k, v, gates, ctx: AHNContext, layer, scale: float) -> torch.Tensor:
+    """One new token (slot t) with a filled cache: the decode form of :func:`hybrid_attention`.
+
+    The token at slot t - W leaves the window: it is written into the memory state with one
+    recurrent step (k / v heads broadcast over the query heads, no repeat) before the new
+    token's k / v overwrite its ring entry; the step's read with q_t is the memory output.
+    Attention then reads the sinks and the ring buffer in place. Returns ``[B, 1, Hq * D]``.
+    """
+    B, Hq, _, D = q.shape
+    t, W, S, P = ctx.start, ctx.window, ctx.sinks, ctx.pad_offsets
+    mem_out = None
+    if memory is not None:
+        e = t - W  # the slot leaving the window
+        first, last = layer.sink_ends(P)  # rows write slot e iff e >= P_r + S
+        k_e = v_e = g_e = mask = None
+        if e >= first:
+            k_e, v_e, g_e = layer.read_slot(e)
+            mask = None if e >= last else e >= P + S  # [B]
+        if k_e is not None or layer.memory_state is not None:  # else the read is zero
+            o, layer.memory_state = memory.step(q[:, :, 0], k_e, v_e, g_e, mask, layer.memory_state)  # [B, Hq, D]
+            mem_out = memory.output(o.unsqueeze(1), hidden_states)  # [B, 1, Hq, D]
+    layer.write_sinks(k, v, P, t)
+    layer.append(k, v, gates, t)
+    attn = layer.decode_attention(q, t, P, scale)  # [B, 1, Hq, D]
+    if mem_out is not None:
+        attn = attn + mem_out.to(attn.dtype)
+    return attn.reshape(B, 1, Hq * D)

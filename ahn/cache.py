@@ -85,6 +85,15 @@ class AHNCacheLayer(CacheLayerMixin):
         g = self.gates.index_select(1, idx - self.sinks) if self.gates is not None else None
         return k, v, g
 
+    def read_slot(self, slot: int):
+        """Views of one window slot (in the ring): k, v ``[B, Hkv, D]``, gates ``[B, Hq, G]``.
+
+        Views, not copies: use them before :meth:`append` overwrites the slot.
+        """
+        assert self.seen - self.window <= slot < self.seen and self.gates is not None, (slot, self.seen)
+        i = slot % self.window
+        return self.keys[:, :, self.sinks + i], self.values[:, :, self.sinks + i], self.gates[:, i]
+
     def append(self, k: torch.Tensor, v: torch.Tensor, gates: Optional[torch.Tensor], start: int) -> None:
         """Store new slots start .. start+T-1 (the last min(T, W) of them) in the ring."""
         assert start == self.seen, f"cache holds {self.seen} tokens but the new ones start at slot {start}"
@@ -116,11 +125,15 @@ class AHNCacheLayer(CacheLayerMixin):
         o = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask, scale=scale, enable_gqa=True)
         return o.transpose(1, 2)
 
-    def _last_sink_end(self, pad_offsets: torch.Tensor) -> int:
-        """First slot after every row's sinks (max over rows of P_r + S), computed once per batch."""
+    def sink_ends(self, pad_offsets: torch.Tensor) -> tuple[int, int]:
+        """Min and max over rows of P_r + S (each row's first slot after its sinks), computed once per batch."""
         if getattr(self, "_sink_end_for", None) is not pad_offsets:
-            self._sink_end_for, self._sink_end = pad_offsets, int(pad_offsets.max()) + self.sinks
-        return self._sink_end
+            self._sink_end_for = pad_offsets
+            self._sink_ends = (int(pad_offsets.min()) + self.sinks, int(pad_offsets.max()) + self.sinks)
+        return self._sink_ends
+
+    def _last_sink_end(self, pad_offsets: torch.Tensor) -> int:
+        return self.sink_ends(pad_offsets)[1]
 
     # ------------------------------------------------------------- Cache interface
     def update(self, key_states, value_states, *args, **kwargs):

@@ -14,6 +14,11 @@ from typing import Optional, Sequence
 CONFIG_NAME = "ahn_config.json"
 
 
+# Bounds of the automatic attention block (AHNConfig.block_for): below 64 queries the per-block
+# overhead dominates; above 1024 the [bq, S + W + bq] mask and scores only cost memory.
+MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 64, 1024
+
+
 @dataclass(frozen=True)
 class AHNConfig:
     """Configuration of an AHN memory adapter.
@@ -29,7 +34,9 @@ class AHNConfig:
             it for stability; the paper's GatedDeltaNet does it).
         backend: ``ahn.kernels`` backend for the memory (``"auto"``, ``"torch"``, ...).
         attention_block: query block length of the blocked sliding-window attention used
-            for prefill / training (peak memory grows with it, not with T).
+            for prefill / training (peak memory grows with it, not with T). ``None`` (default)
+            picks :meth:`block_for` the window: a block of bq queries attends to S + W + bq
+            keys of which about S + W are needed, so blocks shorter than W waste less.
         memory_kwargs: rule-specific options (e.g. ``{"conv_size": 4}``), validated by the rule.
     """
 
@@ -39,7 +46,7 @@ class AHNConfig:
     layers: Optional[tuple[int, ...]] = None
     use_qk_l2norm: bool = True
     backend: str = "auto"
-    attention_block: int = 1024
+    attention_block: Optional[int] = None
     memory_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -50,8 +57,10 @@ class AHNConfig:
             raise ValueError(f"memory={self.memory!r} is unknown; choose one of {available_memories()}")
         for name, lo in (("window", 1), ("sinks", 0), ("attention_block", 1)):
             value = getattr(self, name)
+            if name == "attention_block" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise ValueError(f"{name}={value!r} must be an int >= {lo}")
+                raise ValueError(f"{name}={value!r} must be an int >= {lo}" + (" or None" if name == "attention_block" else ""))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if self.layers is not None:
@@ -63,6 +72,13 @@ class AHNConfig:
             object.__setattr__(self, "layers", tuple(sorted(layers)))
         if not isinstance(self.memory_kwargs, dict):
             raise ValueError(f"memory_kwargs={self.memory_kwargs!r} must be a dict")
+
+    def block_for(self, window: int) -> int:
+        """Query block of the sliding-window attention for ``window``: ``attention_block`` if set,
+        else W / 2 clamped to [64, 1024] (measured on CPU at W = 1024: 512 is 1.6x faster than 1024)."""
+        if self.attention_block is not None:
+            return self.attention_block
+        return min(MAX_AUTO_BLOCK, max(MIN_AUTO_BLOCK, window // 2))
 
     def memory_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
         """Indices of the layers that get a memory in a model with ``num_hidden_layers`` layers."""

@@ -105,7 +105,7 @@ def _wrap_inner_forward(inner: nn.Module, runtime: _Runtime, num_layers: int) ->
             position_ids = (start + torch.arange(T, device=x.device)).view(1, T) - P.view(B, 1)
             position_ids = position_ids.clamp(min=0)
         ctx = AHNContext(mode=mode, window=W, sinks=S, pad_offsets=P, start=start, cache=cache,
-                         attention_block=cfg.attention_block, backend=cfg.backend)
+                         attention_block=cfg.block_for(W), backend=cfg.backend)
         return original(input_ids=input_ids, attention_mask={"full_attention": ctx, "sliding_attention": ctx},
                         position_ids=position_ids, past_key_values=cache, inputs_embeds=inputs_embeds,
                         use_cache=use_cache, **kwargs)

@@ -80,7 +80,11 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=4096, help="prefill chunk length")
     p.add_argument("--steps", type=int, default=20, help="decode steps timed per context length")
     p.add_argument("--plot", metavar="PNG", help="also plot prefill time and decode latency against length")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 keeps timings stable on a shared machine")
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     longest = max(a.prefill + a.decode_at)
     model = ahn.add_memory(
         tiny_model(a.hidden, a.layers, a.heads, a.kv_heads, longest),

@@ -2,12 +2,15 @@
 
 Each rule has a pure-torch recurrent reference (the specification), a chunkwise torch
 implementation (the CPU path) and, on CUDA, flash-linear-attention's kernels. All share
-fla's argument names and order; ``backend`` picks the implementation.
+fla's argument names and order; ``backend`` picks the implementation. ``*_step`` is one
+token of a rule (the decode step), with grouped k / v heads broadcast over the query heads.
 """
 
 from ._common import BACKENDS, l2norm
-from .delta_rule import delta_rule
-from .gated_delta_rule import gated_delta_rule
-from .ssd import ssd
+from .delta_rule import delta_rule, delta_rule_step
+from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step
+from .ssd import ssd, ssd_step
 
-__all__ = ["BACKENDS", "delta_rule", "gated_delta_rule", "l2norm", "ssd"]
+__all__ = [
+    "BACKENDS", "delta_rule", "delta_rule_step", "gated_delta_rule", "gated_delta_rule_step", "l2norm", "ssd", "ssd_step",
+]

@@ -32,7 +32,9 @@ class Rule:
     compute dtype with shapes ``[B, T, H, K]`` / ``[B, T, H, V]`` / ``[B, T, H]`` (``g`` or
     ``beta`` may be None when the rule has no such gate; ``chunk`` also takes
     ``chunk_size``) and return ``(o [B, T, H, V], final_state [B, H, K, V])``.
-    ``fla`` calls flash-linear-attention with the public arguments.
+    ``fla`` calls flash-linear-attention with the public arguments. ``step`` is one token
+    (the decode step): ``(q [B, H, K], k [B, Hk, K] or None, v [B, Hk, V], g [B, H], beta [B, H],
+    scale, state [B, H, K, V]) -> (o [B, H, V], state)``.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Rule:
     recurrent: Callable
     chunk: Callable
     fla: Callable
+    step: Callable
 
 
 def fla_available() -> bool:
@@ -221,3 +224,56 @@ def chunk_decay(g: Optional[torch.Tensor], shape, chunk_size: int, ref: torch.Te
     diff = G[..., :, None] - G[..., None, :]  # [B, H, N, C, C]
     # Mask before exp: above the diagonal G_i - G_j >= 0 could overflow.
     return G, diff.masked_fill(~causal, float("-inf")).exp()
+
+
+def run_step(
+    rule: Rule,
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    g: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    state: Optional[torch.Tensor],
+    *,
+    scale: Optional[float],
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of ``rule``: write one token per row (unless ``k`` is None), read with ``q``.
+
+    Shapes: ``q [B, H, K]``, ``k [B, Hk, K]`` and ``v [B, Hk, V]`` with H a multiple of Hk
+    (grouped keys / values, as GQA: k / v head j serves query heads j*H/Hk .. (j+1)*H/Hk-1),
+    ``g`` / ``beta`` ``[B, H]``, ``state [B, H, K, V]`` (None: zeros). Returns ``(o [B, H, V]``
+    in v's dtype (q's when read only), ``state [B, H, K, V]`` float32 (float64 for float64 q)).
+    Only cheap shape checks: this runs once per layer per generated token.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, K] (one token), got shape {tuple(q.shape)}")
+    B, H, K = q.shape
+    if k is not None:
+        if k.dim() != 3 or k.shape[0] != B or k.shape[2] != K or H % k.shape[1]:
+            raise ValueError(f"k must be [B, Hk, K] with H = {H} a multiple of Hk, got shape {tuple(k.shape)}")
+        if v is None or v.shape[:2] != k.shape[:2]:
+            raise ValueError(f"v must be [B, Hk, V] = [{B}, {k.shape[1]}, V], got {None if v is None else tuple(v.shape)}")
+        for name, x, needed in (("g", g, rule.has_g), ("beta", beta, rule.has_beta)):
+            if needed and (x is None or tuple(x.shape) != (B, H)):
+                raise ValueError(f"{name} must be [B, H] = [{B}, {H}], got {None if x is None else tuple(x.shape)}")
+    if state is not None and (state.dim() != 4 or state.shape[:3] != (B, H, K)):
+        raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, V], got shape {tuple(state.shape)}")
+    if state is None and k is None:
+        raise ValueError("a read-only step (k=None) needs a state")
+    dt = compute_dtype(q.dtype)
+    out_dtype = v.dtype if v is not None else q.dtype
+    if scale is None:
+        scale = K ** -0.5
+    q = q.to(dt)
+    if use_qk_l2norm:
+        q = l2norm(q)
+    if k is not None:
+        k, v = k.to(dt), v.to(dt)
+        g = g.to(dt) if g is not None else None
+        beta = beta.to(dt) if beta is not None else None
+        if use_qk_l2norm:
+            k = l2norm(k)
+    state = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.to(dt)
+    o, state = rule.step(q, k, v, g, beta, scale, state)
+    return o.to(out_dtype), state

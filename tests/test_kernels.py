@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ahn.kernels import delta_rule, gated_delta_rule, ssd
+from ahn.kernels import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step, ssd, ssd_step
 
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
 RULES = ["gated_delta_rule", "delta_rule", "ssd"]
 FUNCS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "ssd": ssd}
+GATES = {"gated_delta_rule": ("g", "beta"), "delta_rule": ("beta",), "ssd": ("g",)}
+STEPS = {"gated_delta_rule": gated_delta_rule_step, "delta_rule": delta_rule_step, "ssd": ssd_step}
 
 
 def make_inputs(rule, B, T, H, K, V, dtype=torch.float64, initial_state=True, n_states=None, seed=0):
@@ -217,6 +219,47 @@ def test_bad_backend_and_cu_seqlens():
 
 
 # ----------------------------------------------------------------------------- GPU
+def step_call(rule, q, k, v, x, state, **kw):
+    gates = [x.get(n) for n in GATES[rule]]  # None for a read-only step
+    return STEPS[rule](q, k, v, *gates, state=state, **kw)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("l2", [False, True])
+def test_step_with_grouped_heads_equals_one_token_of_the_rule(rule, l2):
+    # H = 6 query heads share Hk = 2 k / v heads (GQA): the step broadcasts, the rule gets repeats.
+    B, H, Hk, K, V = 2, 6, 2, 5, 7
+    x = make_inputs(rule, B, 1, H, K, V)
+    kg, vg = x["k"][:, 0, :Hk], x["v"][:, 0, :Hk]  # [B, Hk, .]
+    full = dict(x, k=kg.repeat_interleave(H // Hk, 1)[:, None], v=vg.repeat_interleave(H // Hk, 1)[:, None])
+    o_ref, s_ref = call(rule, full, backend="recurrent", scale=0.7, use_qk_l2norm=l2)
+    gates = {n: x[n][:, 0] for n in ("g", "beta") if n in x}
+    o, s = step_call(rule, x["q"][:, 0], kg, vg, gates, x["initial_state"], scale=0.7, use_qk_l2norm=l2)
+    assert o.shape == (B, H, V) and s.shape == (B, H, K, V)
+    assert_close(o, o_ref[:, 0], TOL[torch.float64], "output")
+    assert_close(s, s_ref, TOL[torch.float64], "state")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_step_read_only_and_dtypes(rule):
+    B, H, K, V = 2, 3, 4, 4
+    x = make_inputs(rule, B, 1, H, K, V, dtype=torch.float32)
+    h0 = x["initial_state"]
+    o, s = step_call(rule, x["q"][:, 0], None, None, {}, h0, scale=1.0)
+    torch.testing.assert_close(o, torch.einsum("bhk,bhkv->bhv", x["q"][:, 0], h0))
+    assert torch.equal(s, h0)
+    gates = {n: x[n][:, 0].bfloat16() for n in ("g", "beta") if n in x}
+    q, k, v = (x[n][:, 0].bfloat16() for n in ("q", "k", "v"))
+    o, s = step_call(rule, q, k, v, gates, None)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    with pytest.raises(ValueError, match="needs a state"):
+        step_call(rule, q, None, None, {}, None)
+    with pytest.raises(ValueError, match="k must be"):
+        step_call(rule, q, k[:, :2], v, gates, None)  # 3 query heads are not a multiple of 2
+    with pytest.raises(ValueError, match="state must be"):
+        step_call(rule, q, k, v, gates, h0[:, :, :2])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", RULES)
 def test_fla_matches_torch_on_cuda(rule):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -126,6 +128,14 @@ class Memory(nn.Module):
         raise NotImplementedError
 
     def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
+        """Parallel form: ``q, k [B, T, H, D]``, ``v [B, T, H, D]``, ``gates [B, T, H, G]`` of the
+        written tokens, ``mask [B, T]`` (False: an inert write) -> ``(o [B, T, H, D], state)``."""
+        raise NotImplementedError
+
+    def step(self, q, k, v, gates, mask, state):
+        """Decode form, one token: ``q [B, H, D]``; ``k, v [B, Hkv, D]`` the token leaving the window
+        (None: nothing to write), ``gates [B, H, G]``, ``mask [B]`` or None (write in every row),
+        ``state [B, H, D, D]`` or None -> ``(o [B, H, D], state)``."""
         raise NotImplementedError
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -134,9 +144,15 @@ class Memory(nn.Module):
         return self.o_proj(rms_norm(o, self.o_norm.weight) * gate)
 
     @staticmethod
-    def masked(k: torch.Tensor, decay, mask: torch.Tensor):
-        """Make masked writes inert: k = 0 writes nothing, log decay 0 keeps the state."""
-        m = mask[:, :, None].to(k.dtype)  # [B, T, 1]
+    def masked(k: torch.Tensor, decay, mask: Optional[torch.Tensor]):
+        """Make masked writes inert: k = 0 writes nothing, log decay 0 keeps the state.
+
+        ``k [B, T, H, D]`` with ``mask [B, T]``, or one token ``k [B, H, D]`` with ``mask [B]``;
+        ``decay`` has k's shape without D. ``mask=None`` keeps every write.
+        """
+        if mask is None:
+            return k, decay
+        m = mask.view(*mask.shape, 1).to(k.dtype)  # [B, T, 1] or [B, 1]
         return k * m[..., None], (decay * m if decay is not None else None)
 
     def extra_repr(self) -> str:

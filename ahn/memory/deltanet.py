@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ahn.kernels import delta_rule
+from ahn.kernels import delta_rule, delta_rule_step
 
 from .base import Memory, RMSNormWeight, linear, register_memory
 
@@ -31,3 +31,10 @@ class DeltaNetMemory(Memory):
             q, k, v, gates[..., 0], initial_state=initial_state, output_final_state=True,
             use_qk_l2norm=self.use_qk_l2norm, backend=backend,
         )
+
+    def step(self, q, k, v, gates, mask, state):
+        beta = None
+        if k is not None:
+            k, _ = self.masked(k, None, mask)
+            beta = gates[..., 0]  # [B, H]
+        return delta_rule_step(q, k, v, beta, state, use_qk_l2norm=self.use_qk_l2norm)

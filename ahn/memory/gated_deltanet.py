@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn.kernels import gated_delta_rule
+from ahn.kernels import gated_delta_rule, gated_delta_rule_step
 
 from .base import A_INIT_RANGE, Memory, RMSNormWeight, init_dt_bias, linear, register_memory
 
@@ -40,3 +40,10 @@ class GatedDeltaNetMemory(Memory):
             q, k, v, g, gates[..., 1], initial_state=initial_state, output_final_state=True,
             use_qk_l2norm=self.use_qk_l2norm, backend=backend,
         )
+
+    def step(self, q, k, v, gates, mask, state):
+        g = beta = None
+        if k is not None:
+            k, g = self.masked(k, gates[..., 0], mask)  # [B, Hkv, D], [B, H]
+            beta = gates[..., 1]
+        return gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=self.use_qk_l2norm)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn.kernels import ssd
+from ahn.kernels import ssd, ssd_step
 
 from .base import Memory, RMSNormWeight, linear, register_memory, rms_norm
 
@@ -43,6 +43,18 @@ class Mamba2Memory(Memory):
             q, k, v * dt[..., None].to(v.dtype), g, scale=1.0, initial_state=initial_state, output_final_state=True,
             use_qk_l2norm=self.use_qk_l2norm, backend=backend,
         )
+
+    def step(self, q, k, v, gates, mask, state):
+        g = None
+        if k is not None:
+            dt = gates[..., 0]  # [B, H]
+            g = -self.A_log.float().exp() * dt
+            # dt differs between the query heads that share a k / v head: repeat them here.
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # [B, H, D]
+            k, g = self.masked(k, g, mask)
+            v = v * dt[..., None].to(v.dtype)
+        return ssd_step(q, k, v, g, state, scale=1.0, use_qk_l2norm=self.use_qk_l2norm)
 
     def output(self, o, x):
         B, T, H, D = o.shape

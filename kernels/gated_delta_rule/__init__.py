@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule, run_step
 from .chunk import chunk_gated_delta_rule
-from .recurrent import recurrent_gated_delta_rule
+from .recurrent import gated_delta_rule_step_ref, recurrent_gated_delta_rule
 
 
 def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
@@ -23,6 +23,7 @@ def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqle
 RULE = Rule(
     name="gated_delta_rule", has_g=True, has_beta=True,
     recurrent=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule, fla=_fla,
+    step=gated_delta_rule_step_ref,
 )
 
 
@@ -65,4 +66,30 @@ def gated_delta_rule(
     )
 
 
-__all__ = ["gated_delta_rule", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "RULE"]
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    g: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    state: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of :func:`gated_delta_rule` (the decode step): write ``(k, v)``, then read with ``q``.
+
+    Args:
+        q: ``[B, H, K]``.
+        k, v: ``[B, Hk, K]``, ``[B, Hk, V]`` with H a multiple of Hk (each k / v head serves
+            H / Hk consecutive query heads, as GQA; no repeat needed); ``k=None`` reads only.
+        g, beta: ``[B, H]`` log decay and write strength (ignored when ``k`` is None).
+        state: ``[B, H, K, V]``, None for zeros.
+
+    Returns:
+        ``(o [B, H, V], state [B, H, K, V] float32)``; equal to one token of the full rule.
+    """
+    return run_step(RULE, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+__all__ = ["gated_delta_rule", "gated_delta_rule_step", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "RULE"]

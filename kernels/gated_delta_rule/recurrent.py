@@ -4,7 +4,9 @@
     S_t = D_t + beta_t k_t (v_t - D_t^T k_t)^T
     o_t = S_t^T (scale q_t)
 
-``g = None`` is the plain delta rule (no decay).
+``g = None`` is the plain delta rule (no decay). :func:`gated_delta_rule_step_ref` is one
+token of it; the recurrent reference is that step in a loop, and the decode path of the
+model calls the step directly.
 """
 
 from __future__ import annotations
@@ -12,6 +14,34 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+def gated_delta_rule_step_ref(
+    q: torch.Tensor,  # [B, H, K]
+    k: Optional[torch.Tensor],  # [B, Hk, K], H a multiple of Hk; None: read only
+    v: Optional[torch.Tensor],  # [B, Hk, V]
+    g: Optional[torch.Tensor],  # [B, H] log decay, or None
+    beta: Optional[torch.Tensor],  # [B, H]
+    scale: float,
+    state: torch.Tensor,  # [B, H, K, V]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token: write (k, v) with decay g and strength beta, then read with q.
+
+    Each k / v head serves H / Hk consecutive query heads (GQA), by broadcasting, so
+    grouped keys and values need no repeat. Returns ``(o [B, H, V], state [B, H, K, V])``.
+    """
+    B, H, K = q.shape
+    V = state.shape[-1]
+    if k is not None:
+        Hk = k.shape[1]
+        S = state.reshape(B, Hk, H // Hk, K, V)  # query heads grouped by their k / v head
+        if g is not None:
+            S = S * g.view(B, Hk, H // Hk, 1, 1).exp()
+        k_t = k[:, :, None, None, :]  # [B, Hk, 1, 1, K]
+        u = (v[:, :, None, None, :] - k_t @ S) * beta.view(B, Hk, H // Hk, 1, 1)  # [B, Hk, G, 1, V]
+        state = (S + k_t.transpose(-1, -2) * u).view(B, H, K, V)  # rank-1 update k_t u^T
+    o = ((q[:, :, None, :] * scale) @ state).squeeze(-2)  # [B, H, V]
+    return o, state
 
 
 def recurrent_gated_delta_rule(
@@ -28,11 +58,9 @@ def recurrent_gated_delta_rule(
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     outs = []
     for t in range(T):
-        if g is not None:
-            S = S * g[:, t].exp()[..., None, None]
-        k_t = k[:, t, :, None, :]  # [B, H, 1, K]
-        u = (v[:, t, :, None, :] - k_t @ S) * beta[:, t, :, None, None]  # [B, H, 1, V]
-        S = S + k_t.transpose(-1, -2) * u  # rank-1 update k_t u^T
-        outs.append(((q[:, t, :, None, :] * scale) @ S).squeeze(-2))  # [B, H, V]
+        o, S = gated_delta_rule_step_ref(
+            q[:, t], k[:, t], v[:, t], g[:, t] if g is not None else None, beta[:, t], scale, S
+        )
+        outs.append(o)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
     return o, S

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule, run_step
 from .chunk import chunk_ssd
-from .recurrent import recurrent_ssd
+from .recurrent import recurrent_ssd, ssd_step_ref
 
 
 def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
@@ -24,7 +24,8 @@ def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqle
     )
 
 
-RULE = Rule(name="ssd", has_g=True, has_beta=False, recurrent=recurrent_ssd, chunk=chunk_ssd, fla=_fla)
+RULE = Rule(name="ssd", has_g=True, has_beta=False, recurrent=recurrent_ssd, chunk=chunk_ssd, fla=_fla,
+            step=ssd_step_ref)
 
 
 def ssd(
@@ -53,4 +54,18 @@ def ssd(
     )
 
 
-__all__ = ["ssd", "chunk_ssd", "recurrent_ssd", "RULE"]
+def ssd_step(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    g: Optional[torch.Tensor],
+    state: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of :func:`ssd`; shapes as :func:`ahn.kernels.gated_delta_rule_step` without ``beta``."""
+    return run_step(RULE, q, k, v, g, None, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+
+__all__ = ["ssd", "ssd_step", "chunk_ssd", "recurrent_ssd", "RULE"]

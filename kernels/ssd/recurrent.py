@@ -4,6 +4,7 @@
     o_t = S_t^T (scale q_t)
 
 In Mamba2's names: k = B, q = C, g = dt * A, and the caller folds dt into v (x * dt).
+:func:`ssd_step_ref` is one token; the recurrent reference is that step in a loop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,26 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+def ssd_step_ref(
+    q: torch.Tensor,  # [B, H, K]
+    k: Optional[torch.Tensor],  # [B, Hk, K], H a multiple of Hk; None: read only
+    v: Optional[torch.Tensor],  # [B, Hk, V]
+    g: Optional[torch.Tensor],  # [B, H] log decay
+    beta: None,  # SSD has no write strength; kept for the common signature
+    scale: float,
+    state: torch.Tensor,  # [B, H, K, V]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token: decay, write k v^T, read with q; k / v heads broadcast over H / Hk query heads (GQA)."""
+    B, H, K = q.shape
+    V = state.shape[-1]
+    if k is not None:
+        Hk = k.shape[1]
+        S = state.reshape(B, Hk, H // Hk, K, V) * g.view(B, Hk, H // Hk, 1, 1).exp()
+        state = (S + k[:, :, None, :, None] * v[:, :, None, None, :]).view(B, H, K, V)  # + k_t v_t^T
+    o = ((q[:, :, None, :] * scale) @ state).squeeze(-2)  # [B, H, V]
+    return o, state
 
 
 def recurrent_ssd(
@@ -27,7 +48,7 @@ def recurrent_ssd(
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     outs = []
     for t in range(T):
-        S = S * g[:, t].exp()[..., None, None] + k[:, t, :, :, None] * v[:, t, :, None, :]  # + k_t v_t^T
-        outs.append(((q[:, t, :, None, :] * scale) @ S).squeeze(-2))  # [B, H, V]
+        o, S = ssd_step_ref(q[:, t], k[:, t], v[:, t], g[:, t], None, scale, S)
+        outs.append(o)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
     return o, S
