@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -387,6 +387,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                                              "default 25; perplexity: sequences per length)")
     p.add_argument("--max-length", type=int, help="prompt tokens kept by middle truncation (default: the "
                                                    "benchmark's official value)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="cap every dataset's official generation length (quick runs; recorded in run.json)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed raw prompts even if the tokenizer has a chat template")
     p.add_argument("--split", default="test", help="split of a Hub dataset (perplexity)")
@@ -406,8 +408,10 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"--modes {args.modes!r}: each mode must be one of {MODES}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit} must be >= 1")
+    for name in ("limit", "max_new_tokens", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
     bench = importlib.import_module(f"ahn.benchmarks.{args.benchmark}")
     out = Path(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -425,8 +429,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         use_chat = not args.no_chat_template and getattr(tokenizer, "chat_template", None) is not None
         max_length = args.max_length or bench.DEFAULT_MAX_LENGTH
-        settings.update(max_length=max_length, chat_template=use_chat)
+        settings.update(max_length=max_length, chat_template=use_chat, max_new_tokens=args.max_new_tokens)
         datasets = bench.load(args, tokenizer, use_chat)
+        if args.max_new_tokens:
+            for d in datasets:
+                d.samples = [replace(s, max_new_tokens=min(s.max_new_tokens, args.max_new_tokens)) for s in d.samples]
         check_run_settings(out, settings)
         per_sample = run_generation(model, tokenizer, datasets, modes, out, max_length, use_chat,
                                     bench.DECODE_HALVES)
