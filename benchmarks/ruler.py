@@ -82,8 +82,10 @@ DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 # freq_words_extraction.py: coded word length; vocabulary size = length // 50.
 CODED_WORDLEN = 6
 VOCAB_DIVISOR = 50
-# variable_tracking.py: the in-context example is sized for 500 tokens; 10 noise sentences here.
-VT_ICL_NOISES = 10
+# variable_tracking.py main(): the in-context example is the largest one within 500 tokens (at least 5 noise
+# sentences, its bisection's lower bound).
+VT_ICL_TOKENS = 500
+VT_ICL_MIN_NOISES = 5
 
 
 def _data_file(name: str) -> str:
@@ -199,11 +201,15 @@ class Generator:
         return (template.format(context=context, query=value), prefix.format(num_v=num_hops + 1, query=value),
                 chain_vars[0])
 
-    def vt(self, rng: random.Random, size: int, num_chains: int, num_hops: int) -> tuple[str, str, list[str]]:
-        """``variable_tracking.py`` with its one in-context example (answered) before the task."""
-        icl_text, icl_prefix, icl_vars = self._vt(rng, VT_ICL_NOISES, num_chains, num_hops, icl=True)
-        new_value = str(rng.randint(10000, 99998))
-        icl = (icl_text + icl_prefix + " " + " ".join(icl_vars)).replace("12345", new_value)
+    def vt_example(self, rng: random.Random, size: int, num_chains: int, num_hops: int) -> str:
+        """The answered in-context example of ``variable_tracking.py`` (value 12345), ``size`` noise sentences."""
+        text, prefix, names = self._vt(rng, size, num_chains, num_hops, icl=True)
+        return text + prefix + " " + " ".join(names)
+
+    def vt(self, rng: random.Random, size: int, num_chains: int, num_hops: int,
+           icl_size: int) -> tuple[str, str, list[str]]:
+        """``variable_tracking.py``: its in-context example (fresh value) before the task."""
+        icl = self.vt_example(rng, icl_size, num_chains, num_hops).replace("12345", str(rng.randint(10000, 99998)))
         text, prefix, answers = self._vt(rng, size, num_chains, num_hops, icl=False)
         return icl + "\n" + text, prefix, answers
 
@@ -253,14 +259,14 @@ class Generator:
         return template.format(context=" ".join(words)), prefix, ranked[1:4]
 
 
-def _fit(make: Callable[[int], tuple[str, str, list[str]]], n_tokens: Callable[[str, str], int], budget: int,
-         lo: int) -> int:
-    """Largest size (>= ``lo``) whose text fits ``budget`` tokens, by doubling then bisection (RULER bisects)."""
-    def fits(size):
-        text, prefix, _ = make(size)
-        return n_tokens(text, prefix) <= budget
+def _fit(fits: Callable[[int], bool], lo: int, budget: int, strict: bool = True) -> int:
+    """Largest size >= ``lo`` with ``fits(size)``, by doubling then bisection (RULER bisects).
 
+    When even ``lo`` does not fit: ValueError if ``strict``, else ``lo``.
+    """
     if not fits(lo):
+        if not strict:
+            return lo
         raise ValueError(f"the smallest sample ({lo} haystack units) already exceeds {budget} tokens: ask for a "
                          "longer --lengths")
     hi = lo
@@ -297,17 +303,27 @@ def load(args, tokenizer, use_chat: bool) -> list[Dataset]:
                 probe = Sample(id="", prompt="", max_new_tokens=0, reference={}, answer_prefix=prefix)
                 return len(build_input_ids(tokenizer, probe, text, use_chat))
 
-            def make(size, rng, kind=kind, cfg=cfg, length=length):
+            icl_size = 0
+            if kind == "variable_tracking":
+                probe = random.Random(f"{args.seed}/{name}/icl")
+                icl_size = _fit(lambda s: len(tokenizer(gen.vt_example(probe, s, **cfg))["input_ids"]) <= VT_ICL_TOKENS,
+                                VT_ICL_MIN_NOISES, VT_ICL_TOKENS, strict=False)
+
+            def make(size, rng, kind=kind, cfg=cfg, length=length, icl_size=icl_size):
                 if kind == "niah":
                     return gen.niah(rng, size, **cfg)
                 if kind == "variable_tracking":
-                    return gen.vt(rng, size, **cfg)
+                    return gen.vt(rng, size, **cfg, icl_size=icl_size)
                 if kind == "common_words_extraction":
                     return gen.cwe(rng, size, **cfg, short=length < 4096)
                 return gen.fwe(rng, size, cfg["alpha"], max(4, length // VOCAB_DIVISOR))
 
             lo = {"niah": 4 if cfg.get("haystack") != "essay" else 32, "common_words_extraction": 12}.get(kind, 8)
-            size = _fit(lambda s: make(s, random.Random(f"{args.seed}/{name}/{length}/probe")), n_tokens, budget, lo)
+            def fits(size, make=make, n_tokens=n_tokens, budget=budget, name=name, length=length):
+                text, prefix, _ = make(size, random.Random(f"{args.seed}/{name}/{length}/probe"))
+                return n_tokens(text, prefix) <= budget
+
+            size = _fit(fits, lo, budget)
             samples = []
             for i in range(count):
                 rng_seed = f"{args.seed}/{name}/{length}/{i}"
