@@ -162,6 +162,13 @@ SCORERS = {
 }
 
 
+def _keywords(record: dict, where: str):
+    keywords = record.get("answer_keywords")
+    if keywords is not None and not isinstance(keywords, str):
+        raise ValueError(f"{where}: field 'answer_keywords' must be a string, got {keywords!r:.80}")
+    return keywords
+
+
 def dataset_name(dataset: str) -> str:
     """``hotpotwikiqa_mixup_128k`` -> ``hotpotwikiqa_mixup`` (``evaluation.py``'s ``re.split('_.{1,3}k', ...)``)."""
     name = re.split("_.{1,3}k", dataset)[0]
@@ -181,10 +188,7 @@ def score(dataset: str, prediction: str, record: dict) -> float:
     if not isinstance(prediction, str):
         raise TypeError(f"prediction must be a str, got {type(prediction).__name__}")
     answers = field_of(record, "answers", "list[str]", f"LV-Eval {dataset} record")
-    keywords = record.get("answer_keywords")
-    if keywords is not None and not isinstance(keywords, str):
-        raise ValueError(f"LV-Eval {dataset} record: field 'answer_keywords' must be a string, got {keywords!r:.80}")
-    return float(SCORERS[name](prediction, answers[0], keywords))
+    return float(SCORERS[name](prediction, answers[0], _keywords(record, f"LV-Eval {dataset} record")))
 
 
 def load(args, tokenizer, use_chat: bool) -> list[Dataset]:
@@ -209,9 +213,7 @@ def load(args, tokenizer, use_chat: bool) -> list[Dataset]:
             field_of(record, "input", "str", loc)
             field_of(record, "context", "str", loc)
             answers = field_of(record, "answers", "list[str]", loc)
-            keywords = record.get("answer_keywords")
-            if keywords is not None and not isinstance(keywords, str):
-                raise ValueError(f"{loc}: field 'answer_keywords' must be a string, got {keywords!r:.80}")
+            keywords = _keywords(record, loc)
             prompt = PROMPTS[n].format(input=record["input"], context=record["context"])
             samples.append(Sample(id=str(i), prompt=prompt, max_new_tokens=MAX_NEW_TOKENS[n],
                                   reference={"answers": answers, "answer_keywords": keywords}))
