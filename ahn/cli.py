@@ -60,6 +60,28 @@ def _run_flops(args) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    from ahn.benchmarks.evaluate import add_eval_arguments  # torch-free at import
+
+    p = sub.add_parser(
+        "eval",
+        help="long-context benchmarks (LV-Eval, InfiniteBench, LongBench, RULER, perplexity) per attention mode",
+        description=(
+            "Run a benchmark with the official prompts, truncation and metrics in each attention mode (full, "
+            "window, ahn) and write per-mode predictions (resumable), results.json, results.md and results.png."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from ahn.benchmarks.evaluate import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ahn",
@@ -71,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ahn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_flops(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -1,0 +1,444 @@
+"""`ahn eval`: the shared run loop of the long-context benchmarks.
+
+One model is loaded once, given a memory (a trained adapter, or a fresh one, which is plain
+sinks + window), and run greedily in each requested attention mode ("full", "window",
+"ahn") on the same prompts. Per dataset and mode, predictions go to
+``OUT/<mode>/<dataset>.jsonl`` one line per sample as soon as it is done; a restarted run
+skips the samples already there, so an interrupted run resumes where it stopped and ends
+with the same files. Then ``results.json``, ``results.md`` (datasets x modes) and
+``results.png`` are written from those files.
+
+The benchmark modules (:mod:`~ahn.benchmarks.lveval`, :mod:`~ahn.benchmarks.infinitebench`,
+:mod:`~ahn.benchmarks.longbench`, :mod:`~ahn.benchmarks.ruler`) turn records into
+:class:`Sample` lists with their official prompts; :mod:`~ahn.benchmarks.perplexity`
+scores text instead of generating. This module imports no torch at import time (the CLI
+builds its parser from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+BENCHMARKS = ("lveval", "infinitebench", "longbench", "ruler", "perplexity")
+MODES = ("full", "window", "ahn")
+RUN_FILE = "run.json"
+
+
+# ----------------------------------------------------------------------------- samples and data
+@dataclass(frozen=True)
+class Sample:
+    """One greedy generation to run and score.
+
+    ``prompt`` is the user text before truncation; ``reference`` holds the record fields the
+    scorer needs (written to the predictions file next to the prediction); ``system`` is a
+    system message and ``answer_prefix`` text appended after the chat-formatted prompt (RULER).
+    ``chat=False`` keeps this sample out of the chat template even when one is used.
+    """
+
+    id: str
+    prompt: str
+    max_new_tokens: int
+    reference: dict
+    system: Optional[str] = None
+    answer_prefix: str = ""
+    chat: bool = True
+
+
+@dataclass
+class Dataset:
+    """Samples of one dataset (one file), with the official per-sample scorer (prediction -> [0, 1])."""
+
+    name: str
+    samples: list[Sample]
+    score: Callable[[str, Sample], float]
+    meta: dict = field(default_factory=dict)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for each non-empty line; a malformed line raises ValueError naming it."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
+            yield n, record
+
+
+def field_of(record: dict, name: str, kind: str, where: str):
+    """``record[name]`` checked to be of ``kind``: "str", "list[str]" or "list" (non-empty lists).
+
+    Raises ValueError naming ``where`` (file and line) and the field.
+    """
+    if name not in record:
+        raise ValueError(f"{where}: field {name!r} is missing (fields present: {sorted(record)})")
+    value = record[name]
+    ok = {
+        "str": isinstance(value, str),
+        "list": isinstance(value, list) and len(value) > 0,
+        "list[str]": isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        raise ValueError(f"{where}: field {name!r} must be a {'non-empty ' if kind != 'str' else ''}{kind}, "
+                         f"got {value!r:.80}")
+    return value
+
+
+def load_records(data: Optional[str], names: Sequence[str], hub: Callable[[str], tuple[Optional[str], str]],
+                 limit: Optional[int], example: str) -> dict[str, list[tuple[str, dict]]]:
+    """``{name: [(location, record), ...]}``, the first ``limit`` records of each name.
+
+    ``data`` is a directory holding ``<name>.jsonl`` (every file must exist) or a Hugging
+    Face dataset id, read through ``datasets`` with ``hub(name) = (config, split)``.
+    ``location`` ("file, line n") is what error messages name. ``example`` shows a valid
+    ``--data`` in the error raised when it is missing.
+    """
+    if not data:
+        raise ValueError(f"--data is required: {example}")
+    out = {}
+    if Path(data).is_dir():
+        missing = [f"{n}.jsonl" for n in names if not (Path(data) / f"{n}.jsonl").exists()]
+        if missing:
+            raise ValueError(f"{data} lacks {', '.join(missing)}; pick what exists with --datasets / --lengths")
+        for n in names:
+            path = Path(data) / f"{n}.jsonl"
+            rows = read_jsonl(path)
+            out[n] = [(f"{path}, line {line}", r) for i, (line, r) in zip(range(limit or 2**62), rows)]
+        return out
+    from datasets import load_dataset
+
+    for n in names:
+        config, split = hub(n)
+        rows = load_dataset(data, config, split=split)
+        count = len(rows) if limit is None else min(limit, len(rows))
+        out[n] = [(f"{data} {n}, row {i + 1}", dict(rows[i])) for i in range(count)]
+    return out
+
+
+# ----------------------------------------------------------------------------- prompts and truncation
+def middle_truncate(ids: Sequence[int], max_length: int) -> list[int]:
+    """Keep the first and the last ``max_length // 2`` ids when there are more than ``max_length``.
+
+    The official harnesses' middle truncation (LongBench ``pred.py``, LV-Eval ``utils.py``,
+    InfiniteBench ``truncate_input``): the instruction at the start and the question at
+    the end survive.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be at least 2 tokens")
+    if len(ids) <= max_length:
+        return list(ids)
+    half = max_length // 2
+    return list(ids[:half]) + list(ids[-half:])
+
+
+def truncate_prompt(tokenizer, prompt: str, max_length: int, decode_halves: bool) -> tuple[str, int, bool]:
+    """Middle-truncate ``prompt`` to ``max_length`` tokens; returns (text, tokens before, truncated).
+
+    ``decode_halves=True`` decodes the two halves separately and concatenates the strings
+    (LongBench / LV-Eval); ``False`` decodes the joined ids once (InfiniteBench).
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_length:
+        return prompt, len(ids), False
+    half = max_length // 2
+    if decode_halves:
+        text = (tokenizer.decode(ids[:half], skip_special_tokens=True)
+                + tokenizer.decode(ids[-half:], skip_special_tokens=True))
+    else:
+        text = tokenizer.decode(middle_truncate(ids, max_length), skip_special_tokens=True)
+    return text, len(ids), True
+
+
+def build_input_ids(tokenizer, sample: Sample, text: str, use_chat: bool) -> list[int]:
+    """Token ids of the model input: chat template (system + user turn, generation prompt) or raw text."""
+    if use_chat and sample.chat:
+        messages = ([{"role": "system", "content": sample.system}] if sample.system else [])
+        messages.append({"role": "user", "content": text})
+        formatted = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(formatted + sample.answer_prefix, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + sample.answer_prefix)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- model
+def load_model(model: str, adapter: Optional[str], window: Optional[int], sinks: Optional[int], dtype: str,
+               device: str):
+    """(AHNModel, tokenizer): the base model with the adapter at ``adapter``, or a fresh memory (= window)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ahn import AHNConfig, AHNModel, add_memory
+
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype!r} must be one of {sorted(dtypes)}")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtypes[dtype]).to(device).eval()
+    overrides = {k: v for k, v in (("window", window), ("sinks", sinks)) if v is not None}
+    if adapter:
+        return AHNModel.from_pretrained(base, adapter, **overrides), tokenizer
+    return add_memory(base, AHNConfig(**overrides)), tokenizer
+
+
+def generate(model, tokenizer, ids: list[int], mode: str, max_new_tokens: int) -> tuple[str, int]:
+    """Greedy continuation of ``ids`` in ``mode``: (decoded text without special tokens, new tokens).
+
+    A fresh generation config: greedy, no repetition penalty or sampling settings from the
+    checkpoint; it stops at the checkpoint's EOS token(s).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    eos = model.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=pad[0] if isinstance(pad, list) else pad)
+    x = torch.tensor([ids], device=model.device)
+    with torch.no_grad(), model.attention_mode(mode):
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+    new = out[0, len(ids):]
+    return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
+
+
+# ----------------------------------------------------------------------------- predictions files
+def predictions_path(out: Path, mode: str, dataset: str) -> Path:
+    return out / mode / f"{dataset}.jsonl"
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Lines already written; an unfinished last line (a run killed mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    return [record for _, record in read_jsonl(path)]
+
+
+def append_line(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def check_run_settings(out: Path, settings: dict) -> None:
+    """Write ``run.json``, or check that an existing one (a run to resume) has the same settings."""
+    path = out / RUN_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{out} holds a run with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
+                "resume with the same settings or choose another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- generation benchmarks
+def run_generation(model, tokenizer, datasets: list[Dataset], modes: Sequence[str], out: Path, max_length: int,
+                   use_chat: bool, decode_halves: bool) -> dict:
+    """Generate, score and write predictions for every dataset x mode; returns {dataset: {mode: [scores]}}.
+
+    Samples already in a predictions file are skipped (resume). The progress bar counts
+    samples and shows tokens per second (prompt + generated tokens over generation time).
+    """
+    from tqdm.auto import tqdm
+
+    done = {(d.name, m): read_predictions(predictions_path(out, m, d.name)) for d in datasets for m in modes}
+    pending = sum(len(d.samples) - len({r["id"] for r in done[d.name, m]}) for d in datasets for m in modes)
+    bar = tqdm(total=pending, unit="sample", desc="ahn eval", dynamic_ncols=True)
+    tokens, seconds = 0, 0.0
+    for d in datasets:
+        for m in modes:
+            predictions_path(out, m, d.name).parent.mkdir(parents=True, exist_ok=True)
+        inputs: dict[str, tuple[list[int], int, bool]] = {}
+        for m in modes:
+            finished = {r["id"] for r in done[d.name, m]}
+            for s in d.samples:
+                if s.id in finished:
+                    continue
+                if s.id not in inputs:
+                    text, n_prompt, truncated = truncate_prompt(tokenizer, s.prompt, max_length, decode_halves)
+                    inputs[s.id] = (build_input_ids(tokenizer, s, text, use_chat), n_prompt, truncated)
+                ids, n_prompt, truncated = inputs[s.id]
+                t0 = time.perf_counter()
+                pred, n_new = generate(model, tokenizer, ids, m, s.max_new_tokens)
+                seconds += time.perf_counter() - t0
+                tokens += len(ids) + n_new
+                record = {"id": s.id, "pred": pred, "score": d.score(pred, s), "prompt_tokens": n_prompt,
+                          "truncated": truncated, "input_tokens": len(ids), "new_tokens": n_new, **s.reference}
+                append_line(predictions_path(out, m, d.name), record)
+                done[d.name, m].append(record)
+                bar.update(1)
+                bar.set_postfix_str(f"{d.name} {m} {tokens / max(seconds, 1e-9):.0f} tok/s")
+    bar.close()
+    wanted = {d.name: {s.id for s in d.samples} for d in datasets}
+    return {d.name: {m: [r["score"] for r in done[d.name, m] if r["id"] in wanted[d.name]] for m in modes}
+            for d in datasets}
+
+
+# ----------------------------------------------------------------------------- results
+def summarize(per_sample: dict, reduce: Callable[[list[float]], float]) -> tuple[dict, dict]:
+    """(scores {dataset: {mode: value}}, counts {dataset: {mode: n}}) with ``reduce`` over each list."""
+    scores = {d: {m: (reduce(v) if v else None) for m, v in by_mode.items()} for d, by_mode in per_sample.items()}
+    counts = {d: {m: len(v) for m, v in by_mode.items()} for d, by_mode in per_sample.items()}
+    return scores, counts
+
+
+def official_mean(values: list[float]) -> float:
+    """Per-dataset score reported the official way: mean x 100, rounded to 2 decimals."""
+    return round(100 * sum(values) / len(values), 2)
+
+
+def markdown_table(scores: dict, modes: Sequence[str], metric: str, average: bool = True) -> str:
+    """A Markdown table, one row per dataset and one column per mode (plus an average row)."""
+    lines = [f"| {metric} | " + " | ".join(modes) + " |", "| --- | " + " | ".join("---:" for _ in modes) + " |"]
+    for d, row in scores.items():
+        lines.append(f"| {d} | " + " | ".join("-" if row[m] is None else f"{row[m]:.2f}" for m in modes) + " |")
+    if average and len(scores) > 1:
+        means = []
+        for m in modes:
+            vals = [row[m] for row in scores.values() if row[m] is not None]
+            means.append(f"{sum(vals) / len(vals):.2f}" if vals else "-")
+        lines.append("| **average** | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scores(path: Path, scores: dict, modes: Sequence[str], title: str, ylabel: str) -> None:
+    """Grouped bars: one group per dataset, one bar per mode (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(scores)
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * len(modes) * 0.5 + 2), 4.5))
+    for k, m in enumerate(modes):
+        xs = [i + (k - (len(modes) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [scores[d][m] or 0.0 for d in names], width, label=m)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, settings: dict, scores: dict, counts: dict, modes: Sequence[str], metric: str,
+                  average: bool = True) -> str:
+    """Write results.json, results.md and results.png; returns the Markdown table."""
+    results = {**settings, "metric": metric, "scores": scores, "samples": counts}
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    table = markdown_table(scores, modes, metric, average)
+    (out / "results.md").write_text(table)
+    plot_scores(out / "results.png", scores, modes, f"{settings['benchmark']}: {settings['model']}", metric)
+    return table
+
+
+# ----------------------------------------------------------------------------- CLI
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_token_counts(value: str) -> list[int]:
+    """``"4096,8k"`` -> ``[4096, 8192]`` (``k`` = 1024)."""
+    import re
+
+    out = []
+    for item in _csv(value):
+        m = re.fullmatch(r"(\d+)([kK]?)", item)
+        if not m or int(m.group(1)) < 1:
+            raise ValueError(f"--lengths {item!r}: give token counts such as 4096 or 4k")
+        out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
+    return out
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``ahn eval`` (the CLI calls this; :func:`run` executes them)."""
+    p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark to run")
+    p.add_argument("--model", required=True, help="base model: local directory or Hub id")
+    p.add_argument("--adapter", help="trained memory adapter directory (default: a fresh memory, i.e. sinks + window)")
+    p.add_argument("--modes", default="full,window,ahn", help="comma-separated attention modes to compare")
+    p.add_argument("--window", type=int, help="sliding-window tokens (default: the adapter's, else 32640)")
+    p.add_argument("--sinks", type=int, help="attention-sink tokens (default: the adapter's, else 128)")
+    p.add_argument("--data", help="local directory in the benchmark's official layout, or a Hub dataset id; "
+                                   "ruler: optional haystack text file; perplexity: a .txt / .jsonl file or Hub id")
+    p.add_argument("--datasets", help="comma-separated datasets / tasks (default: all of the benchmark's)")
+    p.add_argument("--lengths", help="comma-separated lengths: LV-Eval levels (16k,32k,...) or token counts "
+                                     "(ruler, perplexity)")
+    p.add_argument("--out", required=True, help="output directory (an existing run there is resumed)")
+    p.add_argument("--limit", type=int, help="at most N samples per dataset (ruler: samples generated per task, "
+                                             "default 25; perplexity: sequences per length)")
+    p.add_argument("--max-length", type=int, help="prompt tokens kept by middle truncation (default: the "
+                                                   "benchmark's official value)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="cap every dataset's official generation length (quick runs; recorded in run.json)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed raw prompts even if the tokenizer has a chat template")
+    p.add_argument("--split", default="test", help="split of a Hub dataset (perplexity)")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl / Hub records (perplexity)")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the RULER generator")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``ahn eval`` (see :func:`add_eval_arguments`); prints the results table."""
+    import importlib
+
+    import torch
+
+    modes = _csv(args.modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes {args.modes!r}: each mode must be one of {MODES}")
+    for name in ("limit", "max_new_tokens", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    bench = importlib.import_module(f"ahn.benchmarks.{args.benchmark}")
+    out = Path(args.out)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, args.adapter, args.window, args.sinks, args.dtype, device)
+    window, sinks = model.ahn_config.window, model.ahn_config.sinks
+    settings = {"benchmark": args.benchmark, "model": args.model, "adapter": args.adapter, "window": window,
+                "sinks": sinks, "dtype": args.dtype, "data": args.data}
+    if args.benchmark == "ruler":
+        settings["seed"] = args.seed  # same dataset names, other samples
+    if args.benchmark == "perplexity":
+        settings["lengths"] = bench.parse_lengths(args.lengths)
+        check_run_settings(out, settings)
+        scores, counts = bench.run(model, tokenizer, args, modes, out, settings["lengths"])
+        table = write_results(out, settings, scores, counts, modes, bench.METRIC, average=False)
+    else:
+        use_chat = not args.no_chat_template and getattr(tokenizer, "chat_template", None) is not None
+        max_length = args.max_length or bench.DEFAULT_MAX_LENGTH
+        settings.update(max_length=max_length, chat_template=use_chat, max_new_tokens=args.max_new_tokens)
+        datasets = bench.load(args, tokenizer, use_chat)
+        if args.max_new_tokens:
+            for d in datasets:
+                d.samples = [replace(s, max_new_tokens=min(s.max_new_tokens, args.max_new_tokens)) for s in d.samples]
+        check_run_settings(out, settings)
+        per_sample = run_generation(model, tokenizer, datasets, modes, out, max_length, use_chat,
+                                    bench.DECODE_HALVES)
+        scores, counts = summarize(per_sample, official_mean)
+        table = write_results(out, settings, scores, counts, modes, bench.METRIC)
+    print(table, end="")
+    print(f"results written to {out}/results.json, results.md, results.png")
+    return 0

@@ -1,0 +1,284 @@
+"""`ahn eval` end to end on a tiny random Qwen2 with a byte-level tokenizer, in all three modes.
+
+The shipped samples (one per task, in each benchmark's record format) run through
+``ahn.cli.main``; resumed runs must reproduce a fresh run's files; bad data must exit 2 with
+the file, line and field named. RULER samples are generated for the tiny tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+import ahn
+import ahn.benchmarks
+from ahn.benchmarks import ruler
+from ahn.benchmarks.evaluate import Sample, build_input_ids, truncate_prompt
+from ahn.cli import main
+
+SAMPLES = Path(ahn.benchmarks.__file__).parent / "data" / "samples"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WINDOW, SINKS = 32, 4
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Every byte one token (any text, Chinese included) plus three ChatML special tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir with tokenizer, adapter dir with a non-zero random memory)."""
+    tok = byte_tokenizer()
+    torch.manual_seed(3)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)  # large init: varied greedy outputs
+    base = AutoModelForCausalLM.from_config(cfg)
+    model_dir = tmp_path_factory.mktemp("tiny")
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    model = ahn.add_memory(base, ahn.AHNConfig(window=WINDOW, sinks=SINKS))
+    with torch.no_grad():
+        for name, p in model.named_memory_parameters():
+            if name.endswith("o_proj.weight"):
+                p.copy_(torch.randn(p.shape) * 0.3)
+    adapter_dir = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(adapter_dir)
+    return str(model_dir), str(adapter_dir)
+
+
+def eval_args(tiny, bench, out, *extra):
+    model_dir, adapter_dir = tiny
+    return ["eval", bench, "--model", model_dir, "--adapter", adapter_dir, "--window", str(WINDOW), "--sinks",
+            str(SINKS), "--out", str(out), "--dtype", "float32", "--device", "cpu", *extra]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and p.suffix != ".png"}
+
+
+MODES = ("full", "window", "ahn")
+
+
+@pytest.mark.parametrize("bench, n_datasets", [("lveval", 4), ("infinitebench", 12), ("longbench", 6)])
+def test_benchmark_samples_run_in_every_mode(tiny, tmp_path, capsys, bench, n_datasets):
+    out = tmp_path / bench
+    extra = ["--data", str(SAMPLES / bench), "--max-new-tokens", "3"]
+    if bench == "lveval":
+        extra += ["--datasets", "hotpotwikiqa_mixup,factrecall_zh,cmrc_mixup,dureader_mixup", "--lengths", "16k"]
+    assert main(eval_args(tiny, bench, out, *extra)) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["scores"]) == n_datasets and results["chat_template"] is True
+    for dataset, row in results["scores"].items():
+        assert set(row) == set(MODES) and all(0.0 <= v <= 100.0 for v in row.values())
+        assert f"| {dataset} |" in printed and f"| {dataset} |" in (out / "results.md").read_text()
+        n_records = len((SAMPLES / bench / f"{dataset}.jsonl").read_text().splitlines())
+        for m in MODES:
+            lines = read_lines(out / m / f"{dataset}.jsonl")
+            assert [line["id"] for line in lines] == [str(i) for i in range(n_records)]
+            for line in lines:
+                assert 0 <= line["new_tokens"] <= 3 and isinstance(line["pred"], str)
+                # the chat template wraps the prompt, except LongBench's few-shot triviaqa (as in pred.py)
+                assert (line["input_tokens"] > line["prompt_tokens"]) == (dataset != "triviaqa")
+    assert (out / "results.png").stat().st_size > 0
+
+
+def test_modes_differ_beyond_the_window_and_full_is_the_base_model(tiny, tmp_path):
+    """Prompts are longer than sinks + window: window and ahn see different contexts than full."""
+    out = tmp_path / "lb"
+    main(eval_args(tiny, "longbench", out, "--data", str(SAMPLES / "longbench"), "--datasets", "narrativeqa",
+                   "--max-new-tokens", "8"))
+    preds = {m: read_lines(out / m / "narrativeqa.jsonl")[0] for m in MODES}
+    assert preds["full"]["input_tokens"] > SINKS + WINDOW
+    assert len({preds[m]["pred"] for m in MODES}) == 3
+    # "full" is the unmodified base model's greedy continuation
+    model_dir, _ = tiny
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = byte_tokenizer()
+    rec = json.loads((SAMPLES / "longbench" / "narrativeqa.jsonl").read_text())
+    from ahn.benchmarks.longbench import PROMPTS
+
+    prompt = PROMPTS["narrativeqa"].format(**rec)
+    ids = build_input_ids(tok, Sample("0", prompt, 8, {}), prompt, True)
+    x = torch.tensor([ids])
+    gen = base.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert tok.decode(gen[0, len(ids):], skip_special_tokens=True) == preds["full"]["pred"]
+
+
+def test_resumed_run_produces_the_same_files(tiny, tmp_path):
+    args = ["--data", str(SAMPLES / "infinitebench"), "--datasets", "passkey,kv_retrieval,math_find",
+            "--max-new-tokens", "4"]
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    assert main(eval_args(tiny, "infinitebench", fresh, *args)) == 0
+    # an interrupted run: one dataset done in one mode only, and a half-written line elsewhere
+    main(eval_args(tiny, "infinitebench", resumed, *args[:3], "passkey", "--max-new-tokens", "4",
+                   "--modes", "window"))
+    (resumed / "ahn").mkdir()
+    (resumed / "ahn" / "math_find.jsonl").write_text('{"id": "0", "pred": "8')
+    assert main(eval_args(tiny, "infinitebench", resumed, *args)) == 0
+    assert files_of(resumed) == files_of(fresh)
+    # a finished run is not redone
+    before = (resumed / "full" / "passkey.jsonl").stat().st_mtime_ns
+    assert main(eval_args(tiny, "infinitebench", resumed, *args)) == 0
+    assert (resumed / "full" / "passkey.jsonl").stat().st_mtime_ns == before
+
+
+def test_resume_refuses_other_settings(tiny, tmp_path, capsys):
+    args = ["--data", str(SAMPLES / "infinitebench"), "--datasets", "passkey", "--max-new-tokens", "2"]
+    main(eval_args(tiny, "infinitebench", tmp_path, *args, "--modes", "full"))
+    with pytest.raises(SystemExit) as e:
+        main(eval_args(tiny, "infinitebench", tmp_path, *args[:-1], "3", "--modes", "full"))
+    assert e.value.code == 2 and "max_new_tokens: 2 -> 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"input": "q", "context": "c", "answers": ["a"]}\n{"input": "q", "context": "c"}\n',
+     r"hotpotwikiqa_mixup_16k.jsonl, line 2: field 'answers' is missing"),
+    ('{"input": "q", "context": "c", "answers": ["a"]}\n{"input": "q", "context": 3, "answers": ["a"]}\n',
+     r"line 2: field 'context' must be a str"),
+    ('{"input": "q", "context": "c", "answers": ["a"]}\n{not json\n', r"line 2: not valid JSON"),
+])
+def test_malformed_data_exits_2_naming_file_line_and_field(tiny, tmp_path, capsys, content, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hotpotwikiqa_mixup_16k.jsonl").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(eval_args(tiny, "lveval", tmp_path / "out", "--data", str(data), "--datasets", "hotpotwikiqa_mixup",
+                       "--lengths", "16k"))
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_input_errors_exit_2(tiny, tmp_path, capsys):
+    for extra, message in [
+        (["--data", str(SAMPLES / "lveval"), "--lengths", "16k"], "lacks loogle_SD_mixup_16k.jsonl"),
+        (["--data", str(SAMPLES / "lveval"), "--lengths", "20k"], "LV-Eval length levels"),
+        (["--data", str(SAMPLES / "lveval"), "--modes", "full,sliding"], "each mode must be one of"),
+        ([], "--data is required"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(eval_args(tiny, "lveval", tmp_path / "o", *extra))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_truncation_keeps_start_and_end():
+    tok = byte_tokenizer()
+    prompt = "START " + "middle " * 200 + "question END"
+    for halves in (True, False):
+        text, n, truncated = truncate_prompt(tok, prompt, 40, decode_halves=halves)
+        assert truncated and n == len(prompt.encode())
+        assert text.startswith("START middle") and text.endswith("question END") and len(text.encode()) == 40
+    assert truncate_prompt(tok, "short", 40, True) == ("short", 5, False)
+
+
+def test_truncation_applies_to_long_samples(tiny, tmp_path):
+    out = tmp_path / "t"
+    main(eval_args(tiny, "longbench", out, "--data", str(SAMPLES / "longbench"), "--datasets", "hotpotqa",
+                   "--max-length", "64", "--max-new-tokens", "1", "--modes", "window"))
+    line = read_lines(out / "window" / "hotpotqa.jsonl")[0]
+    assert line["truncated"] and line["prompt_tokens"] > 64 and line["input_tokens"] < line["prompt_tokens"]
+
+
+# ----------------------------------------------------------------------------- RULER
+class _Args:
+    def __init__(self, **kw):
+        self.__dict__.update(dict(datasets=None, lengths="3000", data=None, limit=2, seed=7), **kw)
+
+
+def test_ruler_samples_fit_the_length_and_contain_their_answers():
+    tok = byte_tokenizer()
+    datasets = ruler.load(_Args(), tok, use_chat=True)
+    assert [d.name for d in datasets] == [f"{t}_3000" for t in ruler.TASKS]
+    for d in datasets:
+        assert len(d.samples) == 2
+        for s in d.samples:
+            n = len(build_input_ids(tok, s, s.prompt, True)) + s.max_new_tokens
+            assert 0.75 * 3000 <= n <= 3000, (d.name, n)  # sized to the length, never over it
+            outputs = s.reference["outputs"]
+            task = d.name.rsplit("_", 1)[0]
+            if task.startswith("niah") or task == "vt":
+                assert all(o in s.prompt for o in outputs)
+                assert d.score(" ".join(outputs), s) == 1.0 and d.score("nothing", s) == 0.0
+            if task == "niah_multivalue" or task == "niah_multiquery":
+                assert len(outputs) == 4
+            if task == "vt":
+                value = re.search(r"assigned the value (\d+)", s.answer_prefix).group(1)
+                assert f"VAR {outputs[0]} = {value}" in s.prompt and len(outputs) == 5
+            if task == "cwe":
+                listing = s.prompt.rsplit("Memorize the ones", 1)[1]
+                counts = Counter(re.findall(r"\d+\. ([a-z-]+)", listing))
+                assert {w for w, _ in counts.most_common(10)} == set(outputs)
+            if task == "fwe":
+                counts = Counter(s.prompt.split("coded words. ", 1)[1].split("\nQuestion")[0].split())
+                assert [w for w, _ in counts.most_common(4)][1:] == outputs and counts.most_common(1)[0][0] == "..."
+
+
+def test_ruler_is_deterministic_per_seed_and_reads_a_haystack_file(tmp_path):
+    tok = byte_tokenizer()
+    one = ruler.load(_Args(datasets="niah_single_2"), tok, True)[0].samples
+    two = ruler.load(_Args(datasets="niah_single_2"), tok, True)[0].samples
+    other = ruler.load(_Args(datasets="niah_single_2", seed=8), tok, True)[0].samples
+    assert one == two and one != other
+    hay = tmp_path / "hay.txt"
+    hay.write_text("Zebras graze quietly. " * 50)
+    s = ruler.load(_Args(datasets="niah_single_2", data=str(hay)), tok, True)[0].samples[0]
+    assert "Zebras graze quietly." in s.prompt and "harbor" not in s.prompt
+    with pytest.raises(ValueError, match="longer --lengths"):
+        ruler.load(_Args(datasets="niah_single_1", lengths="60"), tok, True)
+
+
+def test_ruler_end_to_end(tiny, tmp_path):
+    out = tmp_path / "r"
+    assert main(eval_args(tiny, "ruler", out, "--lengths", "3000", "--datasets", "niah_single_1,vt", "--limit", "1",
+                          "--max-new-tokens", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["scores"]) == {"niah_single_1_3000", "vt_3000"} and results["seed"] == 42
+
+
+# ----------------------------------------------------------------------------- perplexity
+def test_perplexity_by_position(tiny, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(random.Random(0).choice(["alpha", "beta", "gamma", "delta"]) for _ in range(120)))
+    out = tmp_path / "p"
+    assert main(eval_args(tiny, "perplexity", out, "--data", str(text), "--lengths", "128", "--limit", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    inside, beyond = f"128 tokens, p < {SINKS + WINDOW}", f"128 tokens, p >= {SINKS + WINDOW}"
+    assert set(results["scores"]) == {inside, beyond}
+    assert results["samples"][inside]["full"] == 2 * (SINKS + WINDOW) and results["samples"][beyond]["ahn"] == 2 * (
+        127 - SINKS - WINDOW)
+    # inside sinks + window every mode computes the same thing; beyond it they differ
+    s = results["scores"]
+    assert s[inside]["full"] == pytest.approx(s[inside]["window"], abs=1e-3)
+    assert s[inside]["full"] == pytest.approx(s[inside]["ahn"], abs=1e-3)
+    assert abs(s[beyond]["full"] - s[beyond]["window"]) > 1e-3 and abs(s[beyond]["window"] - s[beyond]["ahn"]) > 1e-3
+    before = files_of(out)
+    (out / "ahn" / "ppl_128.jsonl").write_text((out / "ahn" / "ppl_128.jsonl").read_text().splitlines()[0] + "\n")
+    assert main(eval_args(tiny, "perplexity", out, "--data", str(text), "--lengths", "128", "--limit", "2")) == 0
+    assert files_of(out) == before
+    with pytest.raises(SystemExit):
+        main(eval_args(tiny, "perplexity", tmp_path / "q", "--data", str(text), "--lengths", "100000"))
