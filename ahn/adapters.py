@@ -38,24 +38,46 @@ OFFICIAL_UNUSED = {"gated_deltanet": ("D",)}
 _OFFICIAL_KEY = re.compile(r"^model\.layers\.(\d+)\.ahn\.fn\.(.+)$")
 
 
-def save_adapter(model, path) -> None:
-    """Write ``model``'s memory weights and config to ``path`` atomically (a directory swap)."""
+def _replace_file(path: Path, write) -> None:
+    """Write ``path`` through a temporary file in the same directory and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_adapter(model, path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model``'s memory weights and config to ``path``, never leaving a half-written file.
+
+    A new ``path`` is built in a temporary directory and renamed into place. In an existing
+    directory (e.g. a distillation run's output, which also holds its log and checkpoints)
+    each file is replaced atomically: the weights first, then the config. ``state``: memory
+    weights to write instead of the model's own (a gathered state dict under ZeRO-3 / FSDP).
+    """
+    from ahn import __version__
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.contiguous().cpu() for n, t in model.memory_state_dict().items()}
+    state = model.memory_state_dict() if state is None else state
+    tensors = {n: t.detach().contiguous().cpu() for n, t in state.items()}
+    meta = {"format": "pt", "ahn_version": __version__}
+    config_text = model.ahn_config.to_json_string()
+    if path.is_dir():
+        _replace_file(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
+        _replace_file(path / CONFIG_NAME, lambda p: p.write_text(config_text))
+        return
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        from ahn import __version__
-
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "ahn_version": __version__})
-        (tmp / CONFIG_NAME).write_text(model.ahn_config.to_json_string())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata=meta)
+        (tmp / CONFIG_NAME).write_text(config_text)
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

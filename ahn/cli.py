@@ -82,6 +82,40 @@ def _run_eval(args) -> int:
     return run(args)
 
 
+def _add_distill(sub) -> None:
+    from ahn.distill.config import add_arguments  # torch-free at import
+
+    p = sub.add_parser(
+        "distill",
+        help="train a memory adapter by self-distillation from the frozen full-attention model",
+        description=(
+            "Self-distillation: the frozen model with full attention is the teacher, the same model with sinks + "
+            "sliding window + memory the student; only the memory trains. Settings come from --config YAML and/or "
+            "the flags below (flags win). Multi-process: torchrun --nproc_per_node N -m ahn distill ... "
+            "Writes OUTPUT/ahn_adapter.safetensors + ahn_config.json (load with AHNModel.from_pretrained), "
+            "distill_config.yaml, train_log.jsonl and checkpoints/; rerunning resumes from the last checkpoint."
+        ),
+        epilog=(
+            "examples:\n"
+            "  ahn distill --config configs/distill/tiny.yaml\n"
+            "  ahn distill --model PATH_OR_ID --memory gated_deltanet --data train.jsonl --window 16 --sinks 4 "
+            "--max-steps 12 --output out/\n"
+            "  torchrun --nproc_per_node 8 -m ahn distill --config configs/distill/qwen2.5-3b-instruct-gdn.yaml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from ahn.distill.config import config_from_args
+    from ahn.distill.trainer import distill
+
+    distill(config_from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ahn",
@@ -92,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ahn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_flops(sub)
+    _add_distill(sub)
     _add_eval(sub)
+    _add_flops(sub)
     return parser
 
 

@@ -1,0 +1,188 @@
+"""`DistillConfig`: every setting of a self-distillation run, from YAML and/or command-line flags.
+
+One dataclass is the single source of truth: the YAML keys, the ``ahn distill`` flags
+(``--learning-rate`` for ``learning_rate``) and their help texts all come from its fields.
+Defaults follow the AHN paper's recipe (ByteDance-Seed/AHN, train_qwen2.5_3b_ahn_gdn.sh):
+AdamW, lr 1e-4, cosine schedule with 10% warmup, weight decay 0.1, KL on positions beyond
+the window, random window / sinks, samples longer than 288 tokens cut at 24,576.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+
+from .sampling import PAPER_BUDGETS, PAPER_MAX_SINK_FRACTION, PAPER_MIN_BUDGET_FRACTION, PAPER_SINKS, WindowSampler
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DistillConfig:
+    # ---------------------------------------------------------------- model and memory
+    model: Optional[str] = _f(None, "base model: a local directory or a Hub id (required)")
+    memory: str = _f("gated_deltanet", "memory rule: gated_deltanet, deltanet or mamba2")
+    memory_kwargs: dict = _f({}, "rule-specific memory options (YAML mapping or JSON string)")
+    layers: Optional[list] = _f(None, "decoder layers that get a memory (default: all)")
+    backend: str = _f("auto", "ahn.kernels backend of the memory (auto, torch, fla, ...)")
+    # ---------------------------------------------------------------- data
+    data: Optional[str] = _f(None, "training data: .jsonl/.json/.parquet file or directory, Hub id, or 'synthetic'")
+    data_split: str = _f("train", "split of a Hub dataset")
+    synthetic: dict = _f({}, "options of the synthetic source (see ahn.distill.synthetic)")
+    max_length: Optional[int] = _f(24576, "cut samples to this many tokens (the paper's cutoff_len)")
+    min_length: int = _f(288, "keep only samples longer than this many tokens (the paper's filter_len)")
+    response_only: bool = _f(False, "chat data: distil only positions predicting assistant tokens")
+    # ---------------------------------------------------------------- window and sinks
+    window: Union[int, str] = _f("random", "sliding window per batch: an int, or 'random' (paper recipe)")
+    sinks: int = _f(0, "attention sinks with a fixed window")
+    budgets: list = _f(list(PAPER_BUDGETS), "random mode: candidates for sinks + window")
+    sink_choices: list = _f(list(PAPER_SINKS), "random mode: candidates for sinks")
+    min_budget_fraction: float = _f(PAPER_MIN_BUDGET_FRACTION, "random mode: sinks + window > this x sequence length")
+    max_sink_fraction: float = _f(PAPER_MAX_SINK_FRACTION, "random mode: sinks <= this x (sinks + window)")
+    inference_window: Optional[int] = _f(None, "window stored in the adapter (default: the fixed window, else 32640)")
+    inference_sinks: Optional[int] = _f(None, "sinks stored in the adapter (default: the fixed sinks, else 128)")
+    # ---------------------------------------------------------------- loss
+    kl_weight: float = _f(1.0, "weight of KL(teacher || student) on positions beyond the window")
+    ce_weight: float = _f(0.0, "weight of the student's cross entropy on the labels, same positions")
+    hidden_weight: float = _f(0.0, "weight of the per-layer hidden-state MSE, same positions")
+    temperature: float = _f(1.0, "softmax temperature of the KL term")
+    loss_chunk: int = _f(1024, "positions per LM-head chunk in the loss (memory vs speed)")
+    # ---------------------------------------------------------------- optimisation
+    learning_rate: float = _f(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only; norms, biases and gate vectors get none)")
+    warmup_ratio: float = _f(0.1, "fraction of the steps with linear warmup")
+    lr_scheduler: str = _f("cosine", "learning-rate schedule (transformers' names: cosine, linear, constant, ...)")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    batch_size: int = _f(1, "sequences per device per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    epochs: float = _f(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = _f(-1, "optimizer steps (> 0 overrides epochs)")
+    seed: int = _f(0, "seed of the data order, the window draws and the memory init")
+    bf16: Union[bool, str] = _f("auto", "bfloat16 autocast: true, false, or auto (on when CUDA supports it)")
+    gradient_checkpointing: bool = _f(False, "recompute decoder layers in the backward pass (less memory)")
+    # ---------------------------------------------------------------- output and logging
+    output: Optional[str] = _f(None, "output directory: the adapter, run config, log and checkpoints (required)")
+    save_steps: int = _f(500, "save a checkpoint every N steps")
+    save_total_limit: Optional[int] = _f(2, "keep at most this many checkpoints")
+    logging_steps: int = _f(10, "log every N steps")
+    report_to: str = _f("none", "also log to: none, tensorboard, wandb, ... (comma-separated)")
+    resume: str = _f("auto", "auto (resume from the last complete checkpoint in output), never, or a checkpoint path")
+    progress: bool = _f(True, "show a progress bar")
+    dataloader_workers: int = _f(0, "DataLoader worker processes")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (e.g. ZeRO-3) for multi-GPU runs")
+    fsdp: Optional[str] = _f(None, "FSDP options as transformers' TrainingArguments.fsdp (e.g. 'full_shard auto_wrap')")
+
+    def __post_init__(self):
+        if isinstance(self.window, str):
+            if self.window.lstrip("-").isdigit():
+                self.window = int(self.window)
+            elif self.window != "random":
+                raise ValueError(f"window={self.window!r} must be an int >= 1 or 'random'")
+        if isinstance(self.bf16, str) and self.bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"bf16={self.bf16!r} must be true, false or auto")
+        if isinstance(self.bf16, str) and self.bf16 != "auto":
+            self.bf16 = self.bf16 == "true"
+        for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "loss_chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an int >= 1")
+        for name in ("kl_weight", "ce_weight", "hidden_weight", "learning_rate", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if self.kl_weight == self.ce_weight == self.hidden_weight == 0:
+            raise ValueError("kl_weight, ce_weight and hidden_weight are all 0: nothing to train")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if self.max_length is not None and self.max_length <= self.min_length:
+            raise ValueError(f"max_length={self.max_length} must exceed min_length={self.min_length}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("set max_steps > 0 or epochs > 0")
+        self.sampler()  # validates window / sinks / budgets
+
+    def check_required(self) -> None:
+        missing = [n for n in ("model", "data", "output") if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}: pass " + " ".join(f"--{n}" for n in missing)
+                             + " or set them in the --config YAML")
+
+    def sampler(self) -> WindowSampler:
+        return WindowSampler(
+            window=None if self.window == "random" else self.window, sinks=self.sinks, budgets=tuple(self.budgets),
+            sink_choices=tuple(self.sink_choices), min_budget_fraction=self.min_budget_fraction,
+            max_sink_fraction=self.max_sink_fraction, seed=self.seed,
+        )
+
+    # ---------------------------------------------------------------- YAML
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "DistillConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of DistillConfig keys")
+        return cls.from_dict({**data, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "DistillConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; run `ahn distill --help` for the valid ones")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+# ---------------------------------------------------------------------- command line
+def _flag_type(f):
+    """(argparse kwargs) for a DistillConfig field."""
+    hint = typing.get_type_hints(DistillConfig)[f.name]
+    args = set(typing.get_args(hint)) - {type(None)}
+    base = hint if not args else (args.pop() if len(args) == 1 else str)
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if base is list or typing.get_origin(base) is list:
+        return {"nargs": "+", "type": int}
+    if base is dict:
+        import json
+
+        return {"type": json.loads, "metavar": "JSON"}
+    if base is float:
+        return {"type": float}
+    if base is int:
+        return {"type": int}
+    return {"type": str}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DistillConfig field; unset flags stay out of the namespace (YAML values then hold)."""
+    parser.add_argument("--config", metavar="YAML", help="run config (keys as the flags below, with underscores)")
+    for f in fields(DistillConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kw = _flag_type(f)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig) if hasattr(args, f.name)}
+    if getattr(args, "config", None):
+        cfg = DistillConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = DistillConfig.from_dict(overrides)
+    cfg.check_required()
+    return cfg

@@ -1,0 +1,224 @@
+"""Training data for self-distillation: loading, validation, tokenisation, length filter, collation.
+
+Sources (``load_records``):
+    * a local ``.jsonl`` / ``.json`` / ``.parquet`` file, or a directory of them;
+    * a Hugging Face Hub dataset id (needs network), with ``split``;
+    * ``synthetic`` (see :mod:`ahn.distill.synthetic`): generated long-range recall data.
+
+Each record holds exactly one of
+    ``input_ids``  a list of token ids (pre-tokenised; no tokenizer needed),
+    ``text``       a string, tokenised as is,
+    ``messages``   a chat: a list of ``{"role": ..., "content": ...}``, rendered with the
+                   tokenizer's chat template; its assistant tokens are the "response".
+A malformed record raises ValueError naming the file, the line (JSONL) or record index,
+and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .losses import IGNORE_INDEX
+
+FORMATS = ("input_ids", "text", "messages")
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SYNTHETIC = "synthetic"
+
+
+def _where(path, index: int) -> str:
+    return f"{path}:{index + 1}" if str(path).endswith(".jsonl") else f"{path} record {index}"
+
+
+def check_record(record: Any, where: str) -> str:
+    """Validate one record; return its format (``input_ids`` / ``text`` / ``messages``)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object with one of the fields {FORMATS}, "
+                         f"got {type(record).__name__}")
+    present = [f for f in FORMATS if record.get(f) is not None]
+    if len(present) != 1:
+        raise ValueError(f"{where}: a record needs exactly one of the fields {FORMATS}, found "
+                         f"{present or sorted(record)}")
+    fmt = present[0]
+    value = record[fmt]
+    if fmt == "input_ids":
+        if not isinstance(value, (list, tuple)) or not value or any(
+            not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in value
+        ):
+            raise ValueError(f"{where}: field 'input_ids' must be a non-empty list of non-negative ints")
+    elif fmt == "text":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where}: field 'text' must be a non-empty string")
+    else:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
+    return fmt
+
+
+def _files(source: Path) -> list[Path]:
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix in FILE_TYPES)
+        if not files:
+            raise ValueError(f"data directory {source} holds no {sorted(FILE_TYPES)} files")
+        return files
+    if source.suffix not in FILE_TYPES:
+        raise ValueError(f"data file {source} has an unsupported type; use one of {sorted(FILE_TYPES)}")
+    return [source]
+
+
+def _check_jsonl(path: Path) -> None:
+    """Parse every line first: a broken line is reported with its number (datasets' error would not)."""
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                raise ValueError(f"{path}:{i + 1}: empty line; JSONL needs one JSON record per line")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+            check_record(record, f"{path}:{i + 1}")
+
+
+def _common_schema(ds):
+    """Bring a file's records to one schema (the three fields, absent ones None), so files of
+    different formats and integer widths concatenate."""
+    import datasets
+
+    features = datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int64")),
+        "text": datasets.Value("string"),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    })
+    return ds.map(lambda r: {f: r.get(f) for f in FORMATS}, remove_columns=ds.column_names, features=features,
+                  desc="reading")
+
+
+def load_records(source: str, *, split: str = "train", synthetic_options: Optional[dict] = None):
+    """Load and validate the records of ``source``: a ``datasets.Dataset``.
+
+    ``source`` is a file, a directory, ``"synthetic"`` or a Hub dataset id (tried last).
+    """
+    import datasets
+
+    if source == SYNTHETIC:
+        from .synthetic import synthetic_records
+
+        return datasets.Dataset.from_list(synthetic_records(**(synthetic_options or {})))
+    path = Path(source)
+    if path.exists():
+        parts = []
+        for file in _files(path):
+            if file.suffix == ".jsonl":
+                _check_jsonl(file)
+            try:
+                ds = datasets.load_dataset(FILE_TYPES[file.suffix], data_files=str(file), split="train")
+            except Exception as e:  # datasets raises many types for unreadable files
+                raise ValueError(f"{file}: cannot be read as {FILE_TYPES[file.suffix]} ({type(e).__name__}: {e})") from None
+            if file.suffix != ".jsonl":
+                for i, record in enumerate(ds):
+                    check_record(record, _where(file, i))
+            parts.append(_common_schema(ds))
+        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if "/" not in source or source.startswith((".", "/")) or source.count("/") > 1:
+        raise ValueError(f"data {source!r} is neither an existing file or directory, {SYNTHETIC!r}, "
+                         "nor a Hub dataset id (owner/name)")
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise ValueError(f"cannot load Hub dataset {source!r} split {split!r} ({type(e).__name__}: {e}); "
+                         "without network, pass a local file") from None
+    for i, record in enumerate(ds):
+        check_record(record, f"{source} record {i}")
+    return ds
+
+
+def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Render a chat with the tokenizer's template: ``(ids, is_response)`` per token.
+
+    Assistant message i's tokens are those between the rendering of messages[:i] with the
+    generation prompt and the rendering of messages[:i+1].
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("records with 'messages' need a tokenizer with a chat template; this tokenizer has none")
+
+    def render(msgs, gen):
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    ids = render(messages, False)
+    response = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        a = len(render(messages[:i], True))
+        b = len(render(messages[: i + 1], False))
+        for j in range(a, min(b, len(ids))):
+            response[j] = True
+    return ids, response
+
+
+def tokenize_record(record: dict, tokenizer, *, max_length: Optional[int], response_only: bool) -> dict:
+    """One record -> ``{"input_ids", "labels"}`` (labels -100 where no loss), cut to ``max_length``."""
+    fmt = next(f for f in FORMATS if record.get(f) is not None)
+    if fmt == "input_ids":
+        ids, response = list(record["input_ids"]), None
+    elif tokenizer is None:
+        raise ValueError(f"records with {fmt!r} need a tokenizer: the model directory has none; "
+                         "pre-tokenise the data into 'input_ids'")
+    elif fmt == "text":
+        ids, response = tokenizer(record["text"], add_special_tokens=True)["input_ids"], None
+    else:
+        ids, response = chat_tokens(tokenizer, record["messages"])
+    if response_only and response is None:
+        raise ValueError("response_only needs chat records ('messages'); this record is "
+                         f"{fmt!r}: drop response_only or use chat data")
+    labels = [t if (response is None or not response_only or r) else IGNORE_INDEX
+              for t, r in zip(ids, response or [True] * len(ids))]
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def prepare_dataset(ds, tokenizer, *, max_length: Optional[int], min_length: int, response_only: bool,
+                    vocab_size: Optional[int] = None, num_proc: Optional[int] = None):
+    """Tokenise, cut to ``max_length`` and keep samples longer than ``min_length`` tokens."""
+    def fn(record, index):
+        out = tokenize_record(record, tokenizer, max_length=max_length, response_only=response_only)
+        if vocab_size is not None and out["input_ids"] and max(out["input_ids"]) >= vocab_size:
+            raise ValueError(f"record {index}: token id {max(out['input_ids'])} is outside the model's vocabulary "
+                             f"(vocab_size {vocab_size}): the data was tokenised for another model")
+        return out
+
+    out = ds.map(fn, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenising")
+    out = out.filter(lambda r: len(r["input_ids"]) > min_length, desc=f"keeping samples > {min_length} tokens")
+    if len(out) == 0:
+        raise ValueError(f"no sample is longer than min_length={min_length} tokens (after max_length={max_length}); "
+                         "lower min_length or use longer data")
+    return out
+
+
+@dataclass
+class DistillCollator:
+    """Right-pads a list of ``{"input_ids", "labels"}`` into ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``."""
+
+    pad_token_id: int = 0
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(f["input_ids"]) for f in features)
+        B = len(features)
+        ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.as_tensor(f["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.as_tensor(f["labels"])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

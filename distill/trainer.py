@@ -1,0 +1,310 @@
+"""Self-distillation on transformers' Trainer: frozen full-attention teacher, windowed student + memory.
+
+Both are the same model object (one copy of the base weights): per micro-batch, one
+forward in ``attention_mode("full")`` without gradients (the teacher) and one in
+``attention_mode("ahn")`` with the batch's window and sinks (the student). Only the memory
+parameters require gradients, so only they reach the optimizer and DDP's gradient sync.
+Everything else (gradient accumulation, mixed precision, gradient checkpointing, DDP /
+FSDP / DeepSpeed, logging, checkpoints, resume) is the Trainer's.
+
+A run writes into ``output``:
+    ahn_adapter.safetensors, ahn_config.json   the trained memory (AHNModel.from_pretrained)
+    distill_config.yaml                        the run's full DistillConfig
+    train_log.jsonl                            one JSON line per logging step
+    checkpoints/checkpoint-<step>/             Trainer checkpoints (adapter, optimizer, RNG)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ahn.adapters import read_adapter, save_adapter
+
+from .config import DistillConfig
+from .data import DistillCollator, load_records, prepare_dataset
+from .losses import chunked_head_losses, distill_positions, hidden_mse, next_token_targets
+from .sampling import WindowSampler
+
+LOG_NAME = "train_log.jsonl"
+RUN_CONFIG_NAME = "distill_config.yaml"
+CHECKPOINTS = "checkpoints"
+# AHNConfig defaults for an adapter trained with random windows: the paper's evaluation setting.
+DEFAULT_INFERENCE_WINDOW, DEFAULT_INFERENCE_SINKS = 32640, 128
+
+
+class DistillTrainer(Trainer):
+    """A Trainer whose loss is self-distillation; saves and loads memory weights only."""
+
+    def __init__(self, *args, ahn_model, distill_config: DistillConfig, sampler: WindowSampler, **kwargs):
+        super().__init__(*args, model=ahn_model, **kwargs)
+        self.ahn_model = ahn_model
+        self.distill_config = distill_config
+        self.sampler = sampler
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        self._micro = (-1, -1)  # (optimizer step, micro-batch index within it)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.distill_config
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        step = self.state.global_step
+        micro = self._micro[1] + 1 if self._micro[0] == step else 0
+        self._micro = (step, micro)
+        window, sinks = self.sampler.draw(int(mask.sum(-1).max()), step, micro)
+        pos = distill_positions(mask, window, sinks, labels if cfg.response_only else None)  # [B, T]
+        kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        with torch.no_grad(), self.ahn_model.attention_mode("full"):
+            teacher = model(**kw).hidden_states
+        with self.ahn_model.attention_mode("ahn"):
+            student = model(**kw, window=window, sinks=sinks).hidden_states
+        b, t = pos.nonzero(as_tuple=True)
+        n = b.numel()
+        head = self.ahn_model.get_output_embeddings()
+        targets = next_token_targets(labels)[b, t] if cfg.ce_weight > 0 else None
+        kl_sum, ce_sum = chunked_head_losses(
+            student[-1][b, t], teacher[-1][b, t], head.weight, head.bias, targets,
+            temperature=cfg.temperature, with_kl=cfg.kl_weight > 0, chunk=cfg.loss_chunk,
+        )
+        loss = student[-1].sum() * 0.0  # keeps the graph (and DDP's gradient sync) alive when n == 0
+        kl = kl_sum / max(n, 1)
+        loss = loss + cfg.kl_weight * kl
+        if targets is not None:
+            ce = ce_sum / (targets != -100).sum().clamp(min=1)
+            loss = loss + cfg.ce_weight * ce
+            self._metrics["ce"].append(ce.item())
+        if cfg.hidden_weight > 0:
+            # Layer outputs (hidden_states[1:]; the last one is after the final norm).
+            mse = torch.stack([hidden_mse(s[b, t], h[b, t]).mean() if n else s.new_zeros(())
+                               for s, h in zip(student[1:], teacher[1:])]).mean()
+            loss = loss + cfg.hidden_weight * mse
+            self._metrics["hidden_mse"].append(mse.item())
+        self._metrics["kl"].append(kl.item())
+        self._metrics["window"].append(window)
+        self._metrics["sinks"].append(sinks)
+        self._metrics["distilled_tokens"].append(n)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            for k, v in self._metrics.items():
+                logs[k] = round(sum(v) / len(v), 6) if v else None
+            self._metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ optimizer
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Weight decay on matrices only; norms, biases, A_log and dt_bias (vectors) get none."""
+        return [n for n, p in model.named_parameters() if p.ndim >= 2]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        state = None
+        if state_dict is not None:  # gathered by DeepSpeed / FSDP: AHNModel names -> base names
+            names = dict(self.ahn_model.named_memory_parameters())
+            state = {k.removeprefix("base_model."): v for k, v in state_dict.items()
+                     if k.removeprefix("base_model.") in names}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_adapter(self.ahn_model, output_dir, state=state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        config, state = read_adapter(resume_from_checkpoint)
+        if config.memory != self.ahn_model.ahn_config.memory:
+            raise ValueError(f"checkpoint {resume_from_checkpoint} holds a {config.memory!r} memory but this run trains "
+                             f"{self.ahn_model.ahn_config.memory!r}: use another output directory or --resume never")
+        params = dict(self.ahn_model.named_memory_parameters())
+        if set(state) != set(params):
+            raise ValueError(f"checkpoint {resume_from_checkpoint} does not match this model's memory layout")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. Second Ctrl-C: abort."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_early = False
+        self._previous = None
+
+    def request_stop(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        print("\nahn distill: interrupted; saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+        self.request_stop()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device if args.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(flag)  # every rank stops at the same step
+            stop = bool(flag.item())
+        if stop:
+            self.stopped_early = True
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log record to ``train_log.jsonl`` (rank 0); a resumed run drops records past its checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def last_complete_checkpoint(folder: Path) -> Optional[Path]:
+    """The highest-step checkpoint whose trainer_state.json (written last) parses; None if none."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for d in folder.iterdir():
+        if d.is_dir() and d.name.startswith("checkpoint-") and d.name.split("-")[-1].isdigit():
+            try:
+                json.loads((d / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                continue  # interrupted while saving: never resume from it
+            found.append((int(d.name.split("-")[-1]), d))
+    return max(found)[1] if found else None
+
+
+def _use_bf16(cfg: DistillConfig) -> bool:
+    if cfg.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg.bf16 and not torch.cuda.is_available():
+        raise ValueError("bf16=true needs a CUDA device; use bf16=false (or auto) on CPU")
+    return bool(cfg.bf16)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None  # pre-tokenised data needs none; text / chat data will say so
+
+
+def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> DistillTrainer:
+    """Load the base model and data and set up the Trainer for ``cfg`` (nothing is trained yet)."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from ahn import AHNConfig, add_memory
+
+    cfg.check_required()
+    out = Path(cfg.output)
+    bf16 = _use_bf16(cfg)
+    set_seed(cfg.seed)
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    fixed = cfg.window != "random"
+    ahn_config = AHNConfig(
+        memory=cfg.memory, memory_kwargs=dict(cfg.memory_kwargs), layers=cfg.layers, backend=cfg.backend,
+        window=cfg.inference_window or (cfg.window if fixed else DEFAULT_INFERENCE_WINDOW),
+        sinks=cfg.inference_sinks if cfg.inference_sinks is not None else (cfg.sinks if fixed else DEFAULT_INFERENCE_SINKS),
+    )
+    model = add_memory(base, ahn_config)
+    for p in model.memory_parameters():  # optimizer master weights stay float32 under bf16 autocast
+        p.data = p.data.float()
+    tokenizer = _load_tokenizer(cfg.model)
+    records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic))
+    dataset = prepare_dataset(records, tokenizer, max_length=cfg.max_length, min_length=cfg.min_length,
+                              response_only=cfg.response_only, vocab_size=base.config.vocab_size)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None) or 0
+    cuda = torch.cuda.is_available()
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun / accelerate
+    args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        report_to=[r.strip() for r in cfg.report_to.split(",")] if cfg.report_to != "none" else "none",
+        seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
+        dataloader_num_workers=cfg.dataloader_workers, disable_tqdm=not cfg.progress, deepspeed=cfg.deepspeed,
+        fsdp=cfg.fsdp or "", use_cpu=not cuda, ddp_backend="gloo" if multi_process and not cuda else None, ddp_find_unused_parameters=False,
+    )
+    return DistillTrainer(
+        ahn_model=model, distill_config=cfg, sampler=cfg.sampler(), args=args, train_dataset=dataset,
+        data_collator=DistillCollator(pad_token_id=pad), callbacks=[JsonlLogCallback(out / LOG_NAME), *callbacks],
+    )
+
+
+def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """Run self-distillation for ``cfg``; returns the output directory (the adapter, once finished).
+
+    Resumes from the last complete checkpoint in ``output/checkpoints`` unless
+    ``cfg.resume == "never"``. Ctrl-C saves a checkpoint and returns without the final adapter.
+    """
+    out = Path(cfg.output)
+    interrupt = InterruptCallback()
+    trainer = build_trainer(cfg, [interrupt, *callbacks])
+    if cfg.resume == "auto":
+        resume = last_complete_checkpoint(out / CHECKPOINTS)
+    elif cfg.resume == "never":
+        resume = None
+    else:
+        resume = Path(cfg.resume)
+        try:
+            json.loads((resume / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"resume={cfg.resume!r} is not a complete checkpoint directory (with trainer_state.json); "
+                             "use auto, never or a checkpoints/checkpoint-<step> directory") from None
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        n = sum(p.numel() for p in trainer.ahn_model.memory_parameters())
+        print(f"ahn distill: {cfg.memory} memory, {n:,} trainable parameters; {len(trainer.train_dataset):,} samples"
+              + (f"; resuming from {resume}" if resume else ""), flush=True)
+        tmp = out / f".{RUN_CONFIG_NAME}.tmp"
+        tmp.write_text(cfg.to_yaml())
+        tmp.replace(out / RUN_CONFIG_NAME)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if interrupt.stopped_early and trainer.state.global_step < trainer.state.max_steps:
+        if trainer.is_world_process_zero():
+            print(f"ahn distill: stopped at step {trainer.state.global_step}; checkpoint saved under "
+                  f"{out / CHECKPOINTS}; run the same command again to resume", flush=True)
+        return out
+    trainer.save_model(str(out))  # every rank: DeepSpeed / FSDP gather the weights first
+    if trainer.is_world_process_zero():
+        last = [r for r in trainer.state.log_history if "loss" in r]
+        loss = f", last loss {last[-1]['loss']:.4g}" if last and not math.isnan(last[-1]["loss"]) else ""
+        print(f"ahn distill: done, {trainer.state.global_step} steps{loss}; adapter written to {out}", flush=True)
+    return out

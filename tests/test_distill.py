@@ -1,0 +1,367 @@
+"""ahn.distill: losses on hand-computed cases, window sampling, data loading, and training runs.
+
+Training runs use a tiny random Qwen2 (initializer_range 0.2, so that the far context
+matters to its predictions) on CPU; each takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+
+from ahn import AHNModel
+from ahn.cli import main as cli
+from ahn.distill.config import DistillConfig
+from ahn.distill.data import DistillCollator, load_records, prepare_dataset
+from ahn.distill.losses import (
+    chunked_head_losses,
+    cross_entropy,
+    distill_positions,
+    hidden_mse,
+    kl_divergence,
+    next_token_targets,
+)
+from ahn.distill.sampling import PAPER_BUDGETS, PAPER_SINKS, WindowSampler
+from ahn.distill.trainer import LOG_NAME, RUN_CONFIG_NAME, build_trainer, distill
+
+VOCAB = 64
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path: Path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory) -> str:
+    gen = torch.Generator().manual_seed(0)
+    records = [{"input_ids": torch.randint(0, VOCAB, (48,), generator=gen).tolist()} for _ in range(4)]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", records)
+
+
+def run_config(model, data, out, **kw) -> DistillConfig:
+    base = dict(model=model, data=str(data), output=str(out), window=16, sinks=4, min_length=20, batch_size=4,
+                max_steps=6, save_steps=3, logging_steps=1, learning_rate=3e-2, warmup_ratio=0.0, progress=False)
+    return DistillConfig(**{**base, **kw})
+
+
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / LOG_NAME).read_text().splitlines()]
+
+
+def adapter_weights(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "ahn_adapter.safetensors"))
+
+
+# ---------------------------------------------------------------------- losses
+def test_kl_divergence_hand_computed():
+    teacher = torch.tensor([[0.0, math.log(3.0)]])  # softmax: [1/4, 3/4]
+    student = torch.zeros(1, 2)  # [1/2, 1/2]
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kl_divergence(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    assert kl_divergence(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    # Temperature 2 halves the logits and scales by 4: softmax([0, ln 3 / 2]) = [1 / (1 + sqrt 3), ...].
+    p = 1 / (1 + math.sqrt(3))
+    expected_t2 = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
+    assert kl_divergence(student, teacher, temperature=2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        kl_divergence(student, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="temperature"):
+        kl_divergence(student, teacher, temperature=0)
+
+
+def test_cross_entropy_and_hidden_mse_hand_computed():
+    ce = cross_entropy(torch.zeros(2, 2), torch.tensor([1, -100]))
+    assert ce.tolist() == pytest.approx([math.log(2.0), 0.0])
+    assert hidden_mse(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)).item() == pytest.approx(2.5)
+
+
+def test_distill_positions_beyond_window_and_response_only():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0],   # right-padded, 6 tokens
+                         [0, 0, 1, 1, 1, 1, 1, 1]])  # left-padded, 6 tokens
+    pos = distill_positions(mask, window=2, sinks=1)  # positions >= 3 of each row's real tokens
+    assert pos.tolist() == [[0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1]]
+    labels = torch.tensor([[-100, -100, -100, -100, 7, 8, -100, -100],
+                           [-100, -100, -100, -100, -100, -100, 5, -100]])
+    pos = distill_positions(mask, window=2, sinks=1, labels=labels)  # next token must carry a label
+    assert pos.tolist() == [[0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0]]
+    assert next_token_targets(labels)[0].tolist() == [-100, -100, -100, 7, 8, -100, -100, -100]
+    with pytest.raises(ValueError, match="attention_mask"):
+        distill_positions(mask[0], 2, 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_head_losses_equal_the_unchunked_sum(chunk):
+    gen = torch.Generator().manual_seed(0)
+    hs = torch.randn(7, 5, generator=gen, requires_grad=True)
+    ht = torch.randn(7, 5, generator=gen)
+    w, b = torch.randn(11, 5, generator=gen), torch.randn(11, generator=gen)
+    targets = torch.tensor([1, 2, -100, 3, 4, 5, -100])
+    kl, ce = chunked_head_losses(hs, ht, w, b, targets, temperature=1.5, chunk=chunk)
+    (kl + ce).backward()
+    grad = hs.grad.clone()
+    hs.grad = None
+    s, t = hs @ w.T + b, ht @ w.T + b
+    kl_ref, ce_ref = kl_divergence(s, t, 1.5).sum(), cross_entropy(s, targets).sum()
+    (kl_ref + ce_ref).backward()
+    torch.testing.assert_close(kl, kl_ref)
+    torch.testing.assert_close(ce, ce_ref)
+    torch.testing.assert_close(grad, hs.grad)
+
+
+# ---------------------------------------------------------------------- window sampling
+def test_fixed_sampler_and_random_draws_follow_the_paper_bounds():
+    assert WindowSampler(window=16, sinks=4).draw(100, step=3) == (16, 4)
+    sampler = WindowSampler(seed=1)
+    seen = set()
+    for step in range(200):
+        L = [300, 2000, 20000][step % 3]
+        w, s = sampler.draw(L, step)
+        c = w + s
+        assert c in PAPER_BUDGETS and L / 8 < c < L, (L, w, s)
+        assert s in PAPER_SINKS and s <= c / 2
+        seen.add((L, c, s))
+        assert sampler.draw(L, step) == (w, s)  # a function of (seed, step, micro): resumable
+    assert len(seen) > 20  # actually random
+    draws = lambda sd: [WindowSampler(seed=sd).draw(20000, k) for k in range(20)]  # noqa: E731
+    assert draws(1) != draws(2)
+    assert WindowSampler().draw(20, 0) == (10, 0)  # shorter than every budget: half lossless
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="window"):
+        WindowSampler(window=0)
+    with pytest.raises(ValueError, match="budgets"):
+        WindowSampler(budgets=())
+    with pytest.raises(ValueError, match="min_budget_fraction"):
+        WindowSampler(min_budget_fraction=1.5)
+
+
+# ---------------------------------------------------------------------- config and CLI
+def test_config_yaml_flags_and_errors(tmp_path, tiny_model, token_data):
+    yml = tmp_path / "run.yaml"
+    yml.write_text(f"model: {tiny_model}\ndata: {token_data}\noutput: {tmp_path / 'o'}\nwindow: 8\nlearning_rate: 0.01\n")
+    cfg = DistillConfig.from_yaml(yml, learning_rate=0.5)
+    assert cfg.window == 8 and cfg.learning_rate == 0.5 and cfg.memory == "gated_deltanet"
+    assert DistillConfig.from_dict(json.loads(json.dumps(cfg.__dict__))) == cfg
+    (tmp_path / "bad.yaml").write_text("modle: x\n")
+    with pytest.raises(ValueError, match="unknown keys \\['modle'\\]"):
+        DistillConfig.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="window='wide'"):
+        DistillConfig(window="wide")
+    with pytest.raises(ValueError, match="nothing to train"):
+        DistillConfig(kl_weight=0)
+    with pytest.raises(ValueError, match="missing model, data, output"):
+        DistillConfig().check_required()
+
+
+def test_cli_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["distill", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    from dataclasses import fields
+
+    for f in fields(DistillConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    assert "torchrun" in text
+
+
+def test_cli_reports_missing_and_bad_values(capsys, tmp_path):
+    assert cli_exit(["distill", "--data", "x.jsonl"]) == 2
+    assert "missing model, output" in capsys.readouterr().err
+    assert cli_exit(["distill", "--model", "m", "--data", "d", "--output", str(tmp_path), "--window", "-3"]) == 2
+    assert "window=-3" in capsys.readouterr().err
+
+
+def cli_exit(argv) -> int:
+    try:
+        return cli(argv)
+    except SystemExit as e:
+        return e.code
+
+
+# ---------------------------------------------------------------------- data
+def test_malformed_records_name_file_line_and_field(tmp_path):
+    cases = {
+        '{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n': "bad.jsonl:2: not valid JSON",
+        '{"input_ids": [1, 2]}\n{"txt": "a"}\n': "bad.jsonl:2: a record needs exactly one of the fields",
+        '{"input_ids": [1, -2]}\n': "bad.jsonl:1: field 'input_ids'",
+        '{"text": 5}\n': "bad.jsonl:1: field 'text'",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n': "bad.jsonl:1: field 'messages\\[1\\]'",
+        '{"input_ids": [1], "text": "a"}\n': "exactly one of the fields",
+        '{"input_ids": [1]}\n\n': "bad.jsonl:2: empty line",
+    }
+    for text, match in cases.items():
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_records(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "arr.json").write_text(json.dumps([{"text": "ok"}, {"text": ""}]))
+    with pytest.raises(ValueError, match="arr.json record 1: field 'text'"):
+        load_records(str(tmp_path / "arr.json"))
+    (tmp_path / "x.csv").write_text("a\n")
+    with pytest.raises(ValueError, match="unsupported type"):
+        load_records(str(tmp_path / "x.csv"))
+    with pytest.raises(ValueError, match="neither an existing file"):
+        load_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_parquet_directory_length_filter_and_cutoff(tmp_path):
+    import datasets
+
+    d = tmp_path / "dir"
+    d.mkdir()
+    datasets.Dataset.from_list([{"input_ids": list(range(10))}, {"input_ids": list(range(30))}]).to_parquet(d / "a.parquet")
+    write_jsonl(d / "b.jsonl", [{"input_ids": list(range(25))}])
+    ds = prepare_dataset(load_records(str(d)), None, max_length=20, min_length=12, response_only=False)
+    assert sorted(len(r["input_ids"]) for r in ds) == [20, 20]  # 10 dropped, 30 and 25 cut to 20
+    assert ds[0]["labels"] == ds[0]["input_ids"]
+    with pytest.raises(ValueError, match="no sample is longer than min_length=40"):
+        prepare_dataset(load_records(str(d)), None, max_length=50, min_length=40, response_only=False)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        prepare_dataset(load_records(str(d)), None, max_length=50, min_length=1, response_only=False, vocab_size=16)
+    with pytest.raises(ValueError, match="response_only needs chat records"):
+        prepare_dataset(load_records(str(d)), None, max_length=50, min_length=1, response_only=True)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "hello", "world", "the", "answer", "is", "42"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    return fast
+
+
+def test_text_and_chat_records_with_response_only_labels(tmp_path):
+    tok = tiny_tokenizer()
+    chat = {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the answer is 42"},
+                         {"role": "user", "content": "hello"}, {"role": "assistant", "content": "42"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat, {"text": "hello world the answer"}])
+    with pytest.raises(ValueError, match="response_only needs chat records"):
+        prepare_dataset(load_records(path), tok, max_length=None, min_length=0, response_only=True)
+    ds = prepare_dataset(load_records(path), tok, max_length=None, min_length=0, response_only=False)
+    assert ds[1]["input_ids"] == tok("hello world the answer")["input_ids"]
+    assert ds[0]["labels"] == ds[0]["input_ids"]
+    ds = prepare_dataset(load_records(write_jsonl(tmp_path / "c.jsonl", [chat])), tok, max_length=None, min_length=0,
+                         response_only=True)
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    kept = tok.convert_ids_to_tokens([t for t, lab in zip(ids, labels) if lab != -100])
+    assert kept == ["the", "answer", "is", "42", "<|end|>", "42", "<|end|>"]
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        prepare_dataset(load_records(path), None, max_length=None, min_length=0, response_only=False)
+
+
+def test_collator_right_pads():
+    batch = DistillCollator(pad_token_id=9)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]},
+                                             {"input_ids": [4], "labels": [-100]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [-100, -100, -100]]
+
+
+# ---------------------------------------------------------------------- training
+def test_loss_decreases_base_is_bit_identical_and_only_memory_trains(tmp_path, tiny_model, token_data):
+    trainer = build_trainer(run_config(tiny_model, token_data, tmp_path / "out", max_steps=25, save_steps=100))
+    model = trainer.ahn_model
+    before = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if ".ahn." not in n}
+    trainer.create_optimizer()
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.memory_parameters()}
+    decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(p) for p in model.memory_parameters() if p.ndim >= 2}
+    trainer.train()
+    kl = [r["kl"] for r in read_log(tmp_path / "out") if "kl" in r]
+    assert kl[-1] < 0.6 * kl[0], kl  # the same 4 sequences every step: the memory must fit them
+    for n, p in model.base_model.named_parameters():
+        if ".ahn." not in n:
+            assert torch.equal(p, before[n]), n
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for n, p in reloaded.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+class SendSigint(TrainerCallback):
+    """Sends Ctrl-C to this process at the end of a given step (the interrupt a user would send)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_model, token_data):
+    straight = distill(run_config(tiny_model, token_data, tmp_path / "a", window="random", budgets=[16, 24],
+                                  sink_choices=[0, 4]))
+    out = tmp_path / "b"
+    cfg = run_config(tiny_model, token_data, out, window="random", budgets=[16, 24], sink_choices=[0, 4])
+    distill(cfg, callbacks=[SendSigint(step=2)])
+    assert not (out / "ahn_adapter.safetensors").exists()  # not finished: no adapter yet
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]  # next step ends, saves
+    (out / "checkpoints" / "checkpoint-4").mkdir()  # a checkpoint cut short while saving is never resumed from
+    distill(cfg)  # the same command again resumes
+    a, b = adapter_weights(straight), adapter_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]  # no duplicated steps after resuming
+    assert len({(r["window"], r["sinks"]) for r in log if "loss" in r}) > 1  # random windows were drawn
+    assert DistillConfig.from_yaml(out / RUN_CONFIG_NAME) == cfg
+    model = AHNModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    assert model.ahn_config.window == 32640 and model.ahn_config.sinks == 128  # random windows: the paper's eval setting
+
+
+def test_flags_only_cli_run_and_adapter_loads(tmp_path, tiny_model, token_data):
+    out = tmp_path / "cli"
+    rc = cli(["distill", "--model", tiny_model, "--memory", "mamba2", "--data", token_data, "--window", "16",
+              "--sinks", "4", "--max-steps", "2", "--output", str(out), "--min-length", "20", "--no-progress",
+              "--ce-weight", "0.5", "--hidden-weight", "0.1", "--gradient-checkpointing", "--grad-accum", "2"])
+    assert rc == 0
+    log = read_log(out)
+    assert {"kl", "ce", "hidden_mse", "loss"} <= set(log[0])
+    model = AHNModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    assert model.ahn_config.memory == "mamba2" and model.ahn_config.window == 16 and model.ahn_config.sinks == 4
+    assert any(p.abs().sum() > 0 for n, p in model.named_memory_parameters() if "o_proj" in n)  # it trained
+
+
+def test_two_process_ddp_run_with_gloo(tmp_path, tiny_model, token_data):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ahn",
+           "distill", "--model", tiny_model, "--data", token_data, "--window", "16", "--sinks", "4", "--max-steps", "2",
+           "--batch-size", "2", "--output", str(out), "--min-length", "20", "--no-progress", "--logging-steps", "1"]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "ahn_adapter.safetensors").exists()
+    assert r.stdout.count("ahn distill: done") == 1  # rank 0 reports
+    log = read_log(out)
+    assert [x["step"] for x in log if "loss" in x] == [1, 2]
