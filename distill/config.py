@@ -38,6 +38,7 @@ class DistillConfig:
     data: Optional[str] = _f(None, "training data: .jsonl/.json/.parquet file or directory, Hub id, or 'synthetic'")
     data_split: str = _f("train", "split of a Hub dataset")
     synthetic: dict = _f({}, "options of the synthetic source (see ahn.distill.synthetic)")
+    max_samples: Optional[int] = _f(None, "use only the first N records (the paper: 100000)")
     max_length: Optional[int] = _f(24576, "cut samples to this many tokens (the paper's cutoff_len)")
     min_length: int = _f(288, "keep only samples longer than this many tokens (the paper's filter_len)")
     response_only: bool = _f(False, "chat data: distil only positions predicting assistant tokens")
@@ -104,6 +105,8 @@ class DistillConfig:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.max_length is not None and self.max_length <= self.min_length:
             raise ValueError(f"max_length={self.max_length} must exceed min_length={self.min_length}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"max_samples={self.max_samples!r} must be >= 1 (or unset for all records)")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
         self.sampler()  # validates window / sinks / budgets

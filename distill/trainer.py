@@ -243,6 +243,8 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
         p.data = p.data.float()
     tokenizer = _load_tokenizer(cfg.model)
     records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic))
+    if cfg.max_samples is not None and cfg.max_samples < len(records):
+        records = records.select(range(cfg.max_samples))
     dataset = prepare_dataset(records, tokenizer, max_length=cfg.max_length, min_length=cfg.min_length,
                               response_only=cfg.response_only, vocab_size=base.config.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -365,3 +365,19 @@ def test_two_process_ddp_run_with_gloo(tmp_path, tiny_model, token_data):
     assert r.stdout.count("ahn distill: done") == 1  # rank 0 reports
     log = read_log(out)
     assert [x["step"] for x in log if "loss" in x] == [1, 2]
+
+
+def test_shipped_run_configs_are_valid():
+    from importlib.resources import files
+
+    shipped = sorted(p for p in files("ahn.configs").joinpath("distill").iterdir() if p.name.endswith(".yaml"))
+    names = {p.name for p in shipped}
+    for size in ("3b", "7b", "14b"):
+        for mem in ("gdn", "dn", "mamba2"):
+            assert f"qwen2.5-{size}-instruct-{mem}.yaml" in names
+    for path in shipped:
+        cfg = DistillConfig.from_yaml(path)
+        cfg.check_required()
+        if path.name.startswith("qwen2.5"):  # the paper's recipe
+            assert (cfg.learning_rate, cfg.max_length, cfg.window, cfg.lr_scheduler) == (1e-4, 24576, "random", "cosine")
+            assert cfg.batch_size * cfg.grad_accum * 8 == 128
