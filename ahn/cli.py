@@ -70,7 +70,6 @@ def _add_eval(sub) -> None:
             "Run a benchmark with the official prompts, truncation and metrics in each attention mode (full, "
             "window, ahn) and write per-mode predictions (resumable), results.json, results.md and results.png."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_eval_arguments(p)
     p.set_defaults(func=_run_eval)
