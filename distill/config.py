@@ -41,7 +41,8 @@ class DistillConfig:
     max_samples: Optional[int] = _f(None, "use only the first N records (the paper: 100000)")
     max_length: Optional[int] = _f(24576, "cut samples to this many tokens (the paper's cutoff_len)")
     min_length: int = _f(288, "keep only samples longer than this many tokens (the paper's filter_len)")
-    response_only: bool = _f(False, "chat data: distil only positions predicting assistant tokens")
+    response_only: bool = _f(False, "distil only positions predicting response tokens (chat: assistant turns; "
+                                    "input_ids records: tokens whose 'labels' are not -100)")
     # ---------------------------------------------------------------- window and sinks
     window: Union[int, str] = _f("random", "sliding window per batch: an int, or 'random' (paper recipe)")
     sinks: int = _f(0, "attention sinks with a fixed window")

@@ -6,7 +6,8 @@ Sources (``load_records``):
     * ``synthetic`` (see :mod:`ahn.distill.synthetic`): generated long-range recall data.
 
 Each record holds exactly one of
-    ``input_ids``  a list of token ids (pre-tokenised; no tokenizer needed),
+    ``input_ids``  a list of token ids (pre-tokenised; no tokenizer needed), optionally with
+                   ``labels`` (same length; -100 marks tokens that are not "response"),
     ``text``       a string, tokenised as is,
     ``messages``   a chat: a list of ``{"role": ..., "content": ...}``, rendered with the
                    tokenizer's chat template; its assistant tokens are the "response".
@@ -45,11 +46,19 @@ def check_record(record: Any, where: str) -> str:
                          f"{present or sorted(record)}")
     fmt = present[0]
     value = record[fmt]
+    labels = record.get("labels")
+    if labels is not None and fmt != "input_ids":
+        raise ValueError(f"{where}: field 'labels' goes with 'input_ids' only (chat records get theirs from the roles)")
     if fmt == "input_ids":
         if not isinstance(value, (list, tuple)) or not value or any(
             not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in value
         ):
             raise ValueError(f"{where}: field 'input_ids' must be a non-empty list of non-negative ints")
+        if labels is not None and (
+            not isinstance(labels, (list, tuple)) or len(labels) != len(value)
+            or any(not isinstance(t, int) or isinstance(t, bool) or (t < 0 and t != IGNORE_INDEX) for t in labels)
+        ):
+            raise ValueError(f"{where}: field 'labels' must be a list of ints (>= 0 or -100) as long as 'input_ids'")
     elif fmt == "text":
         if not isinstance(value, str) or not value:
             raise ValueError(f"{where}: field 'text' must be a non-empty string")
@@ -95,9 +104,10 @@ def _common_schema(ds):
         "input_ids": datasets.List(datasets.Value("int64")),
         "text": datasets.Value("string"),
         "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        "labels": datasets.List(datasets.Value("int64")),
     })
-    return ds.map(lambda r: {f: r.get(f) for f in FORMATS}, remove_columns=ds.column_names, features=features,
-                  desc="reading")
+    return ds.map(lambda r: {f: r.get(f) for f in (*FORMATS, "labels")}, remove_columns=ds.column_names,
+                  features=features, desc="reading")
 
 
 def load_records(source: str, *, split: str = "train", synthetic_options: Optional[dict] = None):
@@ -168,7 +178,9 @@ def tokenize_record(record: dict, tokenizer, *, max_length: Optional[int], respo
     """One record -> ``{"input_ids", "labels"}`` (labels -100 where no loss), cut to ``max_length``."""
     fmt = next(f for f in FORMATS if record.get(f) is not None)
     if fmt == "input_ids":
-        ids, response = list(record["input_ids"]), None
+        ids = list(record["input_ids"])
+        given = record.get("labels")
+        response = [t != IGNORE_INDEX for t in given] if given is not None else None
     elif tokenizer is None:
         raise ValueError(f"records with {fmt!r} need a tokenizer: the model directory has none; "
                          "pre-tokenise the data into 'input_ids'")
@@ -177,8 +189,8 @@ def tokenize_record(record: dict, tokenizer, *, max_length: Optional[int], respo
     else:
         ids, response = chat_tokens(tokenizer, record["messages"])
     if response_only and response is None:
-        raise ValueError("response_only needs chat records ('messages'); this record is "
-                         f"{fmt!r}: drop response_only or use chat data")
+        raise ValueError("response_only needs chat records ('messages') or 'input_ids' with 'labels'; this record "
+                         f"is {fmt!r} without labels: drop response_only or use such data")
     labels = [t if (response is None or not response_only or r) else IGNORE_INDEX
               for t, r in zip(ids, response or [True] * len(ids))]
     if max_length is not None:

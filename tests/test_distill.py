@@ -213,6 +213,9 @@ def test_malformed_records_name_file_line_and_field(tmp_path):
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n': "bad.jsonl:1: field 'messages\\[1\\]'",
         '{"input_ids": [1], "text": "a"}\n': "exactly one of the fields",
         '{"input_ids": [1]}\n\n': "bad.jsonl:2: empty line",
+        '{"input_ids": [1, 2], "labels": [1]}\n': "bad.jsonl:1: field 'labels' must be",
+        '{"input_ids": [1, 2], "labels": [1, -5]}\n': "bad.jsonl:1: field 'labels' must be",
+        '{"text": "a", "labels": [1]}\n': "bad.jsonl:1: field 'labels' goes with 'input_ids'",
     }
     for text, match in cases.items():
         (tmp_path / "bad.jsonl").write_text(text)
@@ -276,6 +279,19 @@ def test_text_and_chat_records_with_response_only_labels(tmp_path):
     assert kept == ["the", "answer", "is", "42", "<|end|>", "42", "<|end|>"]
     with pytest.raises(ValueError, match="need a tokenizer"):
         prepare_dataset(load_records(path), None, max_length=None, min_length=0, response_only=False)
+
+
+def test_pretokenised_labels_mark_the_response(tmp_path):
+    path = write_jsonl(tmp_path / "l.jsonl", [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+                                              {"input_ids": [1, 2, 3]}])
+    ds = prepare_dataset(load_records(path), None, max_length=None, min_length=0, response_only=False)
+    assert ds[0]["labels"] == [5, 6, 7, 8] and ds[1]["labels"] == [1, 2, 3]  # all tokens count
+    with pytest.raises(ValueError, match="without labels"):
+        prepare_dataset(load_records(path), None, max_length=None, min_length=0, response_only=True)
+    ds = prepare_dataset(load_records(write_jsonl(tmp_path / "m.jsonl", [{"input_ids": [5, 6, 7, 8],
+                                                                          "labels": [-100, -100, 7, 8]}])),
+                         None, max_length=None, min_length=0, response_only=True)
+    assert ds[0]["labels"] == [-100, -100, 7, 8]
 
 
 def test_collator_right_pads():
