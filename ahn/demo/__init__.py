@@ -1,0 +1,1 @@
+"""The built-in demo: a small teacher trained on associative recall, and its evaluation."""
