@@ -29,7 +29,8 @@ def _f(default, help: str, **kw):
 @dataclass
 class DistillConfig:
     # ---------------------------------------------------------------- model and memory
-    model: Optional[str] = _f(None, "base model: a local directory or a Hub id (required)")
+    model: Optional[str] = _f(None, "base model: a local directory, a Hub id, or demo-teacher (the shipped demo "
+                                    "model) (required)")
     memory: str = _f("gated_deltanet", "memory rule: gated_deltanet, deltanet or mamba2")
     memory_kwargs: dict = _f({}, "rule-specific memory options (YAML mapping or JSON string)")
     layers: Optional[list] = _f(None, "decoder layers that get a memory (default: all)")

@@ -95,6 +95,24 @@ def _check_jsonl(path: Path) -> None:
             check_record(record, f"{path}:{i + 1}")
 
 
+def synthetic_records(num_examples: int = 1024, seed: int = 0, **task) -> list[dict]:
+    """``num_examples`` multi-query associative-recall sequences (:mod:`ahn.distill.synthetic`) as
+    ``input_ids`` + ``labels`` records; labels mark the answers, so ``response_only`` distils
+    exactly the recall predictions. ``task``: :class:`~ahn.distill.synthetic.RecallTask` fields."""
+    from dataclasses import fields
+
+    from .synthetic import RecallTask, recall_records
+
+    allowed = {f.name for f in fields(RecallTask)}
+    unknown = sorted(set(task) - allowed)
+    if unknown:
+        raise ValueError(f"synthetic options {unknown} are unknown; allowed: num_examples, seed, {sorted(allowed)}")
+    if not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"synthetic num_examples={num_examples!r} must be an int >= 1")
+    records = recall_records(RecallTask(**task), num_examples, seed)
+    return [{"input_ids": r["input_ids"].tolist(), "labels": r["labels"].tolist()} for r in records]
+
+
 def _common_schema(ds):
     """Bring a file's records to one schema (the three fields, absent ones None), so files of
     different formats and integer widths concatenate."""
@@ -118,8 +136,6 @@ def load_records(source: str, *, split: str = "train", synthetic_options: Option
     import datasets
 
     if source == SYNTHETIC:
-        from .synthetic import synthetic_records
-
         return datasets.Dataset.from_list(synthetic_records(**(synthetic_options or {})))
     path = Path(source)
     if path.exists():

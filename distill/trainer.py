@@ -38,6 +38,7 @@ from .sampling import WindowSampler
 LOG_NAME = "train_log.jsonl"
 RUN_CONFIG_NAME = "distill_config.yaml"
 CHECKPOINTS = "checkpoints"
+DEMO_TEACHER = "demo-teacher"  # --model alias of the teacher shipped in ahn/demo/weights
 # AHNConfig defaults for an adapter trained with random windows: the paper's evaluation setting.
 DEFAULT_INFERENCE_WINDOW, DEFAULT_INFERENCE_SINKS = 32640, 128
 
@@ -212,6 +213,15 @@ def _use_bf16(cfg: DistillConfig) -> bool:
     return bool(cfg.bf16)
 
 
+def resolve_model(name: str) -> str:
+    """A model path or Hub id; ``demo-teacher`` (unless such a directory exists) is the shipped demo teacher."""
+    if name == DEMO_TEACHER and not Path(name).exists():
+        from ahn.demo.teacher import WEIGHTS_DIR
+
+        return str(WEIGHTS_DIR)
+    return name
+
+
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -231,7 +241,8 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     out = Path(cfg.output)
     bf16 = _use_bf16(cfg)
     set_seed(cfg.seed)
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model_path = resolve_model(cfg.model)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     fixed = cfg.window != "random"
     ahn_config = AHNConfig(
         memory=cfg.memory, memory_kwargs=dict(cfg.memory_kwargs), layers=cfg.layers, backend=cfg.backend,
@@ -241,7 +252,7 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     model = add_memory(base, ahn_config)
     for p in model.memory_parameters():  # optimizer master weights stay float32 under bf16 autocast
         p.data = p.data.float()
-    tokenizer = _load_tokenizer(cfg.model)
+    tokenizer = _load_tokenizer(model_path)
     records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic))
     if cfg.max_samples is not None and cfg.max_samples < len(records):
         records = records.select(range(cfg.max_samples))

@@ -294,6 +294,18 @@ def test_pretokenised_labels_mark_the_response(tmp_path):
     assert ds[0]["labels"] == [-100, -100, 7, 8]
 
 
+def test_synthetic_source_marks_the_answers():
+    ds = load_records("synthetic", synthetic_options={"num_examples": 3, "seed": 5, "seq_len": 64, "num_pairs": 4})
+    again = load_records("synthetic", synthetic_options={"num_examples": 3, "seed": 5, "seq_len": 64, "num_pairs": 4})
+    assert len(ds) == 3 and ds["input_ids"] == again["input_ids"]
+    prepared = prepare_dataset(ds, None, max_length=None, min_length=0, response_only=True)
+    row = prepared[0]
+    answers = [i for i, lab in enumerate(row["labels"]) if lab != -100]
+    assert len(answers) == 4 and all(row["labels"][i] == row["input_ids"][i] for i in answers)
+    with pytest.raises(ValueError, match="synthetic options \\['pairs'\\] are unknown"):
+        load_records("synthetic", synthetic_options={"pairs": 3})
+
+
 def test_collator_right_pads():
     batch = DistillCollator(pad_token_id=9)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]},
                                              {"input_ids": [4], "labels": [-100]}])
