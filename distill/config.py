@@ -55,6 +55,8 @@ class DistillConfig:
     inference_sinks: Optional[int] = _f(None, "sinks stored in the adapter (default: the fixed sinks, else 128)")
     # ---------------------------------------------------------------- loss
     kl_weight: float = _f(1.0, "weight of KL(teacher || student) on positions beyond the window")
+    response_weight: float = _f(1.0, "KL weight of positions predicting a response token (labelled) relative to "
+                                     "the other distilled positions (response_only drops the others)")
     ce_weight: float = _f(0.0, "weight of the student's cross entropy on the labels, same positions")
     hidden_weight: float = _f(0.0, "weight of the per-layer hidden-state MSE, same positions")
     temperature: float = _f(1.0, "softmax temperature of the KL term")
@@ -98,7 +100,7 @@ class DistillConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an int >= 1")
-        for name in ("kl_weight", "ce_weight", "hidden_weight", "learning_rate", "weight_decay"):
+        for name in ("kl_weight", "ce_weight", "hidden_weight", "learning_rate", "weight_decay", "response_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.kl_weight == self.ce_weight == self.hidden_weight == 0:

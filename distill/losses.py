@@ -82,9 +82,12 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
-def _head_terms(h_s, h_t, weight, bias, targets, temperature, with_kl: bool):
+def _head_terms(h_s, h_t, weight, bias, targets, kl_weights, temperature, with_kl: bool):
     s = F.linear(h_s, weight, bias)  # [n, V]
-    kl = kl_divergence(s, F.linear(h_t, weight, bias), temperature).sum() if with_kl else s.new_zeros(())
+    kl = s.new_zeros(())
+    if with_kl:
+        kl = kl_divergence(s, F.linear(h_t, weight, bias), temperature)  # [n]
+        kl = (kl * kl_weights).sum() if kl_weights is not None else kl.sum()
     ce = cross_entropy(s, targets).sum() if targets is not None else s.new_zeros(())
     return kl, ce
 
@@ -95,12 +98,13 @@ def chunked_head_losses(
     weight: torch.Tensor,  # [V, D] the LM head
     bias: Optional[torch.Tensor] = None,  # [V]
     targets: Optional[torch.Tensor] = None,  # [N] next-token labels (-100: none) for the CE term
+    kl_weights: Optional[torch.Tensor] = None,  # [N] per-row weights of the KL term (default 1)
     *,
     temperature: float = 1.0,
     with_kl: bool = True,
     chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KL(teacher || student) and summed CE over the N rows, the LM head applied per chunk.
+    """(Weighted) summed KL(teacher || student) and summed CE over the N rows, the LM head applied per chunk.
 
     Each chunk's logits are recomputed in the backward pass (activation checkpointing), so
     peak memory is O(chunk * V) instead of O(N * V). Returns ``(kl_sum, ce_sum)`` (float32 scalars).
@@ -113,7 +117,8 @@ def chunked_head_losses(
     for a in range(0, student_hidden.shape[0], chunk):
         sl = slice(a, a + chunk)
         tg = targets[sl] if targets is not None else None
-        args = (student_hidden[sl], teacher_hidden[sl], weight, bias, tg, temperature, with_kl)
+        kw = kl_weights[sl] if kl_weights is not None else None
+        args = (student_hidden[sl], teacher_hidden[sl], weight, bias, tg, kw, temperature, with_kl)
         if student_hidden.requires_grad:
             k, c = checkpoint(_head_terms, *args, use_reentrant=False)
         else:

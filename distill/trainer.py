@@ -72,13 +72,17 @@ class DistillTrainer(Trainer):
         b, t = pos.nonzero(as_tuple=True)
         n = b.numel()
         head = self.ahn_model.get_output_embeddings()
-        targets = next_token_targets(labels)[b, t] if cfg.ce_weight > 0 else None
+        next_labels = next_token_targets(labels)[b, t]  # [n]
+        targets = next_labels if cfg.ce_weight > 0 else None
+        weights = None
+        if cfg.response_weight != 1.0 and not cfg.response_only:
+            weights = 1.0 + (cfg.response_weight - 1.0) * (next_labels != -100).float()  # [n]
         kl_sum, ce_sum = chunked_head_losses(
-            student[-1][b, t], teacher[-1][b, t], head.weight, head.bias, targets,
+            student[-1][b, t], teacher[-1][b, t], head.weight, head.bias, targets, weights,
             temperature=cfg.temperature, with_kl=cfg.kl_weight > 0, chunk=cfg.loss_chunk,
         )
         loss = student[-1].sum() * 0.0  # keeps the graph (and DDP's gradient sync) alive when n == 0
-        kl = kl_sum / max(n, 1)
+        kl = kl_sum / (weights.sum().clamp(min=1e-6) if weights is not None else max(n, 1))
         loss = loss + cfg.kl_weight * kl
         if targets is not None:
             ce = ce_sum / (targets != -100).sum().clamp(min=1)

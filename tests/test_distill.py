@@ -119,12 +119,13 @@ def test_chunked_head_losses_equal_the_unchunked_sum(chunk):
     ht = torch.randn(7, 5, generator=gen)
     w, b = torch.randn(11, 5, generator=gen), torch.randn(11, generator=gen)
     targets = torch.tensor([1, 2, -100, 3, 4, 5, -100])
-    kl, ce = chunked_head_losses(hs, ht, w, b, targets, temperature=1.5, chunk=chunk)
+    kw = torch.rand(7, generator=gen) * 3
+    kl, ce = chunked_head_losses(hs, ht, w, b, targets, kw, temperature=1.5, chunk=chunk)
     (kl + ce).backward()
     grad = hs.grad.clone()
     hs.grad = None
     s, t = hs @ w.T + b, ht @ w.T + b
-    kl_ref, ce_ref = kl_divergence(s, t, 1.5).sum(), cross_entropy(s, targets).sum()
+    kl_ref, ce_ref = (kl_divergence(s, t, 1.5) * kw).sum(), cross_entropy(s, targets).sum()
     (kl_ref + ce_ref).backward()
     torch.testing.assert_close(kl, kl_ref)
     torch.testing.assert_close(ce, ce_ref)
