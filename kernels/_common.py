@@ -59,9 +59,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             return "fla"
         return "torch"
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' (ahn's own Triton kernels) is not implemented yet; use backend='auto', 'fla', 'torch' or 'recurrent'"
-        )
+        from ._triton import require_triton
+
+        require_triton(device, dtype)
     if backend == "fla":
         if device.type != "cuda":
             raise ValueError(f"backend='fla' needs CUDA tensors, got device {device}; use backend='torch' on {device.type}")
@@ -175,6 +175,16 @@ def run_rule(
         return rule.fla(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+        )
+    if backend == "triton":
+        from ._triton.chunk import chunk_rule
+
+        if use_qk_l2norm:
+            q, k = l2norm(q.float()), l2norm(k.float())
+        # The kernels load every input in its own dtype and accumulate in float32.
+        return chunk_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, chunk_size=chunk_size,
         )
     dt, out_dtype = compute_dtype(q.dtype), v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
