@@ -92,9 +92,11 @@ def test_triton_default_chunk_size(rule):
     compare(rule, x, TOL[torch.float32], chunk_size=64)
 
 
-def test_triton_several_value_blocks():
-    # V = 70 > the kernels' 64-column block: the state's columns are split over programs.
-    x = make_inputs("gated_delta_rule", B=1, T=20, H=1, K=12, V=70)
+@pytest.mark.parametrize("K, V", [(12, 70), (128, 40)])
+def test_triton_several_value_blocks(K, V):
+    # The state's columns are split over programs: V = 70 > 64 columns per block at small K;
+    # K = 128 (a real head size) takes 32 columns per block.
+    x = make_inputs("gated_delta_rule", B=1, T=20, H=1, K=K, V=V)
     compare("gated_delta_rule", x, TOL[torch.float32])
 
 
@@ -119,6 +121,9 @@ def test_triton_without_final_state_and_input_errors():
     assert s is None and o.shape == (1, 5, 1, 4)
     with pytest.raises(ValueError, match="power of two >= 16"):
         gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend="triton", chunk_size=24)
+    wide = torch.zeros(1, 5, 1, 130)
+    with pytest.raises(ValueError, match="head sizes up to 128"):
+        gated_delta_rule(wide, wide, x["v"], x["g"], x["beta"], backend="triton", chunk_size=CHUNK)
     x64 = {n: t.double() for n, t in x.items()}
     with pytest.raises(ValueError, match="float64"):
         gated_delta_rule(x64["q"], x64["k"], x64["v"], x64["g"], x64["beta"], backend="triton")

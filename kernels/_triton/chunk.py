@@ -31,10 +31,17 @@ import triton.language as tl
 
 from . import interpreting
 
-# Largest head sizes a program holds whole (q / k tiles [BT, BK], state tiles [BK, BV]); fla's limit as well.
-MAX_HEAD_DIM = 256
+# Largest head size a program holds whole (q / k tiles [BT, BK], state tiles [BK, BV]). At
+# K = 256 the state passes need over 300 KB of shared memory on sm_90 (measured as below):
+# more than a GPU has per block, so larger heads are refused rather than failing at launch.
+MAX_HEAD_DIM = 128
 # V is split into blocks of at most this many columns (the state's columns are independent).
 MAX_BLOCK_V = 64
+# Column blocks by K block: shared memory grows with BK * BV. Measured by compiling for sm_90
+# without a GPU (triton.compile with GPUTarget("cuda", 90, 32), BT = 64, bf16 inputs): at
+# BK = 128, BV = 64 needs 232 KB in _bwd_dqkg (over an H100's 227 KB per block), BV = 32 at
+# most 160 KB (also under an A100's 163 KB).
+BLOCK_V_FOR_BK = {16: 64, 32: 64, 64: 64, 128: 32}
 # tl.dot needs every dimension >= 16 on GPUs.
 MIN_BLOCK = 16
 
@@ -349,7 +356,8 @@ class _Meta:
             cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
         self.cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
         self.N = self.cu.numel() - 1
-        self.BT, self.BK, self.BV = chunk_size, _block(self.K), _block(self.V, MAX_BLOCK_V)
+        self.BT, self.BK = chunk_size, _block(self.K)
+        self.BV = _block(self.V, BLOCK_V_FOR_BK[self.BK])
         self.chunk_indices, self.chunk_offsets, self.NT = _chunk_layout(self.cu, chunk_size)
         self.is_delta, self.has_g = is_delta, has_g
         half = q.dtype in (torch.bfloat16, torch.float16) or v.dtype in (torch.bfloat16, torch.float16)

@@ -22,7 +22,11 @@ import triton
 import triton.language as tl
 
 from .._common import L2NORM_EPS
-from .chunk import MAX_BLOCK_V, MAX_HEAD_DIM, _block, _num_warps
+from .chunk import MAX_BLOCK_V, _block, _num_warps
+
+# The step holds one [BK, BV] state tile in registers and no shared-memory tiles, so it takes
+# larger heads than the chunkwise kernels.
+MAX_HEAD_DIM = 256
 
 
 @triton.jit
