@@ -40,8 +40,10 @@ MAX_BLOCK_V = 64
 # Column blocks by K block: shared memory grows with BK * BV. Measured by compiling for sm_90
 # without a GPU (triton.compile with GPUTarget("cuda", 90, 32), BT = 64, bf16 inputs): at
 # BK = 128, BV = 64 needs 232 KB in _bwd_dqkg (over an H100's 227 KB per block), BV = 32 at
-# most 160 KB (also under an A100's 163 KB).
+# most 221 KB. float32 inputs (IEEE tl.dot) need more: 246 KB in _bwd_dh at BK = 128, BV = 32
+# with Triton's default 3 pipeline stages, 140 KB with 2 (NUM_STAGES).
 BLOCK_V_FOR_BK = {16: 64, 32: 64, 64: 64, 128: 32}
+NUM_STAGES = 2
 # tl.dot needs every dimension >= 16 on GPUs.
 MIN_BLOCK = 16
 
@@ -356,13 +358,14 @@ class _Meta:
             cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
         self.cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
         self.N = self.cu.numel() - 1
+        half = q.dtype in (torch.bfloat16, torch.float16) or v.dtype in (torch.bfloat16, torch.float16)
         self.BT, self.BK = chunk_size, _block(self.K)
         self.BV = _block(self.V, BLOCK_V_FOR_BK[self.BK])
         self.chunk_indices, self.chunk_offsets, self.NT = _chunk_layout(self.cu, chunk_size)
         self.is_delta, self.has_g = is_delta, has_g
-        half = q.dtype in (torch.bfloat16, torch.float16) or v.dtype in (torch.bfloat16, torch.float16)
         self.prec = "tf32" if half and not interpreting() else "ieee"
-        self.consts = dict(BT=self.BT, BK=self.BK, BV=self.BV, HAS_G=has_g, PREC=self.prec, num_warps=_num_warps(4))
+        self.consts = dict(BT=self.BT, BK=self.BK, BV=self.BV, HAS_G=has_g, PREC=self.prec, num_warps=_num_warps(4),
+                           num_stages=NUM_STAGES)
 
     def n_v(self):
         return triton.cdiv(self.V, self.BV)
