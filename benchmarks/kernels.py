@@ -1,11 +1,15 @@
-"""Memory-kernel speed: chunkwise torch vs the recurrent reference (and fla on CUDA), side by side.
+"""Memory-kernel speed: chunkwise torch vs the recurrent reference, and on CUDA ahn's Triton kernels and fla.
 
     python -m ahn.benchmarks.kernels                       # T = 512 .. 8192, H = 4, K = V = 64
     python -m ahn.benchmarks.kernels --lengths 1024 4096 --rules ssd --repeats 5
+    python -m ahn.benchmarks.kernels --gpu-sizes           # T = 4k .. 64k, H = 16, K = V = 128, no recurrent
 
 Prints, for each rule and length, the median time of forward and forward+backward per
-backend, the speed-up of each backend over the recurrent reference, and the time per
-token (flat in T means linear time).
+backend, the speed-up of each backend over the recurrent reference (and of triton over
+fla), and the time per token (flat in T means linear time). A second table times one
+decode step (a batch of evicted tokens written, the current queries read) of the fused
+Triton step against the unfused torch step. The Triton kernels run on CUDA only: on
+other devices their columns are left out and a note says so.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ahn.kernels import delta_rule, gated_delta_rule, ssd
+from ahn.kernels import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step, ssd, ssd_step
 from ahn.kernels._common import fla_available
 
 RULES = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "ssd": ssd}
+STEPS = {"gated_delta_rule": gated_delta_rule_step, "delta_rule": delta_rule_step, "ssd": ssd_step}
+# The sizes issue 7 asks the Triton kernels to be timed at (a Qwen2.5-7B-like layer: 16 heads of 128).
+GPU_SIZES = dict(lengths=[4096, 8192, 16384, 32768, 65536], heads=16, head_dim=128)
 
 
 def make_args(rule, B, T, H, K, V, device, dtype):
@@ -70,6 +77,24 @@ def bench(rule, T, backend, args, device, repeats, backward):
     return time_call(fn, device, repeats)
 
 
+def bench_step(rule, B, H, Hk, D, backend, device, dtype, repeats):
+    """Median time of one decode step: q [B, H, D], k / v [B, Hk, D] (GQA), state [B, H, D, D] float32."""
+    q = torch.randn(B, H, D, device=device, dtype=dtype)
+    k = F.normalize(torch.randn(B, Hk, D, device=device), dim=-1).to(dtype)
+    v = torch.randn(B, Hk, D, device=device, dtype=dtype)
+    g = F.logsigmoid(torch.randn(B, H, device=device) + 3).to(dtype)
+    beta = torch.rand(B, H, device=device, dtype=dtype)
+    state = torch.randn(B, H, D, D, device=device)
+    gates = {"gated_delta_rule": (g, beta), "delta_rule": (beta,), "ssd": (g,)}[rule]
+    f = STEPS[rule]
+
+    def fn():
+        with torch.no_grad():
+            f(q, k, v, *gates, state, backend=backend)
+
+    return time_call(fn, device, repeats)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
@@ -81,19 +106,31 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-recurrent", action="store_true", help="skip the (slow) recurrent reference")
+    p.add_argument("--gpu-sizes", action="store_true",
+                   help=f"issue 7's sizes: T = {GPU_SIZES['lengths']}, H = 16, K = V = 128, without the recurrent reference")
+    p.add_argument("--decode-batch", type=int, default=8, help="rows of the decode-step table")
+    p.add_argument("--kv-heads", type=int, default=None, help="k / v heads of the decode step (GQA); default: --heads / 4")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-step table")
     a = p.parse_args(argv)
+    if a.gpu_sizes:
+        a.lengths, a.heads, a.head_dim, a.no_recurrent = GPU_SIZES["lengths"], GPU_SIZES["heads"], GPU_SIZES["head_dim"], True
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backends = ([] if a.no_recurrent else ["recurrent"]) + ["torch"]
-    if device.type == "cuda" and fla_available():
-        backends.append("fla")
+    if device.type == "cuda":
+        backends.append("triton")
+        if fla_available():
+            backends.append("fla")
+    else:
+        print(f"note: backend 'triton' is timed on CUDA only (device={device}: its column is left out)")
     for rule in a.rules:  # one untimed call per rule and backend: thread pools, lazy imports
         for b in backends:
             bench(rule, 64, b, make_args(rule, 1, 64, a.heads, a.head_dim, a.head_dim, device, dtype), device, 1, True)
     print(f"device={device} dtype={dtype} B={a.batch} H={a.heads} K=V={a.head_dim} repeats={a.repeats} (median seconds)")
     header = f"{'rule':<17}{'T':>7} {'pass':<8}" + "".join(f"{b:>12}" for b in backends)
     header += "".join(f"{'x ' + b:>11}" for b in backends if b != "recurrent" and "recurrent" in backends)
-    header += f"{'us/token torch':>16}"
+    ratio = "triton" in backends and "fla" in backends
+    header += (f"{'fla/triton':>11}" if ratio else "") + f"{'us/token torch':>16}"
     print(header)
     print("-" * len(header))
     for rule in a.rules:
@@ -104,8 +141,27 @@ def main(argv=None):
                 row = f"{rule:<17}{T:>7} {'fwd+bwd' if backward else 'fwd':<8}" + "".join(f"{t[b]:>12.4f}" for b in backends)
                 if "recurrent" in t:
                     row += "".join(f"{t['recurrent'] / t[b]:>10.1f}x" for b in backends if b != "recurrent")
-                row += f"{1e6 * t['torch'] / (a.batch * T):>16.2f}"
+                row += (f"{t['fla'] / t['triton']:>10.2f}x" if ratio else "") + f"{1e6 * t['torch'] / (a.batch * T):>16.2f}"
                 print(row, flush=True)
+    if not a.no_decode:
+        decode_table(a, device, dtype)
+
+
+def decode_table(a, device, dtype):
+    """One decode step per rule: the unfused torch step vs the fused Triton step (CUDA only)."""
+    Hk = a.kv_heads or max(1, a.heads // 4)
+    if a.heads % Hk:
+        raise SystemExit(f"--kv-heads {Hk} must divide --heads {a.heads}")
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    print(f"\ndecode step: B={a.decode_batch} H={a.heads} Hk={Hk} K=V={a.head_dim} (median seconds)")
+    header = f"{'rule':<17}" + "".join(f"{b:>12}" for b in backends) + (f"{'torch/triton':>14}" if len(backends) > 1 else "")
+    print(header)
+    print("-" * len(header))
+    for rule in a.rules:
+        t = {b: bench_step(rule, a.decode_batch, a.heads, Hk, a.head_dim, b, device, dtype, max(a.repeats, 20))
+             for b in backends}
+        row = f"{rule:<17}" + "".join(f"{t[b]:>12.6f}" for b in backends)
+        print(row + (f"{t['torch'] / t['triton']:>13.2f}x" if "triton" in t else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 BACKENDS = ("auto", "recurrent", "torch", "fla", "triton")
+# Backends of the one-token decode step (``*_step``); ``auto`` is torch (see run_step).
+STEP_BACKENDS = ("auto", "torch", "triton")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # fla's l2norm epsilon (fla/modules/l2norm.py): x / sqrt(sum(x^2) + eps).
 L2NORM_EPS = 1e-6
@@ -59,9 +61,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             return "fla"
         return "torch"
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' (ahn's own Triton kernels) is not implemented yet; use backend='auto', 'fla', 'torch' or 'recurrent'"
-        )
+        from ._triton import require_triton
+
+        require_triton(device, dtype)
     if backend == "fla":
         if device.type != "cuda":
             raise ValueError(f"backend='fla' needs CUDA tensors, got device {device}; use backend='torch' on {device.type}")
@@ -176,6 +178,16 @@ def run_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
         )
+    if backend == "triton":
+        from ._triton.chunk import chunk_rule
+
+        if use_qk_l2norm:
+            q, k = l2norm(q.float()), l2norm(k.float())
+        # The kernels load every input in its own dtype and accumulate in float32.
+        return chunk_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        )
     dt, out_dtype = compute_dtype(q.dtype), v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     g = g.to(dt) if g is not None else None
@@ -237,6 +249,7 @@ def run_step(
     *,
     scale: Optional[float],
     use_qk_l2norm: bool,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of ``rule``: write one token per row (unless ``k`` is None), read with ``q``.
 
@@ -244,8 +257,13 @@ def run_step(
     (grouped keys / values, as GQA: k / v head j serves query heads j*H/Hk .. (j+1)*H/Hk-1),
     ``g`` / ``beta`` ``[B, H]``, ``state [B, H, K, V]`` (None: zeros). Returns ``(o [B, H, V]``
     in v's dtype (q's when read only), ``state [B, H, K, V]`` float32 (float64 for float64 q)).
-    Only cheap shape checks: this runs once per layer per generated token.
+    Only cheap shape checks: this runs once per layer per generated token. ``backend``:
+    ``"torch"`` (a few tensor ops), ``"triton"`` (one fused launch, CUDA or the Triton
+    interpreter, no autograd) or ``"auto"``, which is torch until the fused step has been
+    timed against it on a GPU.
     """
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {STEP_BACKENDS} for a decode step")
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, K] (one token), got shape {tuple(q.shape)}")
     B, H, K = q.shape
@@ -261,10 +279,20 @@ def run_step(
         raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, V], got shape {tuple(state.shape)}")
     if state is None and k is None:
         raise ValueError("a read-only step (k=None) needs a state")
-    dt = compute_dtype(q.dtype)
-    out_dtype = v.dtype if v is not None else q.dtype
     if scale is None:
         scale = K ** -0.5
+    if backend == "triton":
+        from ._triton import require_triton
+
+        require_triton(q.device, q.dtype)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, state)):
+            raise ValueError("backend='triton' decode step has no backward; run it under torch.no_grad() "
+                             "or use backend='torch' to differentiate through a step")
+        from ._triton.step import fused_step
+
+        return fused_step(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, is_delta=rule.has_beta)
+    dt = compute_dtype(q.dtype)
+    out_dtype = v.dtype if v is not None else q.dtype
     q = q.to(dt)
     if use_qk_l2norm:
         q = l2norm(q)

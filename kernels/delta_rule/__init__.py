@@ -64,9 +64,10 @@ def delta_rule_step(
     *,
     scale: Optional[float] = None,
     use_qk_l2norm: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`delta_rule`; shapes as :func:`ahn.kernels.gated_delta_rule_step` without ``g``."""
-    return run_step(RULE, q, k, v, None, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return run_step(RULE, q, k, v, None, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
 
 
 __all__ = ["delta_rule", "delta_rule_step", "RULE"]

@@ -54,8 +54,9 @@ def gated_delta_rule(
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N + 1]`` boundaries of N sequences packed along T (B must be 1).
         backend: ``"auto"`` (fla on CUDA in half precision, else torch), ``"torch"``
-            (chunkwise), ``"recurrent"`` (the reference loop), ``"fla"``, ``"triton"``.
-        chunk_size: chunk length of the torch backend.
+            (chunkwise), ``"recurrent"`` (the reference loop), ``"fla"``, ``"triton"`` (ahn's
+            own kernels; CUDA, or the Triton interpreter when ``TRITON_INTERPRET=1``).
+        chunk_size: chunk length of the torch and triton backends (triton: a power of two >= 16).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
@@ -76,6 +77,7 @@ def gated_delta_rule_step(
     *,
     scale: Optional[float] = None,
     use_qk_l2norm: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`gated_delta_rule` (the decode step): write ``(k, v)``, then read with ``q``.
 
@@ -85,11 +87,13 @@ def gated_delta_rule_step(
             H / Hk consecutive query heads, as GQA; no repeat needed); ``k=None`` reads only.
         g, beta: ``[B, H]`` log decay and write strength (ignored when ``k`` is None).
         state: ``[B, H, K, V]``, None for zeros.
+        backend: ``"auto"`` (torch for now), ``"torch"`` or ``"triton"`` (one fused launch for
+            the batch; CUDA or the Triton interpreter; no autograd).
 
     Returns:
         ``(o [B, H, V], state [B, H, K, V] float32)``; equal to one token of the full rule.
     """
-    return run_step(RULE, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return run_step(RULE, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
 
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "RULE"]

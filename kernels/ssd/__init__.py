@@ -63,9 +63,10 @@ def ssd_step(
     *,
     scale: Optional[float] = None,
     use_qk_l2norm: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`ssd`; shapes as :func:`ahn.kernels.gated_delta_rule_step` without ``beta``."""
-    return run_step(RULE, q, k, v, g, None, state, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return run_step(RULE, q, k, v, g, None, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
 
 
 __all__ = ["ssd", "ssd_step", "chunk_ssd", "recurrent_ssd", "RULE"]
