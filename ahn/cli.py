@@ -115,6 +115,28 @@ def _run_distill(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    from ahn.demo.run import add_arguments
+
+    p = sub.add_parser(
+        "demo",
+        help="the built-in demo: a memory recovers what the window forgot (CPU, minutes, no download)",
+        description=(
+            "Distils a memory into the shipped recall teacher (a small Qwen2 model) and scores the same held-out "
+            "sequences with full attention, sinks + window, and window + memory: accuracy on answers beyond the "
+            "window (and within it), by distance. Writes results.json and accuracy.png under --out."
+        ),
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from ahn.demo.run import main_args
+
+    return main_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ahn",
@@ -125,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ahn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
     _add_distill(sub)
     _add_eval(sub)
     _add_flops(sub)

@@ -191,7 +191,7 @@ def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]
 
 
 def tokenize_record(record: dict, tokenizer, *, max_length: Optional[int], response_only: bool) -> dict:
-    """One record -> ``{"input_ids", "labels"}`` (labels -100 where no loss), cut to ``max_length``."""
+    """One record -> ``{"input_ids", "labels"}`` (labels -100 on non-response tokens), cut to ``max_length``."""
     fmt = next(f for f in FORMATS if record.get(f) is not None)
     if fmt == "input_ids":
         ids = list(record["input_ids"])
@@ -207,8 +207,9 @@ def tokenize_record(record: dict, tokenizer, *, max_length: Optional[int], respo
     if response_only and response is None:
         raise ValueError("response_only needs chat records ('messages') or 'input_ids' with 'labels'; this record "
                          f"is {fmt!r} without labels: drop response_only or use such data")
-    labels = [t if (response is None or not response_only or r) else IGNORE_INDEX
-              for t, r in zip(ids, response or [True] * len(ids))]
+    # Labels mark the response (all tokens when the record has no notion of one): response_only
+    # distils only positions that predict them, response_weight weights them, CE trains on them.
+    labels = [t if r else IGNORE_INDEX for t, r in zip(ids, response or [True] * len(ids))]
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels}

@@ -272,12 +272,13 @@ def test_text_and_chat_records_with_response_only_labels(tmp_path):
         prepare_dataset(load_records(path), tok, max_length=None, min_length=0, response_only=True)
     ds = prepare_dataset(load_records(path), tok, max_length=None, min_length=0, response_only=False)
     assert ds[1]["input_ids"] == tok("hello world the answer")["input_ids"]
-    assert ds[0]["labels"] == ds[0]["input_ids"]
-    ds = prepare_dataset(load_records(write_jsonl(tmp_path / "c.jsonl", [chat])), tok, max_length=None, min_length=0,
-                         response_only=True)
+    assert ds[1]["labels"] == ds[1]["input_ids"]  # plain text: every token is "response"
     ids, labels = ds[0]["input_ids"], ds[0]["labels"]
     kept = tok.convert_ids_to_tokens([t for t, lab in zip(ids, labels) if lab != -100])
-    assert kept == ["the", "answer", "is", "42", "<|end|>", "42", "<|end|>"]
+    assert kept == ["the", "answer", "is", "42", "<|end|>", "42", "<|end|>"]  # the assistant turns
+    ds2 = prepare_dataset(load_records(write_jsonl(tmp_path / "c.jsonl", [chat])), tok, max_length=None, min_length=0,
+                          response_only=True)
+    assert ds2[0]["labels"] == labels
     with pytest.raises(ValueError, match="need a tokenizer"):
         prepare_dataset(load_records(path), None, max_length=None, min_length=0, response_only=False)
 
@@ -286,7 +287,7 @@ def test_pretokenised_labels_mark_the_response(tmp_path):
     path = write_jsonl(tmp_path / "l.jsonl", [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
                                               {"input_ids": [1, 2, 3]}])
     ds = prepare_dataset(load_records(path), None, max_length=None, min_length=0, response_only=False)
-    assert ds[0]["labels"] == [5, 6, 7, 8] and ds[1]["labels"] == [1, 2, 3]  # all tokens count
+    assert ds[0]["labels"] == [-100, -100, 7, 8] and ds[1]["labels"] == [1, 2, 3]  # no labels: all tokens count
     with pytest.raises(ValueError, match="without labels"):
         prepare_dataset(load_records(path), None, max_length=None, min_length=0, response_only=True)
     ds = prepare_dataset(load_records(write_jsonl(tmp_path / "m.jsonl", [{"input_ids": [5, 6, 7, 8],
@@ -410,3 +411,31 @@ def test_shipped_run_configs_are_valid():
         if path.name.startswith("qwen2.5"):  # the paper's recipe
             assert (cfg.learning_rate, cfg.max_length, cfg.window, cfg.lr_scheduler) == (1e-4, 24576, "random", "cosine")
             assert cfg.batch_size * cfg.grad_accum * 8 == 128
+
+
+def test_trainer_loss_equals_the_weighted_kl_of_full_logits(tmp_path):
+    """compute_loss (hidden states, chunked LM head) == the KL written out on full logits, with
+    the answers of synthetic recall data weighted 10x (their labels mark them)."""
+    import torch.nn.functional as F
+
+    cfg = DistillConfig(model="demo-teacher", data="synthetic", synthetic={"num_examples": 8, "seq_len": 96, "num_pairs": 4},
+                        min_length=0, max_length=None, response_weight=10.0, window=16, sinks=4, batch_size=4,
+                        max_steps=1, output=str(tmp_path / "o"), progress=False, loss_chunk=50)
+    trainer = build_trainer(cfg)
+    model = trainer.ahn_model
+    for p in model.memory_parameters():  # a trained-looking memory, so that student != window-only
+        torch.nn.init.normal_(p, std=0.3)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(model, batch)
+    x, labels = batch["input_ids"], batch["labels"]
+    with model.attention_mode("full"), torch.no_grad():
+        t = model(input_ids=x).logits
+    with model.attention_mode("ahn"), torch.no_grad():
+        s = model(input_ids=x, window=16, sinks=4).logits
+    kl = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1)  # [B, T]
+    beyond = (torch.arange(x.shape[1]) >= 16 + 4).float()
+    answer_next = torch.zeros_like(kl)
+    answer_next[:, :-1] = (labels[:, 1:] != -100).float()
+    assert answer_next.sum() == 4 * 4  # 4 answers per sequence, nothing else labelled
+    w = beyond * (1 + 9 * answer_next)
+    torch.testing.assert_close(loss, (kl * w).sum() / w.sum(), rtol=1e-5, atol=1e-6)
