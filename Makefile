@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ahn --help
+	$(BIN)/ahn demo
 
 # `python -m pytest` (pytest may come from the system site-packages); PYTHONSAFEPATH keeps the
 # repository root off sys.path, so the top-level kernels/ folder never shadows ahn.kernels.

@@ -159,3 +159,38 @@ def test_plot_and_input_errors(shipped, tmp_path):
         evaluate_modes(model, batch, DEMO_WINDOW, modes=["sparse"])
     with pytest.raises(ValueError, match="edges"):
         evaluate_modes(model, batch, DEMO_WINDOW, modes=["full"], edges=[5, 5])
+
+
+# ------------------------------------------------------------------ the whole demo, miniature
+def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
+    from ahn.demo.run import PLOT_NAME, RESULTS_NAME, DemoSettings, run_demo
+
+    lines = []
+    tiny = DemoSettings(steps=2, batch_size=4, train_examples=8, eval_examples=4)
+    results = run_demo("all", out=tmp_path / "all", settings=tiny, progress=False, print_fn=lines.append)
+    saved = json.loads((tmp_path / "all" / RESULTS_NAME).read_text())
+    assert saved == json.loads(json.dumps(results))
+    for key in ("full", "window", "ahn"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert saved["full"] >= 0.9  # the shipped teacher, on the held-out sequences
+    assert sorted(saved["memories"]) == ["deltanet", "gated_deltanet", "mamba2"]
+    assert saved["ahn"] == saved["memories"]["deltanet"]["beyond"]  # the first one listed
+    assert (tmp_path / "all" / PLOT_NAME).stat().st_size > 0
+    table = "\n".join(lines)
+    for row in ("full attention", "sinks + window", "window + gated_deltanet", "window + mamba2"):
+        assert row in table
+    for mem in saved["memories"]:
+        assert (tmp_path / "all" / f"adapter-{mem}" / "ahn_adapter.safetensors").exists()
+
+
+def test_demo_retrains_the_teacher_and_rejects_bad_memory(tmp_path, capsys):
+    from ahn.cli import main
+
+    rc = main(["demo", "--retrain-teacher", "--teacher-steps", "2", "--steps", "1", "--out", str(tmp_path / "d"),
+               "--no-progress"])
+    assert rc == 0
+    assert (tmp_path / "d" / "teacher" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "d" / "results.json").read_text())["settings"]["steps"] == 1
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--memory", "lstm", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "memory='lstm' is unknown" in capsys.readouterr().err

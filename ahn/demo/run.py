@@ -41,13 +41,13 @@ class DemoSettings:
     """
 
     num_pairs: int = 4
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 16
     learning_rate: float = 1e-2
     warmup_ratio: float = 0.07
     lr_scheduler: str = "constant_with_warmup"
     response_weight: float = 10.0
-    train_examples: int = 4800
+    train_examples: Optional[int] = None  # default steps * batch_size: fresh sequences every step
     eval_examples: int = 256
     seed: int = 0
     eval_seed: int = 20261  # never used for training data (train_teacher draws from seed + 1)
@@ -101,7 +101,8 @@ def run_demo(memory: str = "gated_deltanet", out: Optional[Path] = None, setting
         adapter = out / f"adapter-{mem}"
         cfg = DistillConfig(
             model=str(teacher_dir), memory=mem, data="synthetic", output=str(adapter), resume="never",
-            synthetic={"num_examples": settings.train_examples, "seed": settings.seed, **task},
+            synthetic={"num_examples": settings.train_examples or settings.steps * settings.batch_size,
+                       "seed": settings.seed, **task},
             min_length=0, max_length=None, response_weight=settings.response_weight, window=DEMO_WINDOW,
             sinks=DEMO_SINKS, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
             lr_scheduler=settings.lr_scheduler,
