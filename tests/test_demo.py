@@ -174,7 +174,8 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["full"] >= 0.9  # the shipped teacher, on the held-out sequences
     assert sorted(saved["memories"]) == ["deltanet", "gated_deltanet", "mamba2"]
-    assert saved["ahn"] == saved["memories"]["deltanet"]["beyond"]  # the first one listed
+    assert saved["ahn"] == saved["memories"]["gated_deltanet"]["beyond"]  # the default rule
+    assert saved["attention"] == {"window": 32, "sinks": 4}
     assert (tmp_path / "all" / PLOT_NAME).stat().st_size > 0
     table = "\n".join(lines)
     for row in ("full attention", "sinks + window", "window + gated_deltanet", "window + mamba2"):
