@@ -37,10 +37,10 @@ def gated_delta_rule_step_ref(
         S = state.reshape(B, Hk, H // Hk, K, V)  # query heads grouped by their k / v head
         if g is not None:
             S = S * g.view(B, Hk, H // Hk, 1, 1).exp()
-        k_t = k[:, :, None, None, :]  # [B, Hk, 1, 1, K]
-        u = (v[:, :, None, None, :] - k_t @ S) * beta.view(B, Hk, H // Hk, 1, 1)  # [B, Hk, G, 1, V]
-        state = (S + k_t.transpose(-1, -2) * u).view(B, H, K, V)  # rank-1 update k_t u^T
-    o = ((q[:, :, None, :] * scale) @ state).squeeze(-2)  # [B, H, V]
+        k_t = k.reshape(B, Hk, 1, 1, K)
+        u = (v.reshape(B, Hk, 1, 1, V) - k_t @ S) * beta.view(B, Hk, H // Hk, 1, 1)  # [B, Hk, G, 1, V]
+        state = torch.addcmul(S, k.reshape(B, Hk, 1, K, 1), u).view(B, H, K, V)  # rank-1 update k_t u^T
+    o = (q.reshape(B, H, 1, K) @ state).view(B, H, V) * scale  # [B, H, V]
     return o, state
 
 
