@@ -180,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", help="run config (keys as the flags below, with underscores)")
     for f in fields(DistillConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
         kw = _flag_type(f)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kw)
 
