@@ -83,6 +83,7 @@ class DistillConfig:
     resume: str = _f("auto", "auto (resume from the last complete checkpoint in output), never, or a checkpoint path")
     progress: bool = _f(True, "show a progress bar")
     dataloader_workers: int = _f(0, "DataLoader worker processes")
+    preprocess_workers: Optional[int] = _f(None, "processes that tokenise the data (datasets.map num_proc)")
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (e.g. ZeRO-3) for multi-GPU runs")
     fsdp: Optional[str] = _f(None, "FSDP options as transformers' TrainingArguments.fsdp (e.g. 'full_shard auto_wrap')")
 

@@ -261,7 +261,8 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     if cfg.max_samples is not None and cfg.max_samples < len(records):
         records = records.select(range(cfg.max_samples))
     dataset = prepare_dataset(records, tokenizer, max_length=cfg.max_length, min_length=cfg.min_length,
-                              response_only=cfg.response_only, vocab_size=base.config.vocab_size)
+                              response_only=cfg.response_only, vocab_size=base.config.vocab_size,
+                              num_proc=cfg.preprocess_workers)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) or 0
