@@ -2,6 +2,8 @@
 
     python -m ahn.benchmarks.efficiency                              # tiny random Qwen2, CPU
     python -m ahn.benchmarks.efficiency --prefill 65536 --decode-at 4096 32768 --modes ahn
+    python -m ahn.benchmarks.efficiency --shape Qwen2.5-3B-Instruct --window 32640 --sinks 128 \
+        --prefill 32768 65536 131072 --decode-at 32768 131072         # GPU: a random 3B-shaped model
 
 For each mode (``full``: the base model with a growing KV cache; ``window``: sinks + window;
 ``ahn``: window + memory) it prefills N tokens (time, peak RSS growth, cache size) and
@@ -15,6 +17,7 @@ import argparse
 import resource
 import statistics
 import time
+from typing import Optional
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -32,6 +35,30 @@ def tiny_model(hidden: int, layers: int, heads: int, kv_heads: int, max_len: int
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def shaped_model(name: str, max_len: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """A randomly initialised model with the architecture of a real one (a config shipped in
+    ``configs/models``, a config.json, a model directory or a Hub id), built on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    from ahn.configs import load_model_config
+
+    cfg = load_model_config(name)
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_len + 1024)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gpu_gb(device) -> Optional[float]:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.device(device).type == "cuda" else None
+
+
 def cache_bytes(cache) -> int:
     if isinstance(cache, ahn.AHNCache):
         return cache.nbytes
@@ -45,22 +72,28 @@ def peak_rss_gb() -> float:
 @torch.no_grad()
 def prefill(model, n: int, block: int):
     """Prefill n tokens in chunks of ``block`` (full attention would need an n x n mask otherwise)."""
-    x = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(0))
+    device = model.device
+    x = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
     cache = model.new_cache() if model.mode != "full" else None
+    sync(device)
     t0 = time.perf_counter()
     for a in range(0, n, block):
         out = model(x[:, a : a + block], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+    sync(device)
     return time.perf_counter() - t0, cache
 
 
 @torch.no_grad()
 def decode_ms(model, cache, steps: int) -> float:
-    tok = torch.zeros(1, 1, dtype=torch.long)
+    device = model.device
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
     times = []
     for _ in range(steps):
+        sync(device)
         t0 = time.perf_counter()
         model(tok, past_key_values=cache, use_cache=True)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -82,18 +115,29 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="interleaved decode timing rounds (the best is kept)")
     p.add_argument("--prefill-rounds", type=int, default=1, help="interleaved prefill timing rounds (the best is kept)")
     p.add_argument("--plot", metavar="PNG", help="also plot prefill time and decode latency against length")
+    p.add_argument("--shape", metavar="MODEL", default=None,
+                   help="benchmark a random model with this architecture instead of the tiny one: a config shipped in "
+                        "configs/models (e.g. Qwen2.5-3B-Instruct), a config.json, a model directory or a Hub id")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 keeps timings stable on a shared machine")
     a = p.parse_args(argv)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     longest = max(a.prefill + a.decode_at)
-    model = ahn.add_memory(
-        tiny_model(a.hidden, a.layers, a.heads, a.kv_heads, longest),
-        ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks),
-    )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Qwen2 hidden={a.hidden} layers={a.layers} "
-          f"heads={a.heads}/{a.kv_heads}; memory={a.memory} window={a.window} sinks={a.sinks}")
+    dtype = getattr(torch, a.dtype or ("bfloat16" if torch.device(a.device).type == "cuda" else "float32"))
+    if a.shape:
+        base = shaped_model(a.shape, longest, a.device, dtype)
+        what = f"random {a.shape}-shaped model"
+    else:
+        base = tiny_model(a.hidden, a.layers, a.heads, a.kv_heads, longest).to(a.device, dtype)
+        what = f"Qwen2 hidden={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads}"
+    model = ahn.add_memory(base, ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks))
+    where = torch.cuda.get_device_name(a.device) if torch.device(a.device).type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {dtype}; {what}; memory={a.memory} window={a.window} sinks={a.sinks}")
     rows = []
     prefill_best: dict = {}
     for r in range(a.prefill_rounds):  # interleaved rounds, the best kept (as for decode below)
@@ -101,8 +145,11 @@ def main(argv=None):
             with model.attention_mode(mode):
                 for n in a.prefill:
                     rss0 = peak_rss_gb()
+                    if torch.device(a.device).type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                        rss0 = torch.cuda.memory_allocated() / 1e9
                     secs, cache = prefill(model, n, a.block)
-                    growth = peak_rss_gb() - rss0
+                    growth = (peak_gpu_gb(a.device) or peak_rss_gb()) - rss0
                     best = prefill_best.get((mode, n))
                     prefill_best[mode, n] = (min(secs, best[0]) if best else secs, cache_bytes(cache),
                                              max(growth, best[2]) if best else growth)
@@ -110,7 +157,7 @@ def main(argv=None):
     for (mode, n), (secs, nbytes, growth) in prefill_best.items():
         rows.append((mode, "prefill", n, secs, nbytes, growth))
         print(f"{mode:<7} prefill {n:>7} tokens: {secs:8.2f} s  cache {nbytes / 2**20:8.2f} MiB  "
-              f"peak RSS +{growth:.2f} GB", flush=True)
+              f"peak {'GPU memory' if torch.device(a.device).type == 'cuda' else 'RSS'} +{growth:.2f} GB", flush=True)
     # Decode: every (mode, context) cache is prefilled first, then timed in interleaved rounds and
     # the best round kept, so a burst of load from other processes does not bias one row.
     caches = {}
@@ -140,7 +187,7 @@ def main(argv=None):
         lo, hi = min(dec), max(dec)
         print(f"\nahn decode latency at {hi} vs {lo} tokens of context: x{dec[hi] / dec[lo]:.2f}")
     if a.plot:
-        plot(rows, a.modes, a.plot, f"Qwen2 hidden={a.hidden} layers={a.layers}, window={a.window} sinks={a.sinks}")
+        plot(rows, a.modes, a.plot, f"{what}, window={a.window} sinks={a.sinks}")
         print(f"plot written to {a.plot}")
 
 
