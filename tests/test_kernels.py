@@ -8,32 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ahn.kernels import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step, ssd, ssd_step
+from ahn.kernels import gated_delta_rule
+from kernel_cases import FUNCS, GATES, RULES, STEPS, assert_close, make_inputs
 
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
-RULES = ["gated_delta_rule", "delta_rule", "ssd"]
-FUNCS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "ssd": ssd}
-GATES = {"gated_delta_rule": ("g", "beta"), "delta_rule": ("beta",), "ssd": ("g",)}
-STEPS = {"gated_delta_rule": gated_delta_rule_step, "delta_rule": delta_rule_step, "ssd": ssd_step}
-
-
-def make_inputs(rule, B, T, H, K, V, dtype=torch.float64, initial_state=True, n_states=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    x = {
-        "q": rnd(B, T, H, K),
-        "k": F.normalize(rnd(B, T, H, K), dim=-1),  # delta rules are stable for |k| <= 1
-        "v": rnd(B, T, H, V),
-    }
-    if rule != "delta_rule":
-        x["g"] = F.logsigmoid(rnd(B, T, H) + 2.0)
-    if rule != "ssd":
-        x["beta"] = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
-    if initial_state:
-        x["initial_state"] = rnd(n_states or B, H, K, V) * 0.5
-    return {n: t.to(dtype) for n, t in x.items()}
 
 
 def call(rule, x, **kw):
@@ -51,12 +30,6 @@ def outputs_and_grads(rule, x, **kw):
     ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
     ((o * do).sum() + (s * ds).sum()).backward()
     return o.detach(), s.detach(), {n: t.grad for n, t in leaves.items()}
-
-
-def assert_close(a, b, tol, what):
-    a, b = a.double(), b.double()
-    err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
-    assert err <= tol, f"{what}: relative max error {err:.3g} > {tol:.3g}"
 
 
 def compare(rule, x, tol, ref_kw=None, **kw):

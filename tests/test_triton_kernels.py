@@ -11,34 +11,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from ahn.kernels import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step, ssd, ssd_step  # noqa: E402
+import kernel_cases  # noqa: E402
+from ahn.kernels import gated_delta_rule, ssd, ssd_step  # noqa: E402
+from kernel_cases import FUNCS, GATES, RULES, STEPS, assert_close  # noqa: E402
 
 # float32 kernels vs a float64 reference (relative max error); bf16: inputs rounded, fp32 accumulation.
 TOL = {torch.float32: 2e-4, torch.bfloat16: 5e-2}
 # bf16 gradients go through a triangular inverse and long sums: looser, as in test_kernels' fla check.
 TOL_BF16_GRAD = 0.1
 CHUNK = 16  # the smallest chunk the kernels take; T = 1, 20, 33 then cover one, two and three chunks
-RULES = ["gated_delta_rule", "delta_rule", "ssd"]
-FUNCS = {"gated_delta_rule": gated_delta_rule, "delta_rule": delta_rule, "ssd": ssd}
-GATES = {"gated_delta_rule": ("g", "beta"), "delta_rule": ("beta",), "ssd": ("g",)}
-STEPS = {"gated_delta_rule": gated_delta_rule_step, "delta_rule": delta_rule_step, "ssd": ssd_step}
 
 
-def make_inputs(rule, B, T, H, K, V, dtype=torch.float32, initial_state=True, n_states=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    x = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V)}
-    if "g" in GATES[rule]:
-        x["g"] = F.logsigmoid(rnd(B, T, H) + 2.0)
-    if "beta" in GATES[rule]:
-        x["beta"] = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
-    if initial_state:
-        x["initial_state"] = rnd(n_states or B, H, K, V) * 0.5
-    return {n: t.to(dtype) for n, t in x.items()}
+def make_inputs(*args, dtype=torch.float32, **kw):
+    """float32 by default here: the interpreted kernels run in float32."""
+    return kernel_cases.make_inputs(*args, dtype=dtype, **kw)
 
 
 def run(rule, x, backend, **kw):
@@ -51,12 +40,6 @@ def run(rule, x, backend, **kw):
     ds = torch.randn(s.shape, generator=gen)
     ((o.float() * do.float()).sum() + (s * ds).sum()).backward()
     return o.detach(), s.detach(), {n: t.grad for n, t in leaves.items()}
-
-
-def assert_close(a, b, tol, what):
-    a, b = a.double(), b.double()
-    err = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
-    assert err <= tol, f"{what}: relative max error {err:.3g} > {tol:.3g}"
 
 
 def compare(rule, x, tol, grad_tol=None, chunk_size=CHUNK, **kw):
