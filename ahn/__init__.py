@@ -4,6 +4,8 @@
     model = ahn.add_memory(base, ahn.AHNConfig(memory="gated_deltanet", window=32640, sinks=128))
 """
 
+from ahn._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -15,13 +17,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    # Lazy so that `import ahn` (and `ahn --version`) does not import transformers.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ahn' has no attribute {name!r}")
-
+# Lazy so that `import ahn` (and `ahn --version`) does not import transformers.
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = ["__version__", *_LAZY]

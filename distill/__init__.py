@@ -7,6 +7,8 @@ sliding window + memory is the student; only the memory is trained.
     distill(DistillConfig(model="Qwen/Qwen2.5-3B-Instruct", data="train.jsonl", output="out"))
 """
 
+from ahn._lazy import lazy_exports
+
 _LAZY = {
     "DistillConfig": "ahn.distill.config",
     "WindowSampler": "ahn.distill.sampling",
@@ -19,13 +21,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    # Lazy: `ahn distill --help` builds its flags from DistillConfig without importing torch.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ahn.distill' has no attribute {name!r}")
-
+# Lazy: `ahn distill --help` builds its flags from DistillConfig without importing torch.
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = list(_LAZY)
