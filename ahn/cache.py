@@ -69,7 +69,7 @@ class AHNCacheLayer(CacheLayerMixin):
     def write_sinks(self, k: torch.Tensor, v: torch.Tensor, pad_offsets: torch.Tensor, start: int) -> None:
         """Copy the new tokens that are sinks of their row (slots P_r .. P_r+S-1) into the sink entries."""
         T = k.shape[2]
-        if self.sinks == 0 or start >= self._last_sink_end(pad_offsets):
+        if self.sinks == 0 or start >= self.sink_ends(pad_offsets)[1]:
             return
         idx = start + torch.arange(T, device=k.device).view(1, T) - pad_offsets.view(-1, 1)  # [B, T] sink index
         b, t = ((idx >= 0) & (idx < self.sinks)).nonzero(as_tuple=True)
@@ -110,7 +110,7 @@ class AHNCacheLayer(CacheLayerMixin):
 
     def decode_attention(self, q: torch.Tensor, t: int, pad_offsets: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one query (slot t, already appended) over the buffer in place: ``[B, 1, Hq, D]``."""
-        if t - self.window + 1 >= self._last_sink_end(pad_offsets) and self.capacity == self.window:
+        if t - self.window + 1 >= self.sink_ends(pad_offsets)[1] and self.capacity == self.window:
             # Every sink is filled and every ring entry holds a real, non-sink token of the
             # window (the steady state of a long decode): nothing to mask.
             o = F.scaled_dot_product_attention(q, self.keys, self.values, scale=scale, enable_gqa=True)
@@ -131,9 +131,6 @@ class AHNCacheLayer(CacheLayerMixin):
             self._sink_end_for = pad_offsets
             self._sink_ends = (int(pad_offsets.min()) + self.sinks, int(pad_offsets.max()) + self.sinks)
         return self._sink_ends
-
-    def _last_sink_end(self, pad_offsets: torch.Tensor) -> int:
-        return self.sink_ends(pad_offsets)[1]
 
     # ------------------------------------------------------------- Cache interface
     def update(self, key_states, value_states, *args, **kwargs):

@@ -31,10 +31,6 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SYNTHETIC = "synthetic"
 
 
-def _where(path, index: int) -> str:
-    return f"{path}:{index + 1}" if str(path).endswith(".jsonl") else f"{path} record {index}"
-
-
 def check_record(record: Any, where: str) -> str:
     """Validate one record; return its format (``input_ids`` / ``text`` / ``messages``)."""
     if not isinstance(record, dict):
@@ -149,7 +145,7 @@ def load_records(source: str, *, split: str = "train", synthetic_options: Option
                 raise ValueError(f"{file}: cannot be read as {FILE_TYPES[file.suffix]} ({type(e).__name__}: {e})") from None
             if file.suffix != ".jsonl":
                 for i, record in enumerate(ds):
-                    check_record(record, _where(file, i))
+                    check_record(record, f"{file} record {i}")  # JSONL was checked by line above
             parts.append(_common_schema(ds))
         return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if "/" not in source or source.startswith((".", "/")) or source.count("/") > 1:

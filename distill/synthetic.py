@@ -32,10 +32,11 @@ from typing import Optional
 
 import torch
 
+from .losses import IGNORE_INDEX  # the label transformers' causal-LM loss ignores
+
 BOS = 0  # first token of every sequence (attention sinks see it)
 QUERY = 1  # separates the context from the query section
 NUM_SPECIAL = 2
-IGNORE_INDEX = -100  # the label value transformers' causal-LM loss ignores
 
 
 @dataclass(frozen=True)
