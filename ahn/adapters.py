@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ahn._io import replace_file
 from ahn.config import CONFIG_NAME, AHNConfig
 
 WEIGHTS_NAME = "ahn_adapter.safetensors"
@@ -36,21 +37,6 @@ OFFICIAL_MEMORY_NAMES = {"GatedDeltaNet": "gated_deltanet", "DeltaNet": "deltane
 # Parameters the release stores but never uses in its forward pass.
 OFFICIAL_UNUSED = {"gated_deltanet": ("D",)}
 _OFFICIAL_KEY = re.compile(r"^model\.layers\.(\d+)\.ahn\.fn\.(.+)$")
-
-
-def _replace_file(path: Path, write) -> None:
-    """Write ``path`` through a temporary file in the same directory and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_adapter(model, path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -70,8 +56,8 @@ def save_adapter(model, path, state: dict[str, torch.Tensor] | None = None) -> N
     meta = {"format": "pt", "ahn_version": __version__}
     config_text = model.ahn_config.to_json_string()
     if path.is_dir():
-        _replace_file(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
-        _replace_file(path / CONFIG_NAME, lambda p: p.write_text(config_text))
+        replace_file(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
+        replace_file(path / CONFIG_NAME, lambda p: p.write_text(config_text))
         return
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ahn._io import replace_file
 from ahn.adapters import read_adapter, save_adapter
 
 from .config import DistillConfig
@@ -194,18 +195,22 @@ class JsonlLogCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+def is_complete_checkpoint(d: Path) -> bool:
+    """Whether the Trainer finished saving ``d``: its trainer_state.json, written last, parses."""
+    try:
+        json.loads((d / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_complete_checkpoint(folder: Path) -> Optional[Path]:
-    """The highest-step checkpoint whose trainer_state.json (written last) parses; None if none."""
+    """The highest-step complete checkpoint in ``folder`` (one interrupted while saving is never used); None if none."""
     if not folder.is_dir():
         return None
-    found = []
-    for d in folder.iterdir():
-        if d.is_dir() and d.name.startswith("checkpoint-") and d.name.split("-")[-1].isdigit():
-            try:
-                json.loads((d / "trainer_state.json").read_text())
-            except (OSError, ValueError):
-                continue  # interrupted while saving: never resume from it
-            found.append((int(d.name.split("-")[-1]), d))
+    found = [(int(d.name.split("-")[-1]), d) for d in folder.iterdir()
+             if d.is_dir() and d.name.startswith("checkpoint-") and d.name.split("-")[-1].isdigit()
+             and is_complete_checkpoint(d)]
     return max(found)[1] if found else None
 
 
@@ -301,19 +306,15 @@ def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pa
         resume = None
     else:
         resume = Path(cfg.resume)
-        try:
-            json.loads((resume / "trainer_state.json").read_text())
-        except (OSError, ValueError):
+        if not is_complete_checkpoint(resume):
             raise ValueError(f"resume={cfg.resume!r} is not a complete checkpoint directory (with trainer_state.json); "
-                             "use auto, never or a checkpoints/checkpoint-<step> directory") from None
+                             "use auto, never or a checkpoints/checkpoint-<step> directory")
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         n = sum(p.numel() for p in trainer.ahn_model.memory_parameters())
         print(f"ahn distill: {cfg.memory} memory, {n:,} trainable parameters; {len(trainer.train_dataset):,} samples"
               + (f"; resuming from {resume}" if resume else ""), flush=True)
-        tmp = out / f".{RUN_CONFIG_NAME}.tmp"
-        tmp.write_text(cfg.to_yaml())
-        tmp.replace(out / RUN_CONFIG_NAME)
+        replace_file(out / RUN_CONFIG_NAME, lambda p: p.write_text(cfg.to_yaml()))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if interrupt.stopped_early and trainer.state.global_step < trainer.state.max_steps:
         if trainer.is_world_process_zero():

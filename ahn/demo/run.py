@@ -137,11 +137,11 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
 
 
 def write_outputs(results: dict, out: Path) -> None:
+    from ahn._io import replace_file
+
     from .evaluate import plot_accuracy
 
-    tmp = out / f".{RESULTS_NAME}.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out / RESULTS_NAME)
+    replace_file(out / RESULTS_NAME, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     detail = dict(results["detail"])
     for mem, r in results["memories"].items():
         detail[f"ahn ({mem})"] = {"by_distance": r["by_distance"]}
