@@ -168,12 +168,12 @@ def hybrid_attention(
     layer = ctx.cache.layers[layer_idx] if ctx.cache is not None else None
     old_lo = max(0, start - W)  # first slot still in the cached window
 
+    if layer is not None and T == 1 and layer.is_initialized:
+        return _decode_step(memory if use_memory else None, hidden_states, q, k, v, ctx, layer, scale)
     stream = None
     gates = memory.write_gates(hidden_states) if use_memory else None  # [B, T, Hq, G]
     if layer is not None and not layer.is_initialized:
         layer.lazy_initialization(k, v, gates)
-    if layer is not None and T == 1:
-        return _decode_step(memory if use_memory else None, hidden_states, q, k, v, gates, ctx, layer, scale)
     if use_memory:
         new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
         # Cached slots that leave the window during these T tokens (read before append
@@ -212,7 +212,7 @@ def hybrid_attention(
     return (attn + mem_out.to(attn.dtype)).reshape(B, T, Hq * D)
 
 
-def _decode_step(memory, hidden_states, q, k, v, gates, ctx: AHNContext, layer, scale: float) -> torch.Tensor:
+def _decode_step(memory, hidden_states, q, k, v, ctx: AHNContext, layer, scale: float) -> torch.Tensor:
     """One new token (slot t) with a filled cache: the decode form of :func:`hybrid_attention`.
 
     The token at slot t - W leaves the window: it is written into the memory state with one
@@ -222,7 +222,7 @@ def _decode_step(memory, hidden_states, q, k, v, gates, ctx: AHNContext, layer, 
     """
     B, Hq, _, D = q.shape
     t, W, S, P = ctx.start, ctx.window, ctx.sinks, ctx.pad_offsets
-    mem_out = None
+    mem_out = gates = None
     if memory is not None:
         e = t - W  # the slot leaving the window
         first, last = layer.sink_ends(P)  # rows write slot e iff e >= P_r + S
@@ -230,12 +230,12 @@ def _decode_step(memory, hidden_states, q, k, v, gates, ctx: AHNContext, layer, 
         if e >= first:
             k_e, v_e, g_e = layer.read_slot(e)
             mask = None if e >= last else e >= P + S  # [B]
-        if k_e is not None or layer.memory_state is not None:  # else the read is zero
-            o, layer.memory_state = memory.step(q[:, :, 0], k_e, v_e, g_e, mask, layer.memory_state)  # [B, Hq, D]
-            mem_out = memory.output(o.unsqueeze(1), hidden_states)  # [B, 1, Hq, D]
+        mem_out, gates, layer.memory_state = memory.decode(
+            hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, layer.memory_state
+        )  # [B, Hq, D] or None, [B, Hq, G]
     layer.write_sinks(k, v, P, t)
-    layer.append(k, v, gates, t)
+    layer.append_one(k, v, gates, t)
     attn = layer.decode_attention(q, t, P, scale)  # [B, 1, Hq, D]
     if mem_out is not None:
-        attn = attn + mem_out.to(attn.dtype)
+        attn = attn + mem_out.unsqueeze(1).to(attn.dtype)
     return attn.reshape(B, 1, Hq * D)

@@ -108,6 +108,17 @@ class AHNCacheLayer(CacheLayerMixin):
             self.gates.index_copy_(1, idx, gates[:, T - m :].to(self.gates.dtype))
         self.seen = start + T
 
+    def append_one(self, k: torch.Tensor, v: torch.Tensor, gates: Optional[torch.Tensor], t: int) -> None:
+        """:meth:`append` of one token (slot t), with direct writes into its ring entry (the decode hot path)."""
+        assert t == self.seen, f"cache holds {self.seen} tokens but the new one is slot {t}"
+        self._grow(min(self.window, t + 1))
+        i = t % self.window
+        self.keys[:, :, self.sinks + i] = k[:, :, 0]
+        self.values[:, :, self.sinks + i] = v[:, :, 0]
+        if self.gates is not None and gates is not None:
+            self.gates[:, i] = gates
+        self.seen = t + 1
+
     def decode_attention(self, q: torch.Tensor, t: int, pad_offsets: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one query (slot t, already appended) over the buffer in place: ``[B, 1, Hq, D]``."""
         if t - self.window + 1 >= self.sink_ends(pad_offsets)[1] and self.capacity == self.window:

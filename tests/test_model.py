@@ -139,6 +139,33 @@ def test_parallel_forward_equals_prefill_plus_decode(model_dirs, memory, sinks, 
     assert cache.kv_length == sinks + 10
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_fused_decode_equals_gates_step_output(memory):
+    """Memory.decode (one matmul for every projection of the token) == write_gates + step + output,
+    with a row masked, GQA, an empty state, and weights written in place between tokens (.data too)."""
+    torch.manual_seed(0)
+    m = ahn.memory.build_memory(memory, hidden_size=16, num_heads=4, head_dim=8).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    B = 3
+    x, q = torch.randn(B, 16, dtype=torch.float64), torch.randn(B, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(B, 2, 8, dtype=torch.float64), torch.randn(B, 2, 8, dtype=torch.float64)
+    gates = m.write_gates(torch.randn(B, 16, dtype=torch.float64))
+    mask = torch.tensor([True, False, True])
+    with torch.no_grad():
+        for state in (None, torch.randn(B, 4, 8, 8, dtype=torch.float64)):
+            for p in m.parameters():  # bypasses version counters: nothing may be cached across calls
+                p.data.mul_(1.1)
+            out, new_gates, new_state = m.decode(x, q, k, v, gates, mask, state)
+            o, ref_state = m.step(q, k, v, gates, mask, state)
+            torch.testing.assert_close(new_gates, m.write_gates(x), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(out, m.output(o, x), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(new_state, ref_state, rtol=0, atol=0)
+        out, new_gates, new_state = m.decode(x, q, None, None, None, None, None)
+        assert out is None and new_state is None  # nothing written yet: nothing to read
+
+
 def test_cache_is_bounded_and_constant_in_length(model_dirs):
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=12, sinks=4))
     sizes = {}

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ahn.kernels._common import constant
+
 _REGISTRY: dict[str, type["Memory"]] = {}
 
 # Output RMSNorm epsilon of the official release (fla's FusedRMSNormSwishGate / RMSNormGated, eps=1e-5).
@@ -72,8 +74,11 @@ class GroupLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(heads, dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, T, H, D]
-        return (x.to(self.weight.dtype).transpose(1, 2) @ self.weight).transpose(1, 2)  # [B, H, T, D] @ [H, D, D]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, T, H, D], or one token [B, H, D]
+        x = x.to(self.weight.dtype)
+        if x.dim() == 3:
+            return torch.bmm(x.transpose(0, 1), self.weight).transpose(0, 1)  # [H, B, D] @ [H, D, D]
+        return (x.transpose(1, 2) @ self.weight).transpose(1, 2)  # [B, H, T, D] @ [H, D, D]
 
 
 class RMSNormWeight(nn.Module):
@@ -85,8 +90,16 @@ class RMSNormWeight(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension, in float32 (one fused op)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+    """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dimension, in float32.
+
+    Computed as ``x / hypot(|x|, sqrt(D eps)) * (sqrt(D) weight)``: few tensor ops, since the
+    decode step runs it once per layer per token and ``F.rms_norm`` is several times slower
+    on CPU for one token.
+    """
+    x = x.float()
+    D = x.shape[-1]
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.hypot(norm, constant((D * eps) ** 0.5)) * (weight.float() * D**0.5)
 
 
 class Memory(nn.Module):
@@ -108,6 +121,10 @@ class Memory(nn.Module):
     gate_channels: int = 0
     output_gate_bias: bool = False
     allowed_options: tuple[str, ...] = ()
+    # Linear layers (attribute names) that read the token for its write gates, in the order
+    # gates_from() takes their outputs. A decode step runs them and g_proj as one matmul. A
+    # rule that leaves this empty overrides write_gates() and decodes through it.
+    gate_projections: tuple[str, ...] = ()
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, use_qk_l2norm: bool = True,
                  options: dict | None = None):
@@ -124,7 +141,11 @@ class Memory(nn.Module):
         self.g_proj = linear(hidden_size, num_heads, bias=self.output_gate_bias)
         self.o_proj = GroupLinear(num_heads, head_dim)
 
-    def write_gates(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, hidden] -> [B, T, H, G] float32
+    def write_gates(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., H, G] float32
+        return self.gates_from(*(getattr(self, name)(x).float() for name in self.gate_projections))
+
+    def gates_from(self, *projections: torch.Tensor) -> torch.Tensor:
+        """The write gates ``[..., H, G]`` from the gate projections' outputs (``[..., H]`` float32 each)."""
         raise NotImplementedError
 
     def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
@@ -139,9 +160,41 @@ class Memory(nn.Module):
         raise NotImplementedError
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``o [B, T, H, D]``, ``x [B, T, hidden]`` (current tokens) -> ``[B, T, H, D]``."""
-        gate = F.silu(self.g_proj(x).float()).unsqueeze(-1)  # [B, T, H, 1]
-        return self.o_proj(rms_norm(o, self.o_norm.weight) * gate)
+        """``o [..., H, D]`` (``[B, T, H, D]``, or ``[B, H, D]`` for one token), ``x [..., hidden]``
+        (the current tokens) -> ``[..., H, D]``."""
+        return self.read_out(o, self.g_proj(x).float())
+
+    def read_out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The read-out from the output gate's pre-activation ``z [..., H]``: per-head RMSNorm, SiLU gate,
+        per-head projection."""
+        return self.o_proj(rms_norm(o, self.o_norm.weight) * F.silu(z).unsqueeze(-1))
+
+    def decode(self, x, q, k, v, gates, mask, state):
+        """One generated token: the current token's gates, then the eviction write and the read.
+
+        ``x [B, hidden]`` the current token's normed hidden state, ``q [B, H, D]``; ``k, v
+        [B, Hkv, D]``, ``gates [B, H, G]`` and ``mask`` as in :meth:`step` (the token leaving the
+        window). Returns ``(out [B, H, D] or None, new_gates [B, H, G], state)``: ``out`` is
+        ``output(step(...))``, None while the memory is empty (nothing written, nothing to
+        read), and ``new_gates`` are ``write_gates(x)``, kept in the cache until this token leaves.
+        """
+        if self.gate_projections:
+            *projections, z = self._project_token(x)
+            new_gates = self.gates_from(*projections)
+        else:
+            new_gates, z = self.write_gates(x), None
+        if k is None and state is None:
+            return None, new_gates, None
+        o, state = self.step(q, k, v, gates, mask, state)
+        return (self.output(o, x) if z is None else self.read_out(o, z)), new_gates, state
+
+    def _project_token(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x [B, hidden]`` through every gate projection and ``g_proj`` in one matmul -> ``[B, H]``
+        float32 each. The weights are concatenated on every call (a copy of a few rows, one op)
+        rather than kept: a kept copy could go stale when parameters are written in place."""
+        layers = [getattr(self, name) for name in self.gate_projections] + [self.g_proj]
+        weight, bias = _concat_linears(layers)
+        return F.linear(x, weight, bias).float().view(x.shape[0], len(layers), self.num_heads).unbind(1)
 
     @staticmethod
     def masked(k: torch.Tensor, decay, mask: Optional[torch.Tensor]):
@@ -157,3 +210,13 @@ class Memory(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, qk_l2norm={self.use_qk_l2norm}"
+
+
+def _concat_linears(layers: list[nn.Linear]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One ``(weight, bias)`` computing every layer's output, concatenated in order."""
+    weight = torch.cat([layer.weight for layer in layers])
+    if all(layer.bias is None for layer in layers):
+        return weight, None
+    bias = torch.cat([layer.weight.new_zeros(layer.out_features) if layer.bias is None else layer.bias
+                      for layer in layers])
+    return weight, bias

@@ -22,8 +22,10 @@ class DeltaNetMemory(Memory):
         self.b_proj = linear(self.hidden_size, self.num_heads)
         self.o_norm = RMSNormWeight(self.head_dim)
 
-    def write_gates(self, x):
-        return torch.sigmoid(self.b_proj(x).float()).unsqueeze(-1)  # [B, T, H, 1]
+    gate_projections = ("b_proj",)
+
+    def gates_from(self, b):  # [..., H] -> [..., H, 1]
+        return torch.sigmoid(b).unsqueeze(-1)
 
     def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
         k, _ = self.masked(k, None, mask)

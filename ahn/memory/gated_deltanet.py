@@ -29,10 +29,11 @@ class GatedDeltaNetMemory(Memory):
         self.dt_bias = nn.Parameter(init_dt_bias(H))
         self.o_norm = RMSNormWeight(self.head_dim)
 
-    def write_gates(self, x):
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())  # [B, T, H]
-        beta = torch.sigmoid(self.b_proj(x).float())
-        return torch.stack([g, beta], dim=-1)  # [B, T, H, 2]
+    gate_projections = ("a_proj", "b_proj")
+
+    def gates_from(self, a, b):  # [..., H] each -> [..., H, 2]
+        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+        return torch.stack([g, torch.sigmoid(b)], dim=-1)
 
     def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
         k, g = self.masked(k, gates[..., 0], mask)

@@ -33,8 +33,10 @@ class Mamba2Memory(Memory):
         self.A_log = nn.Parameter(torch.arange(1, H + 1, dtype=torch.float32).log())
         self.norm = RMSNormWeight(H * D)
 
-    def write_gates(self, x):
-        return F.softplus(self.dt_proj(x).float() + self.dt_bias.float()).unsqueeze(-1)  # dt [B, T, H, 1]
+    gate_projections = ("dt_proj",)
+
+    def gates_from(self, dt):  # [..., H] -> dt [..., H, 1]
+        return F.softplus(dt + self.dt_bias.float()).unsqueeze(-1)
 
     def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
         dt = gates[..., 0]  # [B, T, H]
@@ -56,8 +58,7 @@ class Mamba2Memory(Memory):
             v = v * dt[..., None].to(v.dtype)
         return ssd_step(q, k, v, g, state, scale=1.0, use_qk_l2norm=self.use_qk_l2norm)
 
-    def output(self, o, x):
-        B, T, H, D = o.shape
-        z = F.silu(self.g_proj(x).float()).unsqueeze(-1)  # [B, T, H, 1]
-        y = rms_norm((o.float() * z).reshape(B, T, H * D), self.norm.weight)
-        return self.o_proj(y.view(B, T, H, D))
+    def read_out(self, o, z):  # o [..., H, D], z [..., H]
+        *lead, H, D = o.shape
+        y = rms_norm((o.float() * F.silu(z).unsqueeze(-1)).reshape(*lead, H * D), self.norm.weight)
+        return self.o_proj(y.view(*lead, H, D))

@@ -11,6 +11,7 @@ model calls the step directly.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -27,21 +28,33 @@ def gated_delta_rule_step_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: write (k, v) with decay g and strength beta, then read with q.
 
-    Each k / v head serves H / Hk consecutive query heads (GQA), by broadcasting, so
-    grouped keys and values need no repeat. Returns ``(o [B, H, V], state [B, H, K, V])``.
+    Each k / v head serves H / Hk consecutive query heads (GQA). Written as batched
+    matrix products over the B * H states, with as few tensor ops as the math allows: the
+    model's decode loop runs this once per layer per generated token, where per-op
+    overhead, not arithmetic, is the cost. Returns ``(o [B, H, V], state [B, H, K, V])``.
     """
     B, H, K = q.shape
     V = state.shape[-1]
+    S = state.reshape(B * H, K, V)
     if k is not None:
-        Hk = k.shape[1]
-        S = state.reshape(B, Hk, H // Hk, K, V)  # query heads grouped by their k / v head
         if g is not None:
-            S = S * g.view(B, Hk, H // Hk, 1, 1).exp()
-        k_t = k.reshape(B, Hk, 1, 1, K)
-        u = (v.reshape(B, Hk, 1, 1, V) - k_t @ S) * beta.view(B, Hk, H // Hk, 1, 1)  # [B, Hk, G, 1, V]
-        state = torch.addcmul(S, k.reshape(B, Hk, 1, K, 1), u).view(B, H, K, V)  # rank-1 update k_t u^T
-    o = (q.reshape(B, H, 1, K) @ state).view(B, H, V) * scale  # [B, H, V]
-    return o, state
+            S = S * g.reshape(B * H, 1, 1).exp()  # D_t
+        k_t = expand_heads(k, H).reshape(B * H, 1, K)
+        u = (expand_heads(v, H).reshape(B * H, 1, V) - torch.bmm(k_t, S)) * beta.reshape(B * H, 1, 1)
+        S = torch.addcmul(S, k_t.transpose(1, 2), u)  # D_t + k_t (beta_t (v_t - D_t^T k_t))^T
+    o = torch.bmm(q.reshape(B * H, 1, K), S).view(B, H, V) * scale
+    return o, S.view(B, H, K, V)
+
+
+def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, Hk, D]`` -> ``[B, heads, D]``: k / v head j serves query heads j*R .. j*R+R-1 (GQA, R = heads / Hk)."""
+    Hk = x.shape[1]
+    return x if Hk == heads else x.index_select(1, _head_index(Hk, heads, x.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _head_index(kv_heads: int, heads: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(heads, device=device) // (heads // kv_heads)
 
 
 def recurrent_gated_delta_rule(

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..gated_delta_rule.recurrent import expand_heads
+
 
 def ssd_step_ref(
     q: torch.Tensor,  # [B, H, K]
@@ -23,15 +25,18 @@ def ssd_step_ref(
     scale: float,
     state: torch.Tensor,  # [B, H, K, V]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token: decay, write k v^T, read with q; k / v heads broadcast over H / Hk query heads (GQA)."""
+    """One token: decay, write k v^T, read with q; k / v heads serve H / Hk query heads each (GQA).
+
+    Batched matrix products over the B * H states, few ops (see ``gated_delta_rule_step_ref``).
+    """
     B, H, K = q.shape
     V = state.shape[-1]
+    S = state.reshape(B * H, K, V)
     if k is not None:
-        Hk = k.shape[1]
-        S = state.reshape(B, Hk, H // Hk, K, V) * g.view(B, Hk, H // Hk, 1, 1).exp()
-        state = (S + k[:, :, None, :, None] * v[:, :, None, None, :]).view(B, H, K, V)  # + k_t v_t^T
-    o = ((q[:, :, None, :] * scale) @ state).squeeze(-2)  # [B, H, V]
-    return o, state
+        S = torch.addcmul(S * g.reshape(B * H, 1, 1).exp(), expand_heads(k, H).reshape(B * H, K, 1),
+                          expand_heads(v, H).reshape(B * H, 1, V))  # + k_t v_t^T
+    o = torch.bmm(q.reshape(B * H, 1, K), S).view(B, H, V) * scale
+    return o, S.view(B, H, K, V)
 
 
 def recurrent_ssd(
