@@ -292,6 +292,26 @@ def run_step(
         raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, V], got shape {tuple(state.shape)}")
     if state is None and k is None:
         raise ValueError("a read-only step (k=None) needs a state")
+    return step_unchecked(rule, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
+
+
+def step_unchecked(
+    rule: Rule,
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    g: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    state: Optional[torch.Tensor],
+    *,
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`run_step` without its argument checks, for callers that built the inputs themselves:
+    the model's decode loop runs this once per layer per generated token, where Python
+    overhead is a good part of the cost."""
+    B, H, K = q.shape
     if scale is None:
         scale = K ** -0.5
     if backend == "triton":
@@ -306,15 +326,14 @@ def run_step(
         return fused_step(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, is_delta=rule.has_beta)
     dt = compute_dtype(q.dtype)
     out_dtype = v.dtype if v is not None else q.dtype
-    q = q.to(dt)
+    cast = lambda x: x if x is None or x.dtype == dt else x.to(dt)  # noqa: E731
+    q = cast(q)
     if use_qk_l2norm:
         q = l2norm(q)
     if k is not None:
-        k, v = k.to(dt), v.to(dt)
-        g = g.to(dt) if g is not None else None
-        beta = beta.to(dt) if beta is not None else None
+        k, v, g, beta = cast(k), cast(v), cast(g), cast(beta)
         if use_qk_l2norm:
             k = l2norm(k)
-    state = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.to(dt)
+    state = q.new_zeros(B, H, K, v.shape[-1]) if state is None else cast(state)
     o, state = rule.step(q, k, v, g, beta, scale, state)
-    return o.to(out_dtype), state
+    return (o if o.dtype == out_dtype else o.to(out_dtype)), state

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ahn.kernels import delta_rule, delta_rule_step
+from ahn.kernels import delta_rule
+from ahn.kernels._common import step_unchecked
+from ahn.kernels.delta_rule import RULE
 
 from .base import Memory, RMSNormWeight, linear, register_memory
 
@@ -39,4 +41,4 @@ class DeltaNetMemory(Memory):
         if k is not None:
             k, _ = self.masked(k, None, mask)
             beta = gates[..., 0]  # [B, H]
-        return delta_rule_step(q, k, v, beta, state, use_qk_l2norm=self.use_qk_l2norm)
+        return step_unchecked(RULE, q, k, v, None, beta, state, use_qk_l2norm=self.use_qk_l2norm)

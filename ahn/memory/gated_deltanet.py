@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn.kernels import gated_delta_rule, gated_delta_rule_step
+from ahn.kernels import gated_delta_rule
+from ahn.kernels._common import step_unchecked
+from ahn.kernels.gated_delta_rule import RULE
 
 from .base import A_INIT_RANGE, Memory, RMSNormWeight, init_dt_bias, linear, register_memory
 
@@ -47,4 +49,4 @@ class GatedDeltaNetMemory(Memory):
         if k is not None:
             k, g = self.masked(k, gates[..., 0], mask)  # [B, Hkv, D], [B, H]
             beta = gates[..., 1]
-        return gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=self.use_qk_l2norm)
+        return step_unchecked(RULE, q, k, v, g, beta, state, use_qk_l2norm=self.use_qk_l2norm)

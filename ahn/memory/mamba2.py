@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn.kernels import ssd, ssd_step
+from ahn.kernels import ssd
+from ahn.kernels._common import step_unchecked
+from ahn.kernels.ssd import RULE
 
 from .base import Memory, RMSNormWeight, linear, register_memory, rms_norm
 
@@ -56,7 +58,7 @@ class Mamba2Memory(Memory):
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # [B, H, D]
             k, g = self.masked(k, g, mask)
             v = v * dt[..., None].to(v.dtype)
-        return ssd_step(q, k, v, g, state, scale=1.0, use_qk_l2norm=self.use_qk_l2norm)
+        return step_unchecked(RULE, q, k, v, g, None, state, scale=1.0, use_qk_l2norm=self.use_qk_l2norm)
 
     def read_out(self, o, z):  # o [..., H, D], z [..., H]
         *lead, H, D = o.shape
