@@ -382,7 +382,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", help="comma-separated datasets / tasks (default: all of the benchmark's)")
     p.add_argument("--lengths", help="comma-separated lengths: LV-Eval levels (16k,32k,...) or token counts "
                                      "(ruler, perplexity)")
-    p.add_argument("--out", required=True, help="output directory (an existing run there is resumed)")
+    p.add_argument("--out", "--output", dest="out", required=True, help="output directory (an existing run there is resumed)")
     p.add_argument("--limit", type=int, help="at most N samples per dataset (ruler: samples generated per task, "
                                              "default 25; perplexity: sequences per length)")
     p.add_argument("--max-length", type=int, help="prompt tokens kept by middle truncation (default: the "

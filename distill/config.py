@@ -183,7 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
         kw = _flag_type(f)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, help=help_text, **kw)
+        flags = ["--" + f.name.replace("_", "-")] + (["--out"] if f.name == "output" else [])  # --out as in demo / eval
+        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:

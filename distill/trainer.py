@@ -16,6 +16,8 @@ A run writes into ``output``:
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -240,6 +242,21 @@ def _load_tokenizer(path: str):
         return None  # pre-tokenised data needs none; text / chat data will say so
 
 
+@contextlib.contextmanager
+def _datasets_progress(enabled: bool):
+    """datasets' own progress bars (tokenising, filtering) follow ``progress`` too."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
+
+
 def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> DistillTrainer:
     """Load the base model and data and set up the Trainer for ``cfg`` (nothing is trained yet)."""
     from transformers import AutoModelForCausalLM, set_seed
@@ -262,12 +279,13 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     for p in model.memory_parameters():  # optimizer master weights stay float32 under bf16 autocast
         p.data = p.data.float()
     tokenizer = _load_tokenizer(model_path)
-    records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic))
-    if cfg.max_samples is not None and cfg.max_samples < len(records):
-        records = records.select(range(cfg.max_samples))
-    dataset = prepare_dataset(records, tokenizer, max_length=cfg.max_length, min_length=cfg.min_length,
-                              response_only=cfg.response_only, vocab_size=base.config.vocab_size,
-                              num_proc=cfg.preprocess_workers)
+    with _datasets_progress(cfg.progress):
+        records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic))
+        if cfg.max_samples is not None and cfg.max_samples < len(records):
+            records = records.select(range(cfg.max_samples))
+        dataset = prepare_dataset(records, tokenizer, max_length=cfg.max_length, min_length=cfg.min_length,
+                                  response_only=cfg.response_only, vocab_size=base.config.vocab_size,
+                                  num_proc=cfg.preprocess_workers)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) or 0

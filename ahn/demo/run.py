@@ -183,7 +183,7 @@ def add_arguments(p) -> None:
     p.add_argument("--memory", default=DEFAULT_MEMORY,
                    help="memory rule to distil: gated_deltanet, deltanet, mamba2 (ahn.available_memories()), or all "
                         "(side by side)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: a fresh ./ahn-demo-<date>-<time>)")
+    p.add_argument("--out", "--output", dest="out", type=Path, default=None, help="output folder (default: a fresh ./ahn-demo-<date>-<time>)")
     p.add_argument("--steps", type=int, default=None, help=f"distillation steps per memory (default {DemoSettings.steps})")
     p.add_argument("--pairs", type=int, default=None,
                    help=f"key-value pairs per sequence (default {DemoSettings.num_pairs}; 8 shows the state's capacity limit)")
