@@ -326,14 +326,22 @@ def step_unchecked(
         return fused_step(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, is_delta=rule.has_beta)
     dt = compute_dtype(q.dtype)
     out_dtype = v.dtype if v is not None else q.dtype
-    cast = lambda x: x if x is None or x.dtype == dt else x.to(dt)  # noqa: E731
-    q = cast(q)
+    if q.dtype != dt:
+        q = q.to(dt)
     if use_qk_l2norm:
         q = l2norm(q)
     if k is not None:
-        k, v, g, beta = cast(k), cast(v), cast(g), cast(beta)
+        if k.dtype != dt or v.dtype != dt:
+            k, v = k.to(dt), v.to(dt)
+        if g is not None and g.dtype != dt:
+            g = g.to(dt)
+        if beta is not None and beta.dtype != dt:
+            beta = beta.to(dt)
         if use_qk_l2norm:
             k = l2norm(k)
-    state = q.new_zeros(B, H, K, v.shape[-1]) if state is None else cast(state)
+    if state is None:
+        state = q.new_zeros(B, H, K, v.shape[-1])
+    elif state.dtype != dt:
+        state = state.to(dt)
     o, state = rule.step(q, k, v, g, beta, scale, state)
     return (o if o.dtype == out_dtype else o.to(out_dtype)), state

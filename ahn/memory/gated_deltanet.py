@@ -47,6 +47,7 @@ class GatedDeltaNetMemory(Memory):
     def step(self, q, k, v, gates, mask, state):
         g = beta = None
         if k is not None:
-            k, g = self.masked(k, gates[..., 0], mask)  # [B, Hkv, D], [B, H]
-            beta = gates[..., 1]
+            g, beta = gates.unbind(-1)  # [B, H] each
+            if mask is not None:
+                k, g = self.masked(k, g, mask)
         return step_unchecked(RULE, q, k, v, g, beta, state, use_qk_l2norm=self.use_qk_l2norm)
