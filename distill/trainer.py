@@ -16,7 +16,6 @@ A run writes into ``output``:
 
 from __future__ import annotations
 
-import contextlib
 
 import json
 import math
@@ -31,6 +30,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ahn._io import replace_file
+from ahn._progress import library_progress
 from ahn.adapters import read_adapter, save_adapter
 
 from .config import DistillConfig
@@ -242,21 +242,6 @@ def _load_tokenizer(path: str):
         return None  # pre-tokenised data needs none; text / chat data will say so
 
 
-@contextlib.contextmanager
-def _datasets_progress(enabled: bool):
-    """datasets' own progress bars (tokenising, filtering) follow ``progress`` too."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not enabled:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and not was_disabled:
-            enable_progress_bars()
-
-
 def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> DistillTrainer:
     """Load the base model and data and set up the Trainer for ``cfg`` (nothing is trained yet)."""
     from transformers import AutoModelForCausalLM, set_seed
@@ -268,7 +253,8 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     bf16 = _use_bf16(cfg)
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    with library_progress(cfg.progress):
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     fixed = cfg.window != "random"
     ahn_config = AHNConfig(
         memory=cfg.memory, memory_kwargs=dict(cfg.memory_kwargs), layers=cfg.layers, backend=cfg.backend,
@@ -279,7 +265,7 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     for p in model.memory_parameters():  # optimizer master weights stay float32 under bf16 autocast
         p.data = p.data.float()
     tokenizer = _load_tokenizer(model_path)
-    with _datasets_progress(cfg.progress):
+    with library_progress(cfg.progress):
         records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic))
         if cfg.max_samples is not None and cfg.max_samples < len(records):
             records = records.select(range(cfg.max_samples))

@@ -195,3 +195,18 @@ def test_demo_retrains_the_teacher_and_rejects_bad_memory(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--memory", "lstm", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "memory='lstm' is unknown" in capsys.readouterr().err
+
+
+def test_no_progress_silences_library_bars_and_restores_them():
+    """--no-progress also covers transformers' weight-loading and datasets' map / filter bars, only inside."""
+    from datasets.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from ahn._progress import library_progress
+
+    before = (are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled())
+    with library_progress(False):
+        assert are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
+    assert (are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()) == before
+    with library_progress(True):
+        assert (are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()) == before

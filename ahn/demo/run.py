@@ -76,6 +76,7 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
     import torch
 
     from ahn import AHNModel
+    from ahn._progress import library_progress
     from ahn.distill.config import DistillConfig
     from ahn.distill.synthetic import sample_recall
     from ahn.distill.trainer import distill
@@ -114,7 +115,8 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
         t0 = time.perf_counter()
         distill(cfg)
         seconds = time.perf_counter() - t0
-        model = AHNModel.from_pretrained(load_teacher(teacher_dir), adapter)
+        with library_progress(progress):
+            model = AHNModel.from_pretrained(load_teacher(teacher_dir), adapter)
         modes = ("full", "window", "ahn") if not results.get("detail") else ("ahn",)
         r = evaluate_modes(model, held_out, DEMO_WINDOW, modes=modes)
         if "detail" not in results:
