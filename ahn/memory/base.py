@@ -75,10 +75,15 @@ class GroupLinear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(heads, dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B, T, H, D], or one token [B, H, D]
-        x = x.to(self.weight.dtype)
-        if x.dim() == 3:
-            return torch.bmm(x.transpose(0, 1), self.weight).transpose(0, 1)  # [H, B, D] @ [H, D, D]
-        return (x.transpose(1, 2) @ self.weight).transpose(1, 2)  # [B, H, T, D] @ [H, D, D]
+        return group_linear(x, self.weight)
+
+
+def group_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-head ``x @ weight[h]``: ``x [B, T, H, D]`` or one token ``[B, H, D]``, ``weight [H, D, D]``."""
+    x = x.to(weight.dtype)
+    if x.dim() == 3:
+        return torch.bmm(x.transpose(0, 1), weight).transpose(0, 1)  # [H, B, D] @ [H, D, D]
+    return (x.transpose(1, 2) @ weight).transpose(1, 2)  # [B, H, T, D] @ [H, D, D]
 
 
 class RMSNormWeight(nn.Module):
@@ -167,7 +172,12 @@ class Memory(nn.Module):
     def read_out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The read-out from the output gate's pre-activation ``z [..., H]``: per-head RMSNorm, SiLU gate,
         per-head projection."""
-        return self.o_proj(rms_norm(o, self.o_norm.weight) * F.silu(z).unsqueeze(-1))
+        return self.project_out(rms_norm(o, self.o_norm.weight) * F.silu(z).unsqueeze(-1))
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """``o_proj``; for one token (``[B, H, D]``, the decode step) its weight is applied directly,
+        sparing a module call per layer per token (see :meth:`decode` on parameter access)."""
+        return group_linear(y, self.o_proj.weight) if y.dim() == 3 else self.o_proj(y)
 
     def decode(self, x, q, k, v, gates, mask, state):
         """One generated token: the current token's gates, then the eviction write and the read.
@@ -177,24 +187,29 @@ class Memory(nn.Module):
         window). Returns ``(out [B, H, D] or None, new_gates [B, H, G], state)``: ``out`` is
         ``output(step(...))``, None while the memory is empty (nothing written, nothing to
         read), and ``new_gates`` are ``write_gates(x)``, kept in the cache until this token leaves.
+
+        A generated token pays per-op and Python overhead, not arithmetic, so this path is
+        flat: the gate projections and ``g_proj`` run as one matmul over their weights,
+        concatenated on every call (a kept copy could go stale: writes through ``.data`` bump
+        no version counter), and ``o_proj``'s weight is applied without a module call. It
+        reads parameters directly, so under ZeRO-3 gather the memory's parameters before
+        generating.
         """
-        if self.gate_projections:
-            *projections, z = self._project_token(x)
-            new_gates = self.gates_from(*projections)
-        else:
-            new_gates, z = self.write_gates(x), None
+        if not self.gate_projections:  # a rule with its own write_gates: the composition
+            new_gates = self.write_gates(x)
+            if k is None and state is None:
+                return None, new_gates, None
+            o, state = self.step(q, k, v, gates, mask, state)
+            return self.output(o, x), new_gates, state
+        layers = [getattr(self, name) for name in self.gate_projections]
+        layers.append(self.g_proj)
+        weight, bias = _concat_linears(layers)
+        *projections, z = F.linear(x, weight, bias).float().view(x.shape[0], len(layers), self.num_heads).unbind(1)
+        new_gates = self.gates_from(*projections)
         if k is None and state is None:
             return None, new_gates, None
         o, state = self.step(q, k, v, gates, mask, state)
-        return (self.output(o, x) if z is None else self.read_out(o, z)), new_gates, state
-
-    def _project_token(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``x [B, hidden]`` through every gate projection and ``g_proj`` in one matmul -> ``[B, H]``
-        float32 each. The weights are concatenated on every call (a copy of a few rows, one op)
-        rather than kept: a kept copy could go stale when parameters are written in place."""
-        layers = [getattr(self, name) for name in self.gate_projections] + [self.g_proj]
-        weight, bias = _concat_linears(layers)
-        return F.linear(x, weight, bias).float().view(x.shape[0], len(layers), self.num_heads).unbind(1)
+        return self.read_out(o, z), new_gates, state
 
     @staticmethod
     def masked(k: torch.Tensor, decay, mask: Optional[torch.Tensor]):

@@ -63,4 +63,4 @@ class Mamba2Memory(Memory):
     def read_out(self, o, z):  # o [..., H, D], z [..., H]
         *lead, H, D = o.shape
         y = rms_norm((o.float() * F.silu(z).unsqueeze(-1)).reshape(*lead, H * D), self.norm.weight)
-        return self.o_proj(y.view(*lead, H, D))
+        return self.project_out(y.view(*lead, H, D))
