@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from ahn._io import replace_file
+
 BENCHMARKS = ("lveval", "infinitebench", "longbench", "ruler", "perplexity")
 MODES = ("full", "window", "ahn")
 RUN_FILE = "run.json"
@@ -243,7 +245,7 @@ def check_run_settings(out: Path, settings: dict) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    _write_text(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- generation benchmarks
@@ -336,7 +338,7 @@ def plot_scores(path: Path, scores: dict, modes: Sequence[str], title: str, ylab
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -344,11 +346,16 @@ def write_results(out: Path, settings: dict, scores: dict, counts: dict, modes: 
                   average: bool = True) -> str:
     """Write results.json, results.md and results.png; returns the Markdown table."""
     results = {**settings, "metric": metric, "scores": scores, "samples": counts}
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    _write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     table = markdown_table(scores, modes, metric, average)
-    (out / "results.md").write_text(table)
+    _write_text(out / "results.md", table)
     plot_scores(out / "results.png", scores, modes, f"{settings['benchmark']}: {settings['model']}", metric)
     return table
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a run killed mid-write leaves the previous file, never half of one."""
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------- CLI
