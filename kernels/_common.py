@@ -270,7 +270,7 @@ def run_step(
     (grouped keys / values, as GQA: k / v head j serves query heads j*H/Hk .. (j+1)*H/Hk-1),
     ``g`` / ``beta`` ``[B, H]``, ``state [B, H, K, V]`` (None: zeros). Returns ``(o [B, H, V]``
     in v's dtype (q's when read only), ``state [B, H, K, V]`` float32 (float64 for float64 q)).
-    Only cheap shape checks: this runs once per layer per generated token. ``backend``:
+    Checks shapes, then runs :func:`step_unchecked` (which the model's decode loop calls directly). ``backend``:
     ``"torch"`` (a few tensor ops), ``"triton"`` (one fused launch, CUDA or the Triton
     interpreter, no autograd) or ``"auto"``, which is torch until the fused step has been
     timed against it on a GPU.
