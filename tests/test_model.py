@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -416,3 +417,30 @@ def test_generate_explains_a_mask_inferred_from_pad_tokens(model_dirs):
     with pytest.raises(ValueError, match="pass attention_mask explicitly"):
         model.generate(x, max_new_tokens=2, pad_token_id=0)
     assert model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, pad_token_id=0).shape == (1, 22)
+
+
+def test_decoding_without_grad_then_training_on_the_same_cache(model_dirs):
+    """No-grad decoding runs the memory in inference mode; a later forward with autograd on the same
+    cache still trains (the cached state is copied out of inference mode) and computes the same."""
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory="gated_deltanet", window=6, sinks=2))
+    randomize_memory(model)
+    x = ids(1, 40, seed=5)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(x[:, :20], past_key_values=cache, use_cache=True)
+        for i in range(20, 24):
+            model(x[:, i : i + 1], past_key_values=cache, use_cache=True)
+    assert cache.layers[0].memory_state.is_inference()
+    for step in (x[:, 24:25], x[:, 24:40]):  # a decode step, and a chunk longer than the window
+        with torch.no_grad():
+            expected = model(step, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        branch = copy.copy(cache)  # a shallow copy keeps the layers' (inference) state tensors
+        branch.layers = [copy.copy(layer) for layer in cache.layers]
+        for layer in branch.layers:
+            layer.keys, layer.values, layer.gates = layer.keys.clone(), layer.values.clone(), layer.gates.clone()
+        assert branch.layers[0].memory_state.is_inference()
+        out = model(step, past_key_values=branch, use_cache=True).logits
+        torch.testing.assert_close(out.detach(), expected, rtol=0, atol=ATOL)
+        model.zero_grad()
+        out.sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.memory_parameters())
