@@ -111,8 +111,10 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--block", type=int, default=4096, help="prefill chunk length")
-    p.add_argument("--steps", type=int, default=20, help="decode steps timed per context length and round (median)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved decode timing rounds (the best is kept)")
+    p.add_argument("--steps", type=int, default=10, help="decode steps timed per context length and round (median)")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="interleaved decode timing rounds (the best is kept): more, shorter rounds ride out a "
+                        "slow phase of a shared machine better than fewer, longer ones")
     p.add_argument("--prefill-rounds", type=int, default=1, help="interleaved prefill timing rounds (the best is kept)")
     p.add_argument("--plot", metavar="PNG", help="also plot prefill time and decode latency against length")
     p.add_argument("--shape", metavar="MODEL", default=None,
