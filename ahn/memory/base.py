@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn.kernels._common import constant
+from ahn import _cpu_decode
+from ahn.kernels._common import L2NORM_EPS, constant
 
 _REGISTRY: dict[str, type["Memory"]] = {}
 
@@ -130,6 +131,8 @@ class Memory(nn.Module):
     # gates_from() takes their outputs. A decode step runs them and g_proj as one matmul. A
     # rule that leaves this empty overrides write_gates() and decodes through it.
     gate_projections: tuple[str, ...] = ()
+    # The (gated) delta rules' decode step has a compiled CPU form (ahn._cpu_decode).
+    fused_cpu_decode: bool = False
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, use_qk_l2norm: bool = True,
                  options: dict | None = None):
@@ -201,6 +204,10 @@ class Memory(nn.Module):
                 return None, new_gates, None
             o, state = self.step(q, k, v, gates, mask, state)
             return self.output(o, x), new_gates, state
+        if self.fused_cpu_decode and _cpu_decode.usable(x, q, k, v, state, self.g_proj.weight):
+            fused = _cpu_decode.fused_delta_decode()
+            if fused is not None:
+                return self._fused_decode(fused, x, q, k, v, gates, mask, state)
         layers = [getattr(self, name) for name in self.gate_projections]
         layers.append(self.g_proj)
         weight, bias = _concat_linears(layers)
@@ -210,6 +217,19 @@ class Memory(nn.Module):
             return None, new_gates, None
         o, state = self.step(q, k, v, gates, mask, state)
         return self.read_out(o, z), new_gates, state
+
+    def _fused_decode(self, fused, x, q, k, v, gates, mask, state):
+        """:meth:`decode` of the (gated) delta rules in one compiled CPU call (``ahn._cpu_decode``)."""
+        none = x.new_empty(0)
+        gated = hasattr(self, "a_proj")
+        g_bias = self.g_proj.bias
+        return tuple(fused(
+            x, self.a_proj.weight if gated else none, self.b_proj.weight, self.g_proj.weight,
+            none if g_bias is None else g_bias, self.dt_bias if gated else none, self.A_log if gated else none, q,
+            none if k is None else k, none if v is None else v, none if gates is None else gates,
+            none if mask is None else mask, none if state is None else state, self.o_norm.weight, self.o_proj.weight,
+            self.use_qk_l2norm, L2NORM_EPS, NORM_EPS, self.head_dim**-0.5,
+        ))
 
     @staticmethod
     def masked(k: torch.Tensor, decay, mask: Optional[torch.Tensor]):

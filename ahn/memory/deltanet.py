@@ -24,6 +24,7 @@ class DeltaNetMemory(Memory):
         self.b_proj = linear(self.hidden_size, self.num_heads)
         self.o_norm = RMSNormWeight(self.head_dim)
 
+    fused_cpu_decode = True
     gate_projections = ("b_proj",)
 
     def gates_from(self, b):  # [..., H] -> [..., H, 1]

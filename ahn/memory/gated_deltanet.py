@@ -31,6 +31,7 @@ class GatedDeltaNetMemory(Memory):
         self.dt_bias = nn.Parameter(init_dt_bias(H))
         self.o_norm = RMSNormWeight(self.head_dim)
 
+    fused_cpu_decode = True
     gate_projections = ("a_proj", "b_proj")
 
     def gates_from(self, a, b):  # [..., H] each -> [..., H, 2]
