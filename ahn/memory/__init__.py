@@ -15,7 +15,8 @@ A memory module turns the frozen attention's q/k/v into a memory read-out:
 * ``step(...)`` and ``decode(...)``: the same for one generated token. ``decode`` runs the
   token's gate projections and ``g_proj`` as one matmul, then the recurrent ``step`` (the
   evicted token's write and the read) and ``read_out``: a generated token pays per-op
-  overhead, not arithmetic, so the decode path keeps the op count low.
+  overhead, not arithmetic, so the decode path keeps the op count low; for GatedDeltaNet and
+  DeltaNet on CPU (float32, no autograd) it is one compiled C++ call (``ahn._cpu_decode``).
 
 A new rule is one file: subclass :class:`Memory`, decorate it with ``@register_memory``.
 """

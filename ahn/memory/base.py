@@ -196,7 +196,8 @@ class Memory(nn.Module):
         concatenated on every call (a kept copy could go stale: writes through ``.data`` bump
         no version counter), and ``o_proj``'s weight is applied without a module call. It
         reads parameters directly, so under ZeRO-3 gather the memory's parameters before
-        generating.
+        generating. Rules with ``fused_cpu_decode`` (GatedDeltaNet, DeltaNet) run all of it as one
+        compiled C++ call for float32 CPU tensors without autograd (``ahn._cpu_decode``).
         """
         if not self.gate_projections:  # a rule with its own write_gates: the composition
             new_gates = self.write_gates(x)
