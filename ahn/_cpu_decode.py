@@ -22,6 +22,8 @@ import torch
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -78,9 +80,12 @@ std::vector<torch::Tensor> delta_decode(torch::Tensor x, torch::Tensor wa, torch
   const float* W = out_w.data_ptr<float>();
   const float* NW = norm_w.data_ptr<float>();
   const int64_t Hk = write ? k.size(1) : 1, R = H / Hk;
+  // (row, head) pairs in parallel once each chunk has ~64k flops of work (small problems stay inline).
+  const int64_t grain = std::max<int64_t>(1, 65536 / (6 * D * D + 2 * C));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
   std::vector<float> kn(D), u(D), qn(D), o(D), y(D);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
+  for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
       float* S = SA + (b * H + h) * D * D;  // S[i * D + j]: key dim i, value dim j
       if (write && (!has_mask || mask.data_ptr<bool>()[b])) {
         const float* kk = k.data_ptr<float>() + (b * Hk + h / R) * D;
@@ -120,12 +125,13 @@ std::vector<torch::Tensor> delta_decode(torch::Tensor x, torch::Tensor wa, torch
       for (int64_t j = 0; j < D; ++j)
         for (int64_t m = 0; m < D; ++m) oo[m] += y[j] * Wh[j * D + m];
     }
+  });
   return {out, new_gates, S_all};
 }
 """
 
 
-_NAME = "ahn_cpu_decode_v2"  # bump with every change of _SOURCE: builds are cached under this name
+_NAME = "ahn_cpu_decode_v3"  # bump with every change of _SOURCE: builds are cached under this name
 
 
 def _built(cpp_extension) -> bool:
