@@ -68,6 +68,15 @@ def _chunk_rows(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
 
 
 @triton.jit
+def _sequence_span(cu_seqlens, chunk_offsets, i_nh, H):
+    """Program ``i_nh`` of a sequence-wide state pass: (sequence, head, first row, end row, first chunk)."""
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return i_n, i_h, bos, eos, tl.load(chunk_offsets + i_n)
+
+
+@triton.jit
 def _load_tile(ptr, rows, m_t, i_h, H, D, cols, m_c):
     """Rows ``rows`` of head ``i_h`` of a [total_T, H, D] tensor, columns ``cols``, as float32 (0 outside)."""
     p = ptr + (rows[:, None] * H + i_h) * D + cols[None, :]
@@ -143,11 +152,8 @@ def _fwd_h(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, IS_DELTA: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + i_n)
+    i_v = tl.program_id(0)
+    i_n, i_h, bos, eos, boh = _sequence_span(cu_seqlens, chunk_offsets, tl.program_id(1), H)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -203,11 +209,8 @@ def _bwd_dh(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, IS_DELTA: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + i_n)
+    i_v = tl.program_id(0)
+    i_n, i_h, bos, eos, boh = _sequence_span(cu_seqlens, chunk_offsets, tl.program_id(1), H)
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
