@@ -161,6 +161,10 @@ def fused_delta_decode():
         return None
 
 
+# Stands for an absent tensor argument of the compiled step (it reads only sizes of it).
+EMPTY = torch.empty(0)
+
+
 def usable(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether the fused step applies: float32 CPU tensors, autograd off."""
     if torch.is_grad_enabled():
