@@ -16,7 +16,6 @@ A run writes into ``output``:
 
 from __future__ import annotations
 
-
 import json
 import math
 import os
