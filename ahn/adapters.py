@@ -114,12 +114,16 @@ def read_adapter(path, **overrides) -> tuple[AHNConfig, dict[str, torch.Tensor]]
 
 
 def load_adapter(base_model, path, **overrides):
-    """Attach the adapter at ``path`` to ``base_model``; ``overrides`` replace AHNConfig fields (e.g. window)."""
-    from ahn.model import add_memory
+    """Attach the adapter at ``path`` to ``base_model``; ``overrides`` replace AHNConfig fields (e.g. window).
+
+    The memories are built and filled, and every name and shape checked, before ``base_model``
+    is touched: a mismatched adapter leaves the base model exactly as it was.
+    """
+    from ahn.model import add_memory, build_memories, memory_parameter_names
 
     config, state = read_adapter(path, **overrides)
-    model = add_memory(base_model, config)
-    expected = dict(model.named_memory_parameters())
+    memories = build_memories(base_model, config)
+    expected = memory_parameter_names(base_model, memories)
     for name, tensor in state.items():
         if name not in expected:
             raise ValueError(
@@ -137,4 +141,4 @@ def load_adapter(base_model, path, **overrides):
     with torch.no_grad():
         for name, tensor in state.items():
             expected[name].copy_(tensor)
-    return model
+    return add_memory(base_model, config, memories)

@@ -11,9 +11,9 @@ Slots are positions in the (possibly left-padded) batch. Row r has ``P_r`` left 
 sinks are slots ``P_r .. P_r+S-1``. Pads and sinks are never written into the memory and
 pads are never attended, so a padded row computes exactly what it would alone.
 
-The attention mode travels in an :class:`AHNContext`, passed through the decoder layers
-in place of the attention mask; the base model's own attention (``"full"`` mode) runs
-whenever the mask is anything else.
+:func:`ahn_attention` is registered in transformers' attention registry under the name
+:data:`ATTENTION`; the family's own forward calls it with q / k / v after RoPE, and the
+settings of the call arrive as the keyword ``ahn_context`` (an :class:`AHNContext`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("full", "window", "ahn")
+# The name of ahn's function in transformers' attention registry (``AttentionInterface``).
+ATTENTION = "ahn"
+# Keywords of other attention features that sinks + window attention does not implement: a
+# model that passes them (Gemma 2's logit soft-capping, gpt-oss's learned sinks) is refused.
+UNSUPPORTED_FEATURES = ("softcap", "s_aux")
 
 
 @dataclass
@@ -252,3 +257,38 @@ def _state_for_autograd(layer) -> Optional[torch.Tensor]:
     if state is not None and torch.is_grad_enabled() and state.is_inference():
         state = state.clone()
     return state
+
+
+def ahn_attention(module, query, key, value, attention_mask, scaling=None, ahn_context=None, **kwargs):
+    """The attention function ahn registers with transformers (``AttentionInterface``).
+
+    ``query [B, Hq, T, D]``, ``key`` / ``value [B, Hkv, T, D]``: the new tokens after the
+    family's projections and RoPE (:class:`ahn.cache.AHNCache` hands them back unchanged);
+    ``attention_mask`` is unused (the padding is in the context); ``ahn_context``: the
+    :class:`AHNContext` of this forward. Returns ``([B, T, Hq, D], None)``.
+    """
+    if not isinstance(ahn_context, AHNContext):
+        raise RuntimeError(
+            "ahn's attention ran without an AHN context: run the model through ahn.add_memory(...), whose "
+            "decoder hook supplies it, not with attn_implementation='ahn' alone"
+        )
+    for name in UNSUPPORTED_FEATURES:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"this model's attention uses {name}=, which ahn's sinks + window attention does not "
+                             "implement; this architecture is not supported")
+    hidden = module.__dict__.pop("_ahn_hidden", None)  # the layer's normed input, kept by the q_proj hook
+    if hidden is None:
+        raise RuntimeError(f"{type(module).__name__}.q_proj did not run before the attention: ahn needs its input")
+    B, Hq, T, D = query.shape
+    if scaling is None:
+        scaling = D**-0.5
+    memory = getattr(module, "ahn", None)
+    out = hybrid_attention(memory, hidden, query, key, value, ahn_context, module.layer_idx, scaling)
+    return out.view(B, T, Hq, D), None
+
+
+def register_attention() -> None:
+    """Register :func:`ahn_attention` as :data:`ATTENTION` (idempotent; done by ``add_memory``, not at import)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, ahn_attention)

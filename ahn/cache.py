@@ -145,9 +145,13 @@ class AHNCacheLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- Cache interface
     def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError(
-            "AHNCache is filled by ahn's hybrid attention; run the model through ahn.add_memory(...) in 'window' or 'ahn' mode"
-        )
+        """The family's attention calls this before attending: hand the new tokens back unchanged.
+
+        ahn's attention function (``ahn.attention.ahn_attention``) stores them: it first reads the
+        window entries that the new tokens evict into the memory, which must happen before
+        they are overwritten.
+        """
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -203,6 +207,19 @@ class AHNCache(Cache):
         super().__init__(layers=[AHNCacheLayer(window, sinks) for _ in range(num_layers)])
         self.window, self.sinks, self.mode = window, sinks, mode
         self.pad_offsets: Optional[torch.Tensor] = None  # [B], set by the first forward
+
+    def check_call(self, window: int, sinks: int, mode: str, batch: int) -> None:
+        """Refuse a forward that does not match what this cache holds."""
+        if (self.window, self.sinks, self.mode) != (window, sinks, mode):
+            raise ValueError(
+                f"this AHNCache was made for window={self.window}, sinks={self.sinks}, mode={self.mode!r}, "
+                f"but the call uses window={window}, sinks={sinks}, mode={mode!r}; start a new cache"
+            )
+        if self.pad_offsets is not None and self.pad_offsets.shape[0] != batch:
+            raise ValueError(
+                f"batch size changed: this AHNCache holds {self.pad_offsets.shape[0]} sequences but the call has {batch}; "
+                "start a new cache (model.new_cache()) for another batch"
+            )
 
     @property
     def kv_length(self) -> int:

@@ -1,46 +1,89 @@
 """`add_memory` and `AHNModel`: a transformers causal LM with sinks + sliding window + memory.
 
-`add_memory(base, config)` modifies ``base`` in place (PEFT-like): every decoder layer's
-attention becomes its family's hybrid subclass (parameters keep their names) and gets a
-memory module at ``model.layers.<i>.self_attn.ahn``; base parameters are frozen; the inner
-model's forward is wrapped so that, in "window" and "ahn" modes, it builds an
-:class:`ahn.attention.AHNContext` and an :class:`ahn.cache.AHNCache`. `generate`, the
-Trainer and gradient checkpointing go through the base model unchanged.
+ahn attaches to a model only through public extension points, so that a transformers
+release that renames a forward argument or rewrites a family's attention does not break it:
+
+* **transformers' attention registry.** ahn registers one attention function under the
+  name :data:`ATTENTION` (``AttentionInterface.register``). In "window" and "ahn" modes the
+  model runs with that implementation (``set_attn_implementation``): the family's own forward
+  computes q / k / v after its own projections, norms and RoPE, and hands them to ahn's
+  function, which attends over sinks + window and adds the memory read-out. In "full" mode
+  the model runs with the implementation it was loaded with, untouched.
+* **PyTorch forward hooks.** A pre-hook on the decoder (``model.get_decoder()``) turns the
+  call's padding mask, cache and per-call ``window=`` / ``sinks=`` into an
+  :class:`ahn.attention.AHNContext`, handed to every layer as the keyword ``ahn_context``
+  (transformers passes extra keywords down to the attention function). A pre-hook on each
+  attention's ``q_proj`` keeps the layer's normed hidden state, which the memory's gates read.
+* **A Cache subclass.** :class:`ahn.cache.AHNCache` holds sinks, window and memory state.
+
+No ahn file restates a transformers forward signature: the hooks find arguments by name in
+the call's keywords (the cache by its type), and the attention function takes the
+registry's documented ``(module, query, key, value, attention_mask, **kwargs)``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
+import inspect
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-from transformers.cache_utils import Cache
 
-from ahn.attention import MODES, AHNContext
+from ahn.attention import ATTENTION, MODES, AHNContext, register_attention
 from ahn.cache import AHNCache
 from ahn.config import AHNConfig
-from ahn.memory import build_memory
-from ahn.models import attention_classes, supported_model_types
+from ahn.memory import Memory, build_memory
+
+# The keyword under which the decoder's forward takes its cache: "cache" from transformers 5.24,
+# "past_key_values" before. Read from the forward's signature, never assumed.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(fn) -> str:
+    """The name under which ``fn`` (a model's ``forward``) takes its cache."""
+    params = inspect.signature(fn).parameters
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    raise TypeError(f"{getattr(fn, '__qualname__', fn)} takes no cache argument (looked for {CACHE_ARGUMENTS})")
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{name: cache}`` for a call of ``model`` (an AHNModel or a transformers model), under the name its
+    forward takes: ``model(x, **cache_kwargs(model, cache))`` works on every supported transformers."""
+    base = getattr(model, "base_model", model) if isinstance(model, AHNModel) else model
+    return {cache_argument(base.forward): cache}
+
+
+def output_cache(output):
+    """The cache returned by a model's forward (``output.cache`` from transformers 5.24, ``past_key_values`` before)."""
+    for name in CACHE_ARGUMENTS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 class _Runtime:
-    """Mutable per-model state that is not architecture: the attention mode."""
+    """Mutable per-model state that is not architecture: the attention mode and the base's implementation."""
 
-    def __init__(self, config: AHNConfig):
+    def __init__(self, config: AHNConfig, base_implementation: str):
         self.config = config
         self.mode = "ahn"
+        self.base_implementation = base_implementation
 
 
 def pad_offsets_from_mask(attention_mask: Optional[torch.Tensor], batch: int, length: int, device) -> torch.Tensor:
     """Left pads per row (``[B]``) of a 2-D padding mask whose ones are contiguous per row."""
     if attention_mask is None:
         return torch.zeros(batch, dtype=torch.long, device=device)
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ValueError(
             f"attention_mask must be a 2-D padding mask [batch, past + new tokens] = [{batch}, {length}] in "
-            f"'window'/'ahn' mode, got shape {tuple(attention_mask.shape)}"
+            f"'window'/'ahn' mode, got {shape}"
         )
     m = attention_mask.to(torch.bool)
     pads = (~m).long().cumprod(-1).sum(-1)  # leading zeros
@@ -55,111 +98,215 @@ def pad_offsets_from_mask(attention_mask: Optional[torch.Tensor], batch: int, le
     return pads.to(device)
 
 
-def _wrap_inner_forward(inner: nn.Module, runtime: _Runtime, num_layers: int) -> None:
-    """Route the inner model's forward through the AHN context in "window" / "ahn" modes."""
-    original = inner.forward
+@dataclass
+class _Decoder:
+    """What ahn needs of a model, found once: the decoder module, its attention modules and the cache keyword."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, window=None, sinks=None, **kwargs):
+    module: nn.Module
+    attentions: list
+    cache_argument: str
+    num_layers: int
+
+
+def _find_decoder(model: nn.Module) -> _Decoder:
+    """Check that ``model`` is a causal LM that ahn can drive, naming what it lacks otherwise."""
+    name = type(model).__name__
+    if not callable(getattr(model, "get_decoder", None)) or not callable(getattr(model, "set_attn_implementation", None)):
+        raise ValueError(f"{name} is not a transformers PreTrainedModel (it lacks get_decoder / set_attn_implementation)")
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"{name}'s decoder {type(decoder).__name__} has no `.layers` list of decoder layers: "
+                         "ahn supports decoder-only causal LMs whose layers carry a `self_attn`")
+    attentions = []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        lacks = [a for a in ("q_proj", "layer_idx", "config") if not hasattr(attn, a)] if attn is not None else ["self_attn"]
+        if lacks:
+            raise ValueError(f"{name}: decoder layer {i} lacks {', '.join(lacks)}; ahn needs each layer's `self_attn` with "
+                             "a `q_proj` input projection, a `layer_idx` and a `config`")
+        if not isinstance(attn.q_proj, nn.Linear):
+            raise ValueError(f"{name}: layer {i}'s self_attn.q_proj is a {type(attn.q_proj).__name__}, not nn.Linear")
+        if attn.layer_idx != i:
+            raise ValueError(f"{name}: layer {i}'s self_attn.layer_idx is {attn.layer_idx}")
+        attentions.append(attn)
+    try:
+        cache_name = cache_argument(decoder.forward)
+    except TypeError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return _Decoder(decoder, attentions, cache_name, len(layers))
+
+
+def _head_dim(attn: nn.Module, hf) -> int:
+    head_dim = getattr(attn, "head_dim", None) or getattr(hf, "head_dim", None)
+    return int(head_dim or hf.hidden_size // hf.num_attention_heads)
+
+
+def build_memories(model: nn.Module, config: AHNConfig) -> dict[int, Memory]:
+    """The memory modules ``add_memory`` would attach (layer index -> module), on the model's device and dtype,
+    without touching ``model``: everything that can fail is checked here first."""
+    if not isinstance(config, AHNConfig):
+        raise TypeError(f"config must be an ahn.AHNConfig, got {type(config).__name__}")
+    if isinstance(model, AHNModel) or getattr(model, "_ahn_runtime", None) is not None:
+        raise ValueError("this model already has an AHN memory; load adapters into a fresh base model")
+    decoder = _find_decoder(model)
+    hf = model.config
+    memories = {}
+    for i in config.memory_layers(decoder.num_layers):
+        attn = decoder.attentions[i]
+        ref = attn.q_proj.weight
+        mem = build_memory(
+            config.memory, hidden_size=hf.hidden_size, num_heads=hf.num_attention_heads, head_dim=_head_dim(attn, hf),
+            use_qk_l2norm=config.use_qk_l2norm, options=config.memory_kwargs,
+        )
+        memories[i] = mem.to(device=ref.device, dtype=ref.dtype)
+    return memories
+
+
+def memory_parameter_names(model: nn.Module, memories: dict[int, Memory]) -> dict[str, nn.Parameter]:
+    """The parameters of ``memories`` under the names they take once attached to ``model``
+    (``<decoder>.layers.<i>.self_attn.ahn.<param>``, e.g. ``model.layers.0.self_attn.ahn.A_log``)."""
+    decoder = _find_decoder(model).module
+    prefix = next(name for name, m in model.named_modules() if m is decoder)
+    prefix = f"{prefix}." if prefix else ""
+    return {f"{prefix}layers.{i}.self_attn.ahn.{n}": p for i, mem in memories.items() for n, p in mem.named_parameters()}
+
+
+def add_memory(model: nn.Module, config: AHNConfig, memories: Optional[dict[int, Memory]] = None) -> "AHNModel":
+    """Give a transformers causal LM sinks + sliding-window attention and a memory per layer.
+
+    ``model`` is modified in place (PEFT-like: its parameters keep their names and are frozen;
+    each memory lives at ``<decoder>.layers.<i>.self_attn.ahn``) and wrapped in an
+    :class:`AHNModel`, whose memory parameters are the only trainable ones. Any family whose
+    attention dispatches through transformers' ``AttentionInterface`` works; on error the
+    model is left as it was. ``memories``: modules from :func:`build_memories` (already checked).
+    """
+    if memories is None:
+        memories = build_memories(model, config)
+    decoder = _find_decoder(model)
+    register_attention()
+    base_implementation = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    if model.config._attn_implementation != ATTENTION:
+        model.set_attn_implementation(base_implementation)
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface "
+            "(set_attn_implementation has no effect on it), which ahn attaches to"
+        )
+    model.set_attn_implementation(base_implementation)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    runtime = _Runtime(config, base_implementation)
+    handles = [decoder.module.register_forward_pre_hook(_decoder_pre_hook(runtime, decoder), with_kwargs=True)]
+    for i, attn in enumerate(decoder.attentions):
+        attn.ahn = memories.get(i)  # a registered submodule (None: this layer has no memory)
+        handles.append(attn.q_proj.register_forward_pre_hook(_keep_hidden_state(attn)))
+        handles.append(attn.register_forward_pre_hook(_check_dispatch(runtime), with_kwargs=True))
+    model._ahn_runtime = runtime
+    runtime.handles = handles
+    wrapped = AHNModel(model, config, runtime)
+    wrapped._set_mode("ahn")
+    return wrapped
+
+
+def _keep_hidden_state(attn: nn.Module):
+    """Pre-hook of ``q_proj``: its input is the layer's normed hidden state, which the memory reads."""
+
+    def hook(module, args):
+        attn._ahn_hidden = args[0]
+
+    return hook
+
+
+def _check_dispatch(runtime: _Runtime):
+    """Pre-hook of each attention: its call and the model's attention implementation must agree on the mode.
+
+    They disagree when the mode changed between a forward and its gradient-checkpointing
+    recomputation (the backward), which would otherwise silently recompute another attention.
+    """
+
+    def hook(module, args, kwargs):
+        with_context = kwargs.get("ahn_context") is not None
+        if with_context != (module.config._attn_implementation == ATTENTION):
+            raise RuntimeError(
+                "the attention mode changed between a forward and its recomputation (gradient checkpointing recomputes "
+                "the forward during backward): call backward() inside the same model.attention_mode(...) as the forward"
+            )
+
+    return hook
+
+
+def _decoder_pre_hook(runtime: _Runtime, decoder: _Decoder):
+    """Forward pre-hook of the decoder: build the AHN context of this call (window/ahn modes)."""
+    names = [n for n, p in inspect.signature(decoder.module.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    cache_name = decoder.cache_argument
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        for name, value in zip(names, args):  # positional arguments by the forward's own names
+            kwargs[name] = value
+        window, sinks = kwargs.pop("window", None), kwargs.pop("sinks", None)
+        for other in CACHE_ARGUMENTS:  # a cache passed under the other (deprecated) name
+            if other != cache_name and other in kwargs:
+                if kwargs.get(cache_name) is not None:
+                    raise TypeError(f"pass the cache once, as {cache_name}=")
+                kwargs[cache_name] = kwargs.pop(other)
+        cache = kwargs.get(cache_name)
         mode, cfg = runtime.mode, runtime.config
         if mode == "full":
             if window is not None or sinks is not None:
                 raise ValueError("window= and sinks= apply in 'window' and 'ahn' modes, not in attention_mode('full')")
-            if isinstance(past_key_values, AHNCache):
+            if isinstance(cache, AHNCache):
                 raise ValueError("an AHNCache cannot be used in attention_mode('full'); pass a DynamicCache or none")
-            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            return (), kwargs
         W = cfg.window if window is None else window
         S = cfg.sinks if sinks is None else sinks
         if not isinstance(W, int) or W < 1 or not isinstance(S, int) or S < 0:
             raise ValueError(f"window={W!r} must be an int >= 1 and sinks={S!r} an int >= 0")
-        x = input_ids if input_ids is not None else inputs_embeds
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
         if x is None:
             raise ValueError("pass input_ids or inputs_embeds")
         B, T = x.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if past_key_values is not None and not isinstance(past_key_values, AHNCache):
-            if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
-                past_key_values = None  # an empty default cache (e.g. made by generate): use ours
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(module.config, "use_cache", False))
+        if cache is not None and not isinstance(cache, AHNCache):
+            from transformers.cache_utils import Cache
+
+            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                cache = None  # an empty default cache (e.g. made by generate): use ours
             else:
                 raise TypeError(
-                    f"past_key_values is a {type(past_key_values).__name__}; in '{mode}' mode pass an ahn.AHNCache "
+                    f"the cache is a {type(cache).__name__}; in '{mode}' mode pass an ahn.AHNCache "
                     "(model.new_cache()) or None"
                 )
-        cache = past_key_values
         if cache is None and use_cache:
-            cache = AHNCache(num_layers, W, S, mode)
-        if cache is not None and (cache.window, cache.sinks, cache.mode) != (W, S, mode):
-            raise ValueError(
-                f"this AHNCache was made for window={cache.window}, sinks={cache.sinks}, mode={cache.mode!r}, "
-                f"but the call uses window={W}, sinks={S}, mode={mode!r}; start a new cache"
-            )
+            cache = AHNCache(decoder.num_layers, W, S, mode)
+        if cache is not None:
+            cache.check_call(W, S, mode, B)
         start = cache.get_seq_length() if cache is not None else 0
         if cache is not None and cache.pad_offsets is not None:
             P = cache.pad_offsets
         else:
-            P = pad_offsets_from_mask(attention_mask, B, start + T, x.device)
+            P = pad_offsets_from_mask(kwargs.get("attention_mask"), B, start + T, x.device)
             if cache is not None:
                 cache.pad_offsets = P
-        if position_ids is None:
+        if kwargs.get("position_ids") is None:
             position_ids = (start + torch.arange(T, device=x.device)).view(1, T) - P.view(B, 1)
-            position_ids = position_ids.clamp(min=0)
-        ctx = AHNContext(mode=mode, window=W, sinks=S, pad_offsets=P, start=start, cache=cache,
-                         attention_block=cfg.block_for(W), backend=cfg.backend)
-        return original(input_ids=input_ids, attention_mask={"full_attention": ctx, "sliding_attention": ctx},
-                        position_ids=position_ids, past_key_values=cache, inputs_embeds=inputs_embeds,
-                        use_cache=use_cache, **kwargs)
-
-    inner.forward = types.MethodType(forward, inner)
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers"):
-        raise ValueError(
-            f"{type(model).__name__} is not a supported causal LM: ahn needs a *ForCausalLM with .model.layers "
-            f"(supported model types: {supported_model_types()})"
+            kwargs["position_ids"] = position_ids.clamp(min=0)
+        kwargs[cache_name] = cache
+        kwargs["use_cache"] = use_cache
+        kwargs["ahn_context"] = AHNContext(
+            mode=mode, window=W, sinks=S, pad_offsets=P, start=start, cache=cache,
+            attention_block=cfg.block_for(W), backend=cfg.backend,
         )
-    return inner
+        return (), kwargs
 
-
-def add_memory(model: nn.Module, config: AHNConfig) -> "AHNModel":
-    """Give a transformers causal LM sinks + sliding-window attention and a memory per layer.
-
-    ``model`` is modified in place (its parameters keep their names and are frozen) and
-    wrapped in an :class:`AHNModel`, whose memory parameters are the only trainable ones.
-    """
-    if not isinstance(config, AHNConfig):
-        raise TypeError(f"config must be an ahn.AHNConfig, got {type(config).__name__}")
-    if isinstance(model, AHNModel):
-        raise ValueError("this model already has an AHN memory; load adapters into a fresh base model")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    base_cls, hybrid_cls = attention_classes(model_type)
-    inner = _decoder(model)
-    if getattr(inner, "_ahn_runtime", None) is not None:
-        raise ValueError("this base model already has an AHN memory; load adapters into a fresh base model")
-    hf = model.config
-    layers_with_memory = set(config.memory_layers(hf.num_hidden_layers))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for i, layer in enumerate(inner.layers):
-        attn = layer.self_attn
-        if type(attn) is not base_cls:
-            raise ValueError(f"layer {i} attention is {type(attn).__name__}, expected {base_cls.__name__}")
-        attn.__class__ = hybrid_cls
-        if i in layers_with_memory:
-            ref = attn.q_proj.weight
-            mem = build_memory(
-                config.memory, hidden_size=hf.hidden_size, num_heads=hf.num_attention_heads, head_dim=attn.head_dim,
-                use_qk_l2norm=config.use_qk_l2norm, options=config.memory_kwargs,
-            )
-            attn.ahn = mem.to(device=ref.device, dtype=ref.dtype)
-        else:
-            attn.ahn = None
-    runtime = _Runtime(config)
-    inner._ahn_runtime = runtime
-    _wrap_inner_forward(inner, runtime, hf.num_hidden_layers)
-    return AHNModel(model, config, runtime)
+    return hook
 
 
 class AHNModel(nn.Module):
@@ -169,6 +316,10 @@ class AHNModel(nn.Module):
     keywords ``window=`` and ``sinks=`` override the config's for one call (distillation
     draws them per batch). Use :meth:`attention_mode` to run the exact base model
     (``"full"``) or sinks + window without memory (``"window"``).
+
+    The mode belongs to the model, not to a thread: two threads that run one model in
+    different modes at once must each use their own model (the base weights can be shared
+    by loading them once and attaching the adapter to two shallow copies is not supported).
     """
 
     def __init__(self, base_model: nn.Module, config: AHNConfig, runtime: _Runtime):
@@ -189,8 +340,12 @@ class AHNModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         """`generate` of the base model; in "window"/"ahn" mode with a fresh :class:`AHNCache`."""
-        if self.mode != "full" and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = self.new_cache()
+        name = cache_argument(self.base_model.forward)  # generate hands its model kwargs to forward
+        given = [n for n in CACHE_ARGUMENTS if kwargs.get(n) is not None]
+        if given and given[0] != name:
+            kwargs[name] = kwargs.pop(given[0])
+        if self.mode != "full" and kwargs.get(name) is None:
+            kwargs[name] = self.new_cache()
         return self.base_model.generate(*args, **kwargs)
 
     def new_cache(self, window: Optional[int] = None, sinks: Optional[int] = None) -> AHNCache:
@@ -209,17 +364,26 @@ class AHNModel(nn.Module):
     def mode(self) -> str:
         return self._runtime.mode
 
+    def _set_mode(self, mode: str) -> None:
+        runtime = self._runtime
+        runtime.mode = mode
+        self.base_model.set_attn_implementation(runtime.base_implementation if mode == "full" else ATTENTION)
+
     @contextlib.contextmanager
     def attention_mode(self, mode: str) -> Iterator["AHNModel"]:
-        """Temporarily run as ``"full"`` (the base model), ``"window"`` (no memory) or ``"ahn"``."""
+        """Temporarily run as ``"full"`` (the base model), ``"window"`` (no memory) or ``"ahn"``.
+
+        The mode is the model's (see the class note on threads); with gradient checkpointing,
+        call ``backward()`` inside the same mode as the forward.
+        """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {MODES}")
         previous = self._runtime.mode
-        self._runtime.mode = mode
+        self._set_mode(mode)
         try:
             yield self
         finally:
-            self._runtime.mode = previous
+            self._set_mode(previous)
 
     # ------------------------------------------------------------------ parameters
     def named_memory_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -242,7 +406,7 @@ class AHNModel(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def save_pretrained(self, path) -> None:
-        """Write the memory weights (safetensors) and ``ahn_config.json`` to ``path``, atomically."""
+        """Write the memory weights (safetensors) and ``ahn_config.json`` to ``path``, atomically as a whole."""
         from ahn.adapters import save_adapter
 
         save_adapter(self, path)
@@ -252,6 +416,7 @@ class AHNModel(nn.Module):
         """Attach a saved adapter (ahn's format or the official AHN release's) to ``base_model``.
 
         ``overrides`` replace AHNConfig fields, e.g. ``window=8064`` for a shorter context.
+        Everything is checked before ``base_model`` is touched: on any error it is left as it was.
         """
         from ahn.adapters import load_adapter
 

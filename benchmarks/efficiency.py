@@ -23,6 +23,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import ahn
+from ahn.model import cache_kwargs, output_cache
 
 
 def tiny_model(hidden: int, layers: int, heads: int, kv_heads: int, max_len: int, seed: int = 0):
@@ -78,8 +79,8 @@ def prefill(model, n: int, block: int):
     sync(device)
     t0 = time.perf_counter()
     for a in range(0, n, block):
-        out = model(x[:, a : a + block], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(x[:, a : a + block], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
     sync(device)
     return time.perf_counter() - t0, cache
 
@@ -92,7 +93,7 @@ def decode_ms(model, cache, steps: int) -> float:
     for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
-        model(tok, past_key_values=cache, use_cache=True)
+        model(tok, **cache_kwargs(model, cache), use_cache=True)
         sync(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)

@@ -12,6 +12,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import ahn
+from ahn.model import cache_kwargs, output_cache
 from ahn.flops import ModelShape, compare, count, measured_flops
 
 W, S, T = 48, 8, 300
@@ -56,10 +57,10 @@ def test_analytic_cache_bytes_equal_the_real_caches(model, n):
     for mode in ("window", "ahn"):
         with model.attention_mode(mode), torch.no_grad():
             cache = model.new_cache()
-            model(x, past_key_values=cache)
+            model(x, **cache_kwargs(model, cache))
         assert cache.nbytes == count(shape, n, mode, window=W, sinks=S, dtype="float32")["cache_bytes"], mode
     with model.attention_mode("full"), torch.no_grad():
-        cache = model(x, use_cache=True).past_key_values
+        cache = output_cache(model(x, use_cache=True))
     full_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert full_bytes == count(shape, n, "full", dtype="float32")["cache_bytes"]
 

@@ -5,27 +5,38 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import ahn
 from ahn import AHNCache, AHNConfig, AHNModel
+from ahn.model import cache_kwargs
 
 MEMORIES = ["gated_deltanet", "deltanet", "mamba2"]
 ATOL = 2e-5  # float32 logits; SDPA over different key blocks agrees to ~1e-7
 VOCAB = 97
 
 
-def tiny_config(family: str):
+# Families tested against every invariant; any family whose attention goes through transformers'
+# AttentionInterface should work the same way (README, "Supported models").
+FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]
+
+
+def tiny_config(family: str, **overrides):
     common = dict(
         vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-    )
+    ) | overrides
     if family == "qwen3":
         return Qwen3Config(head_dim=12, **common)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(sliding_window=None, **common)
     return Qwen2Config(**common)
 
 
@@ -33,7 +44,7 @@ def tiny_config(family: str):
 def model_dirs(tmp_path_factory):
     """Tiny random models saved with save_pretrained, loaded back through AutoModelForCausalLM."""
     dirs = {}
-    for family in ("qwen2", "qwen3"):
+    for family in FAMILIES:
         torch.manual_seed(1)
         model = AutoModelForCausalLM.from_config(tiny_config(family))
         d = tmp_path_factory.mktemp(family)
@@ -42,8 +53,8 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
-def load_base(model_dirs, family="qwen2"):
-    return AutoModelForCausalLM.from_pretrained(model_dirs[family], attn_implementation="sdpa").eval()
+def load_base(model_dirs, family="qwen2", attn_implementation="sdpa"):
+    return AutoModelForCausalLM.from_pretrained(model_dirs[family], attn_implementation=attn_implementation).eval()
 
 
 def randomize_memory(model: AHNModel, seed: int = 0, std: float = 0.3):
@@ -65,15 +76,29 @@ def logits(model, x, **kw):
 
 
 # ------------------------------------------------------------------------------ invariants
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_full_mode_is_the_base_model(model_dirs, family):
+@pytest.mark.parametrize("family, attn_implementation",
+                         [(f, "sdpa") for f in FAMILIES] + [("qwen2", "eager"), ("llama", "eager")])
+def test_full_mode_is_the_base_model(model_dirs, family, attn_implementation):
+    """"full" is the base model's own attention implementation, untouched: bit-identical logits, padded
+    batches and its own cache included."""
     x = ids(2, 50)
-    ref = logits(load_base(model_dirs, family), x)
-    model = ahn.add_memory(load_base(model_dirs, family), AHNConfig(window=8, sinks=2))
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    base = load_base(model_dirs, family, attn_implementation)
+    ref, ref_padded = logits(base, x), logits(base, x, attention_mask=mask)
+    gen = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref_generated = base.generate(x, **gen)
+    model = ahn.add_memory(load_base(model_dirs, family, attn_implementation), AHNConfig(window=8, sinks=2))
     randomize_memory(model)
+    assert model.config._attn_implementation == "ahn"
     with model.attention_mode("full"):
+        assert model.config._attn_implementation == attn_implementation
         torch.testing.assert_close(logits(model, x), ref, rtol=0, atol=0)
-    assert model.mode == "ahn"
+        torch.testing.assert_close(logits(model, x, attention_mask=mask), ref_padded, rtol=0, atol=0)
+        with torch.no_grad():
+            assert torch.equal(model.generate(x, **gen), ref_generated)
+    assert model.mode == "ahn" and model.config._attn_implementation == "ahn"
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -88,8 +113,8 @@ def test_short_sequences_equal_the_base_model(model_dirs, memory, sinks, family)
     # The cached path too: prefill + decode.
     with torch.no_grad():
         cache = model.new_cache()
-        a = model(x[:, :17], past_key_values=cache).logits
-        b = torch.cat([model(x[:, t : t + 1], past_key_values=cache).logits for t in range(17, 30)], 1)
+        a = model(x[:, :17], **cache_kwargs(model, cache)).logits
+        b = torch.cat([model(x[:, t : t + 1], **cache_kwargs(model, cache)).logits for t in range(17, 30)], 1)
     torch.testing.assert_close(torch.cat([a, b], 1), ref, rtol=0, atol=ATOL)
 
 
@@ -114,7 +139,7 @@ def run_incremental(model, x, splits, **kw):
     outs, t = [], 0
     with torch.no_grad():
         for n in splits + [1] * (x.shape[1] - sum(splits)):
-            outs.append(model(x[:, t : t + n], past_key_values=cache).logits)
+            outs.append(model(x[:, t : t + n], **cache_kwargs(model, cache)).logits)
             t += n
             assert cache.kv_length <= S + W
             assert cache.get_seq_length() == t
@@ -224,7 +249,7 @@ def test_window_and_sinks_per_call_override(model_dirs):
     torch.testing.assert_close(a, logits(model2, x), rtol=0, atol=0)
     assert model.ahn_config.window == 8, "a per-call override must not touch the config"
     with pytest.raises(ValueError, match="made for window=8"):
-        model(x, past_key_values=model.new_cache(), window=20)
+        model(x, **cache_kwargs(model, model.new_cache()), window=20)
 
 
 def test_only_memory_trains_and_base_weights_stay_bit_identical(model_dirs):
@@ -278,7 +303,7 @@ def test_generate_keeps_the_cache_bounded_and_samples(model_dirs):
     randomize_memory(model)
     cache = model.new_cache()
     with torch.no_grad():
-        out = model.generate(ids(2, 20), past_key_values=cache, max_new_tokens=15, do_sample=True, top_k=5,
+        out = model.generate(ids(2, 20), **cache_kwargs(model, cache), max_new_tokens=15, do_sample=True, top_k=5,
                              pad_token_id=0)
     assert out.shape == (2, 35)
     assert cache.kv_length <= 8 and cache.get_seq_length() == 34  # the last token is not fed back
@@ -375,13 +400,83 @@ def test_layer_index_out_of_range(model_dirs):
         ahn.add_memory(load_base(model_dirs), AHNConfig(layers=[0, 5]))
 
 
-def test_unsupported_architecture_lists_supported():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_unsupported_architectures_say_what_they_lack(model_dirs):
+    from transformers import GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2))
-    with pytest.raises(ValueError, match=r"model_type 'llama' is not supported by ahn; supported: \('qwen2', 'qwen3'\)"):
-        ahn.add_memory(llama, AHNConfig())
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"decoder .* has no `\.layers`|lacks"):
+        ahn.add_memory(gpt2, AHNConfig())
+    with pytest.raises(ValueError, match="not a transformers PreTrainedModel"):
+        ahn.add_memory(torch.nn.Linear(2, 2), AHNConfig())
+    # Gemma 2 dispatches through the registry but soft-caps its attention logits, which ahn does not implement.
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    model = ahn.add_memory(gemma, AHNConfig(window=4, sinks=1))
+    with pytest.raises(ValueError, match="uses softcap=, which ahn's sinks \\+ window attention does not implement"):
+        logits(model, ids(1, 10))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_keeps_the_invariants(model_dirs, family, tmp_path):
+    """Each tested family, through nothing but transformers' attention registry and hooks: short == base,
+    parallel == prefill + decode with a bounded cache, padded rows == rows alone, save / load."""
+    config = AHNConfig(memory="gated_deltanet", window=10, sinks=2, attention_block=7)
+    short = ids(2, 12)
+    ref = logits(load_base(model_dirs, family), short)
+    model = ahn.add_memory(load_base(model_dirs, family), config)
+    randomize_memory(model)
+    torch.testing.assert_close(logits(model, short), ref, rtol=0, atol=ATOL)
+    x = ids(2, 50, seed=3)
+    parallel = logits(model, x)
+    with model.attention_mode("window"):
+        assert (parallel - logits(model, x)).abs().max() > 1e-3, "the memory must contribute"
+    incremental, cache = run_incremental(model, x, [5, 13, 1])
+    torch.testing.assert_close(incremental, parallel, rtol=0, atol=ATOL)
+    assert cache.kv_length == 12
+    long, short_row = ids(1, 25, seed=5)[0], ids(1, 17, seed=6)[0]
+    batch = torch.stack([long, torch.cat([torch.zeros(8, dtype=torch.long), short_row])])
+    mask = (batch != -1).long()
+    mask[1, :8] = 0
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, **gen)
+        alone = [model.generate(r[None], attention_mask=torch.ones_like(r[None]), **gen)[0] for r in (long, short_row)]
+    assert torch.equal(both[0], alone[0]) and torch.equal(both[1, 8:], alone[1])
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AHNModel.from_pretrained(load_base(model_dirs, family), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, x), parallel, rtol=0, atol=0)
+
+
+def test_a_failed_load_leaves_the_base_model_as_it_was(model_dirs, tmp_path):
+    """Loading a 2-layer adapter into a 3-layer model fails before anything is changed; the right one then loads."""
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, layers=[0, 1]))
+    model.save_pretrained(tmp_path / "two")
+    three = AutoModelForCausalLM.from_config(tiny_config("qwen2", num_hidden_layers=3)).eval()
+    x = ids(1, 40)
+    before = logits(three, x)
+    impl = three.config._attn_implementation
+    bad = AHNConfig(window=8, sinks=2).to_dict() | {"layers": None}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ahn_config.json").write_text(json.dumps(bad))
+    shutil.copy(tmp_path / "two" / "ahn_adapter.safetensors", tmp_path / "bad" / "ahn_adapter.safetensors")
+    with pytest.raises(ValueError, match="lacks 1.* memory weights|lacks"):
+        AHNModel.from_pretrained(three, tmp_path / "bad")
+    torch.testing.assert_close(logits(three, x), before, rtol=0, atol=0)
+    assert three.config._attn_implementation == impl and all(p.requires_grad for p in three.parameters())
+    assert not any(".ahn." in n for n, _ in three.named_parameters())
+    loaded = AHNModel.from_pretrained(three, tmp_path / "two")  # a retry with a matching adapter works
+    assert {n.split(".")[2] for n, _ in loaded.named_memory_parameters()} == {"0", "1"}
+
+
+def test_mode_change_before_a_checkpointed_backward_is_refused(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    randomize_memory(model)
+    model.train()
+    model.activation_checkpointing_enable()
+    x = ids(1, 30)
+    loss = model(x, labels=x, use_cache=False).loss
+    with model.attention_mode("full"), pytest.raises(RuntimeError, match="attention mode changed"):
+        loss.backward()
 
 
 def test_bad_masks_and_caches(model_dirs):
@@ -392,10 +487,15 @@ def test_bad_masks_and_caches(model_dirs):
     with pytest.raises(ValueError, match="already has an AHN memory"):
         ahn.add_memory(model, AHNConfig())
     with model.attention_mode("full"), pytest.raises(ValueError, match="cannot be used in attention_mode"):
-        model(x, past_key_values=AHNCache(2, 8, 2))
+        model(x, **cache_kwargs(model, AHNCache(2, 8, 2)))
     with pytest.raises(ValueError, match="mode='lstm' must be one of"):
         with model.attention_mode("lstm"):
             pass
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids(3, 10), **cache_kwargs(model, cache))
+        with pytest.raises(ValueError, match="batch size changed: this AHNCache holds 3 sequences but the call has 1"):
+            model(x, **cache_kwargs(model, cache))
 
 
 def test_decode_writes_the_ring_buffer_in_place(model_dirs):
@@ -403,11 +503,11 @@ def test_decode_writes_the_ring_buffer_in_place(model_dirs):
     x = ids(1, 40)
     cache = model.new_cache()
     with torch.no_grad():
-        model(x[:, :20], past_key_values=cache)  # the window is full from here on
+        model(x[:, :20], **cache_kwargs(model, cache))  # the window is full from here on
         layer = cache.layers[0]
         storage = (layer.keys.data_ptr(), layer.values.data_ptr(), layer.gates.data_ptr())
         for t in range(20, 40):
-            model(x[:, t : t + 1], past_key_values=cache)
+            model(x[:, t : t + 1], **cache_kwargs(model, cache))
             assert (layer.keys.data_ptr(), layer.values.data_ptr(), layer.gates.data_ptr()) == storage
 
 
@@ -461,19 +561,19 @@ def test_decoding_without_grad_then_training_on_the_same_cache(model_dirs):
     x = ids(1, 40, seed=5)
     cache = model.new_cache()
     with torch.no_grad():
-        model(x[:, :20], past_key_values=cache, use_cache=True)
+        model(x[:, :20], **cache_kwargs(model, cache), use_cache=True)
         for i in range(20, 24):
-            model(x[:, i : i + 1], past_key_values=cache, use_cache=True)
+            model(x[:, i : i + 1], **cache_kwargs(model, cache), use_cache=True)
     assert cache.layers[0].memory_state.is_inference()
     for step in (x[:, 24:25], x[:, 24:40]):  # a decode step, and a chunk longer than the window
         with torch.no_grad():
-            expected = model(step, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+            expected = model(step, **cache_kwargs(model, copy.deepcopy(cache)), use_cache=True).logits
         branch = copy.copy(cache)  # a shallow copy keeps the layers' (inference) state tensors
         branch.layers = [copy.copy(layer) for layer in cache.layers]
         for layer in branch.layers:
             layer.keys, layer.values, layer.gates = layer.keys.clone(), layer.values.clone(), layer.gates.clone()
         assert branch.layers[0].memory_state.is_inference()
-        out = model(step, past_key_values=branch, use_cache=True).logits
+        out = model(step, **cache_kwargs(model, branch), use_cache=True).logits
         torch.testing.assert_close(out.detach(), expected, rtol=0, atol=ATOL)
         model.zero_grad()
         out.sum().backward()
