@@ -2,8 +2,16 @@
 
 ahn's adapter directory:
     ahn_adapter.safetensors   memory parameters only, named as in the base model
-                              (``model.layers.<i>.self_attn.ahn.<param>``)
-    ahn_config.json           the :class:`ahn.AHNConfig`
+                              (``model.layers.<i>.self_attn.ahn.<param>``); its metadata
+                              also holds the config it was saved with
+    ahn_config.json           the :class:`ahn.AHNConfig`, plus ``weights_sha256``: the hash
+                              of the weights file it belongs to
+
+Overwriting an adapter replaces the weights file (atomically), then the config. A reader
+that finds a config whose ``weights_sha256`` is not that of the weights (the writer was
+killed between the two renames) uses the config stored in the weights file: the directory
+always holds the old adapter or the new one, whole. A config without ``weights_sha256``
+(written by hand or by an older ahn) is taken as it is.
 
 The official release (ByteDance-Seed/AHN-*-for-Qwen-2.5-Instruct-*) ships ``model.safetensors``
 with keys ``model.layers.<i>.ahn.fn.<param>`` and a Qwen2 ``config.json`` whose
@@ -16,6 +24,7 @@ training artefact (256), so window and sinks come from the paper's evaluation se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,12 +34,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from ahn._io import replace_file
+from ahn._io import make_readable, remove_stale_temporaries, replace_file, temporary_prefix
 from ahn.config import CONFIG_NAME, AHNConfig
 
 WEIGHTS_NAME = "ahn_adapter.safetensors"
+# Key of the config inside the weights file's metadata.
+CONFIG_METADATA = "ahn_config"
 OFFICIAL_WEIGHTS_NAME = "model.safetensors"
 # config.json "_ahn_implementation" of the official release -> ahn memory name.
 OFFICIAL_MEMORY_NAMES = {"GatedDeltaNet": "gated_deltanet", "DeltaNet": "deltanet", "Mamba2": "mamba2"}
@@ -40,12 +54,13 @@ _OFFICIAL_KEY = re.compile(r"^model\.layers\.(\d+)\.ahn\.fn\.(.+)$")
 
 
 def save_adapter(model, path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``model``'s memory weights and config to ``path``, never leaving a half-written file.
+    """Write ``model``'s memory weights and config to ``path``; at every instant ``path`` holds the old
+    adapter or the new one, whole (see the module docstring).
 
     A new ``path`` is built in a temporary directory and renamed into place. In an existing
     directory (e.g. a distillation run's output, which also holds its log and checkpoints)
-    each file is replaced atomically: the weights first, then the config. ``state``: memory
-    weights to write instead of the model's own (a gathered state dict under ZeRO-3 / FSDP).
+    the weights file is replaced first, then the config. ``state``: memory weights to write
+    instead of the model's own (a gathered state dict under ZeRO-3 / FSDP).
     """
     from ahn import __version__
 
@@ -53,20 +68,54 @@ def save_adapter(model, path, state: dict[str, torch.Tensor] | None = None) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     state = model.memory_state_dict() if state is None else state
     tensors = {n: t.detach().contiguous().cpu() for n, t in state.items()}
-    meta = {"format": "pt", "ahn_version": __version__}
     config_text = model.ahn_config.to_json_string()
+    weights = safetensors_bytes(tensors, {"format": "pt", "ahn_version": __version__, CONFIG_METADATA: config_text})
+    config = json.loads(config_text) | {"weights_sha256": hashlib.sha256(weights).hexdigest()}
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    remove_stale_temporaries(path.parent)
     if path.is_dir():
-        replace_file(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
+        remove_stale_temporaries(path)
+        replace_file(path / WEIGHTS_NAME, lambda p: p.write_bytes(weights))
         replace_file(path / CONFIG_NAME, lambda p: p.write_text(config_text))
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(path), dir=path.parent))
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=meta)
+        make_readable(tmp, directory=True)
+        (tmp / WEIGHTS_NAME).write_bytes(weights)
         (tmp / CONFIG_NAME).write_text(config_text)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _read_ahn_adapter(path: Path) -> tuple[AHNConfig, dict[str, torch.Tensor]]:
+    """ahn's format: the config that belongs to the weights (see the module docstring), and the weights."""
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.exists():
+        raise ValueError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    weights = weights_path.read_bytes()
+    try:
+        state = safetensors_load(weights)
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); the adapter is damaged") from None
+    config_path = path / CONFIG_NAME
+    try:
+        d = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{config_path} must hold a JSON object of AHNConfig fields")
+    sha = d.pop("weights_sha256", None)
+    if sha is not None and sha != hashlib.sha256(weights).hexdigest():
+        # The weights were replaced but their config not yet: the weights carry their own.
+        with safe_open(str(weights_path), "pt") as f:
+            embedded = (f.metadata() or {}).get(CONFIG_METADATA)
+        if embedded is None:
+            raise ValueError(f"{config_path} belongs to other weights than {weights_path} (weights_sha256 differs), "
+                             "and the weights carry no config: save the adapter again")
+        d = json.loads(embedded)
+    return AHNConfig.from_dict(d), state
 
 
 def convert_official_state_dict(state: dict[str, torch.Tensor], memory: str) -> dict[str, torch.Tensor]:
@@ -89,10 +138,7 @@ def read_adapter(path, **overrides) -> tuple[AHNConfig, dict[str, torch.Tensor]]
     if not path.is_dir():
         raise ValueError(f"adapter path {str(path)!r} is not a directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     if (path / CONFIG_NAME).exists():
-        if not (path / WEIGHTS_NAME).exists():
-            raise ValueError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-        config = AHNConfig.from_json_file(path / CONFIG_NAME)
-        state = load_file(str(path / WEIGHTS_NAME))
+        config, state = _read_ahn_adapter(path)
     elif (path / "config.json").exists() and (path / OFFICIAL_WEIGHTS_NAME).exists():
         hf = json.loads((path / "config.json").read_text())
         impl = hf.get("_ahn_implementation")

@@ -98,7 +98,7 @@ class AHNConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AHNConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"ahn_version"})
+        unknown = sorted(set(d) - known - {"ahn_version", "weights_sha256"})
         if unknown:
             raise ValueError(f"unknown AHNConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**{k: v for k, v in d.items() if k in known})
