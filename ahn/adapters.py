@@ -170,16 +170,16 @@ def load_adapter(base_model, path, **overrides):
     config, state = read_adapter(path, **overrides)
     memories = build_memories(base_model, config)
     expected = memory_parameter_names(base_model, memories)
-    for name, tensor in state.items():
-        if name not in expected:
+    for name in sorted(set(state) - set(expected)):
+        raise ValueError(
+            f"adapter {path} has key {name!r} which this model does not have: the adapter was made for another "
+            f"base model or memory layout (memory={config.memory!r}, layers={config.layers})"
+        )
+    for name, param in expected.items():  # in the model's order: the first offending layer is named
+        if name in state and tuple(state[name].shape) != tuple(param.shape):
             raise ValueError(
-                f"adapter {path} has key {name!r} which this model does not have: the adapter was made for another "
-                f"base model or memory layout (memory={config.memory!r}, layers={config.layers})"
-            )
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"adapter {path}: {name!r} has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(expected[name].shape)}: the adapter was made for another base model"
+                f"adapter {path}: {name!r} has shape {tuple(state[name].shape)} but the model expects "
+                f"{tuple(param.shape)}: the adapter was made for another base model"
             )
     missing = [n for n in expected if n not in state]
     if missing:
