@@ -207,16 +207,15 @@ def cli_exit(argv) -> int:
 # ---------------------------------------------------------------------- data
 def test_malformed_records_name_file_line_and_field(tmp_path):
     cases = {
-        '{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n': "bad.jsonl:2: not valid JSON",
-        '{"input_ids": [1, 2]}\n{"txt": "a"}\n': "bad.jsonl:2: a record needs exactly one of the fields",
-        '{"input_ids": [1, -2]}\n': "bad.jsonl:1: field 'input_ids'",
-        '{"text": 5}\n': "bad.jsonl:1: field 'text'",
-        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n': "bad.jsonl:1: field 'messages\\[1\\]'",
+        '{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n': "bad.jsonl, line 2: not valid JSON",
+        '{"input_ids": [1, 2]}\n{"txt": "a"}\n': "bad.jsonl, line 2: a record needs exactly one of the fields",
+        '{"input_ids": [1, -2]}\n': "bad.jsonl, line 1: field 'input_ids'",
+        '{"text": 5}\n': "bad.jsonl, line 1: field 'text'",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n': "bad.jsonl, line 1: field 'messages\\[1\\]'",
         '{"input_ids": [1], "text": "a"}\n': "exactly one of the fields",
-        '{"input_ids": [1]}\n\n': "bad.jsonl:2: empty line",
-        '{"input_ids": [1, 2], "labels": [1]}\n': "bad.jsonl:1: field 'labels' must be",
-        '{"input_ids": [1, 2], "labels": [1, -5]}\n': "bad.jsonl:1: field 'labels' must be",
-        '{"text": "a", "labels": [1]}\n': "bad.jsonl:1: field 'labels' goes with 'input_ids'",
+        '{"input_ids": [1, 2], "labels": [1]}\n': "bad.jsonl, line 1: field 'labels' must be",
+        '{"input_ids": [1, 2], "labels": [1, -5]}\n': "bad.jsonl, line 1: field 'labels' must be",
+        '{"text": "a", "labels": [1]}\n': "bad.jsonl, line 1: field 'labels' goes with 'input_ids'",
     }
     for text, match in cases.items():
         (tmp_path / "bad.jsonl").write_text(text)
@@ -244,8 +243,8 @@ def test_parquet_directory_length_filter_and_cutoff(tmp_path):
     assert ds[0]["labels"] == ds[0]["input_ids"]
     with pytest.raises(ValueError, match="no sample is longer than min_length=40"):
         prepare_dataset(load_records(str(d)), None, max_length=50, min_length=40, response_only=False)
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        prepare_dataset(load_records(str(d)), None, max_length=50, min_length=1, response_only=False, vocab_size=16)
+    with pytest.raises(ValueError, match=r"a.parquet record 1: token id 29 is outside the model's vocabulary"):
+        load_records(str(d), vocab_size=16)
     with pytest.raises(ValueError, match="response_only needs chat records"):
         prepare_dataset(load_records(str(d)), None, max_length=50, min_length=1, response_only=True)
 
@@ -356,6 +355,11 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_o
     distill(cfg, callbacks=[SendSigint(step=2)])
     assert not (out / "ahn_adapter.safetensors").exists()  # not finished: no adapter yet
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]  # next step ends, saves
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "checkpoint-3" / "model.safetensors"))  # memory weights only
+    assert {k.removeprefix("base_model.") for k in saved} == set(adapter_weights(straight))
+    assert (out / "checkpoints" / "checkpoint-3" / "ahn_config.json").is_file()
     (out / "checkpoints" / "checkpoint-4").mkdir()  # a checkpoint cut short while saving is never resumed from
     distill(cfg)  # the same command again resumes
     a, b = adapter_weights(straight), adapter_weights(out)
