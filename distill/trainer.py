@@ -150,8 +150,9 @@ class DistillTrainer(Trainer):
         as ``model.safetensors`` under the Trainer model's names (what resuming loads back), + ``ahn_config.json``.
         Trainer.save_model's other keywords (Hub pushes) do not apply. The finished adapter: :meth:`save_adapter`."""
         out = Path(output_dir if output_dir is not None else self.args.output_dir)
-        tensors = {n: t.detach().contiguous().cpu() for n, t in self.memory_state().items()}
+        state = self.memory_state()
         if self.args.should_save:
+            tensors = {n: t.detach().contiguous().cpu() for n, t in state.items()}
             out.mkdir(parents=True, exist_ok=True)
             replace_file(out / SAFE_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
             replace_file(out / CONFIG_NAME, lambda p: p.write_text(self.ahn_model.ahn_config.to_json_string()))
