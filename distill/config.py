@@ -4,12 +4,21 @@ One dataclass is the single source of truth: the YAML keys, the ``ahn distill`` 
 (``--learning-rate`` for ``learning_rate``) and their help texts all come from its fields.
 Defaults follow the AHN paper's recipe (ByteDance-Seed/AHN, train_qwen2.5_3b_ahn_gdn.sh):
 AdamW, lr 1e-4, cosine schedule with 10% warmup, weight decay 0.1, KL on positions beyond
-the window, random window / sinks, samples longer than 288 tokens cut at 24,576.
+the window, random window / sinks, samples cut at 24,576 tokens. The paper also drops samples
+of 288 tokens or fewer; that filter is a data choice of its recipe (``min_length: 288`` in
+configs/distill/qwen2.5-*.yaml), not a library default: by default every sample with a
+position beyond sinks + window (:attr:`DistillConfig.lossless_length`) is kept.
+
+Every value (YAML or flag) is checked against its field's type when the config is built; a
+YAML string that spells a number (``learning_rate: 1e-3``, which PyYAML reads as a string) is
+converted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,27 +30,69 @@ from .sampling import PAPER_BUDGETS, PAPER_MAX_SINK_FRACTION, PAPER_MIN_BUDGET_F
 
 
 def _f(default, help: str, **kw):
+    """A field with its help text; ``required=True``: the run needs a value; ``run_only=True``: the setting does not
+    change the trained weights, so a resumed run may change it (:meth:`DistillConfig.training_settings`)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+def _coerce(name: str, hint, value):
+    """``value`` as the type ``hint`` of field ``name`` (a string that spells a number becomes one: YAML reads
+    ``1e-3`` as a string); raises ValueError naming the key, the value and the expected type."""
+    kinds = [t for t in (typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)) if t is not type(None)]
+    if value is None and len(kinds) < len(typing.get_args(hint)):
+        return None
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str) and _INT.fullmatch(value.strip()):
+                return int(value)
+        if kind is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if kind is str and isinstance(value, str):
+            return value
+        if kind is list and isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        if kind is dict and isinstance(value, dict):
+            return dict(value)
+    expected = " or ".join({bool: "true/false", int: "an int", float: "a number", str: "a string",
+                            list: "a list of ints", dict: "a mapping (JSON object)"}[k] for k in kinds)
+    raise ValueError(f"{name}={value!r} ({type(value).__name__}) must be {expected}"
+                     + (" or null" if len(kinds) < len(typing.get_args(hint)) else ""))
 
 
 @dataclass
 class DistillConfig:
     # ---------------------------------------------------------------- model and memory
     model: Optional[str] = _f(None, "base model: a local directory, a Hub id, or demo-teacher (the shipped demo "
-                                    "model) (required)")
+                                    "model)", required=True)
     memory: str = _f("gated_deltanet", "memory rule: gated_deltanet, deltanet or mamba2")
     memory_kwargs: dict = _f({}, "rule-specific memory options (YAML mapping or JSON string)")
     layers: Optional[list] = _f(None, "decoder layers that get a memory (default: all)")
     backend: str = _f("auto", "ahn.kernels backend of the memory (auto, torch, fla, ...)")
     # ---------------------------------------------------------------- data
-    data: Optional[str] = _f(None, "training data: .jsonl/.json/.parquet file or directory, Hub id, or 'synthetic'")
+    data: Optional[str] = _f(None, "training data: .jsonl/.json/.parquet file or directory, Hub id, or 'synthetic'",
+                             required=True)
     data_split: str = _f("train", "split of a Hub dataset")
     synthetic: dict = _f({}, "options of the synthetic source (see ahn.distill.synthetic)")
     max_samples: Optional[int] = _f(None, "use only the first N records (the paper: 100000)")
     max_length: Optional[int] = _f(24576, "cut samples to this many tokens (the paper's cutoff_len)")
-    min_length: int = _f(288, "keep only samples longer than this many tokens (the paper's filter_len)")
+    min_length: int = _f(0, "keep only samples longer than this many tokens (the paper's filter_len: 288); samples "
+                            "with no position beyond sinks + window are always dropped")
     response_only: bool = _f(False, "distil only positions predicting response tokens (chat: assistant turns; "
                                     "input_ids records: tokens whose 'labels' are not -100)")
     # ---------------------------------------------------------------- window and sinks
@@ -73,21 +124,27 @@ class DistillConfig:
     max_steps: int = _f(-1, "optimizer steps (> 0 overrides epochs)")
     seed: int = _f(0, "seed of the data order, the window draws and the memory init")
     bf16: Union[bool, str] = _f("auto", "bfloat16 autocast: true, false, or auto (on when CUDA supports it)")
-    gradient_checkpointing: bool = _f(False, "recompute decoder layers in the backward pass (less memory)")
+    gradient_checkpointing: bool = _f(False, "recompute decoder layers in the backward pass (less memory)",
+                                      run_only=True)
     # ---------------------------------------------------------------- output and logging
-    output: Optional[str] = _f(None, "output directory: the adapter, run config, log and checkpoints (required)")
-    save_steps: int = _f(500, "save a checkpoint every N steps")
-    save_total_limit: Optional[int] = _f(2, "keep at most this many checkpoints")
-    logging_steps: int = _f(10, "log every N steps")
-    report_to: str = _f("none", "also log to: none, tensorboard, wandb, ... (comma-separated)")
-    resume: str = _f("auto", "auto (resume from the last complete checkpoint in output), never, or a checkpoint path")
-    progress: bool = _f(True, "show a progress bar")
-    dataloader_workers: int = _f(0, "DataLoader worker processes")
-    preprocess_workers: Optional[int] = _f(None, "processes that tokenise the data (datasets.map num_proc)")
+    output: Optional[str] = _f(None, "output directory: the adapter, run config, log and checkpoints", required=True,
+                               run_only=True)
+    save_steps: int = _f(500, "save a checkpoint every N steps", run_only=True)
+    save_total_limit: Optional[int] = _f(2, "keep at most this many checkpoints", run_only=True)
+    logging_steps: int = _f(10, "log every N steps", run_only=True)
+    report_to: str = _f("none", "also log to: none, tensorboard, wandb, ... (comma-separated)", run_only=True)
+    resume: str = _f("auto", "auto (resume from the last complete checkpoint in output), never, or a checkpoint path",
+                     run_only=True)
+    progress: bool = _f(True, "show a progress bar", run_only=True)
+    dataloader_workers: int = _f(0, "DataLoader worker processes", run_only=True)
+    preprocess_workers: Optional[int] = _f(None, "processes that tokenise the data (datasets.map num_proc)", run_only=True)
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (e.g. ZeRO-3) for multi-GPU runs")
     fsdp: Optional[str] = _f(None, "FSDP options as transformers' TrainingArguments.fsdp (e.g. 'full_shard auto_wrap')")
 
     def __post_init__(self):
+        hints = typing.get_type_hints(DistillConfig)
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
         if isinstance(self.window, str):
             if self.window.lstrip("-").isdigit():
                 self.window = int(self.window)
@@ -99,25 +156,51 @@ class DistillConfig:
             self.bf16 = self.bf16 == "true"
         for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "loss_chunk"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if v < 1:
                 raise ValueError(f"{name}={v!r} must be an int >= 1")
-        for name in ("kl_weight", "ce_weight", "hidden_weight", "learning_rate", "weight_decay", "response_weight"):
+        for name in ("max_samples", "max_length", "save_total_limit", "preprocess_workers", "inference_window"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name}={v!r} must be >= 1 (or unset)")
+        for name in ("kl_weight", "ce_weight", "hidden_weight", "learning_rate", "weight_decay", "response_weight",
+                     "max_grad_norm", "dataloader_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("min_length", "inference_sinks"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name}={v!r} must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0")
         if self.kl_weight == self.ce_weight == self.hidden_weight == 0:
             raise ValueError("kl_weight, ce_weight and hidden_weight are all 0: nothing to train")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.max_length is not None and self.max_length <= self.min_length:
             raise ValueError(f"max_length={self.max_length} must exceed min_length={self.min_length}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"max_samples={self.max_samples!r} must be >= 1 (or unset for all records)")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
         self.sampler()  # validates window / sinks / budgets
+        if self.max_length is not None and self.max_length <= self.lossless_length:
+            raise ValueError(f"max_length={self.max_length} leaves no position beyond sinks + window = "
+                             f"{self.lossless_length}: nothing would be distilled; use a smaller window / sinks")
+
+    @property
+    def lossless_length(self) -> int:
+        """Tokens at the start of every sample that are never distilled: sinks + window with a fixed
+        window; 1 with random windows (a draw keeps fewer than the batch's length lossless, so a
+        sample of two tokens or more always has a position to distil)."""
+        return 1 if self.window == "random" else self.window + self.sinks
+
+    def training_settings(self) -> dict:
+        """The settings that shape the trained weights, as YAML values: every field but the run-only ones
+        (output, resume, logging, saving, progress, worker counts, gradient checkpointing), which may
+        change between a run and its resumption."""
+        values = yaml.safe_load(self.to_yaml())
+        return {f.name: values[f.name] for f in fields(self) if not f.metadata.get("run_only")}
 
     def check_required(self) -> None:
-        missing = [n for n in ("model", "data", "output") if getattr(self, n) is None]
+        missing = [f.name for f in fields(self) if f.metadata.get("required") and getattr(self, f.name) is None]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}: pass " + " ".join(f"--{n}" for n in missing)
                              + " or set them in the --config YAML")
@@ -132,9 +215,8 @@ class DistillConfig:
     # ---------------------------------------------------------------- YAML
     @classmethod
     def from_yaml(cls, path, **overrides) -> "DistillConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+        """The config in YAML file ``path`` (see :func:`find_config`), with ``overrides`` on top."""
+        path = find_config(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -155,6 +237,23 @@ class DistillConfig:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
 
+def find_config(spec) -> Path:
+    """A run config file: the path ``spec``, else a shipped config (package ``ahn.configs``) by name, with or
+    without ``configs/``, ``distill/`` and ``.yaml``: ``tiny``, ``distill/tiny.yaml``, ``configs/distill/tiny.yaml``."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    from ahn.configs import MODELS_DIR
+
+    shipped = MODELS_DIR.parent
+    name = str(spec).removeprefix("configs/")
+    for candidate in (name, f"{name}.yaml", f"distill/{name}", f"distill/{name}.yaml"):
+        if (shipped / candidate).is_file():
+            return shipped / candidate
+    names = ", ".join(sorted(p.stem for p in (shipped / "distill").glob("*.yaml")))
+    raise ValueError(f"config file {spec} does not exist and is not a shipped config; shipped: {names}")
+
+
 # ---------------------------------------------------------------------- command line
 def _flag_type(f):
     """(argparse kwargs) for a DistillConfig field."""
@@ -166,9 +265,7 @@ def _flag_type(f):
     if base is list or typing.get_origin(base) is list:
         return {"nargs": "+", "type": int}
     if base is dict:
-        import json
-
-        return {"type": json.loads, "metavar": "JSON"}
+        return {"type": _json_flag, "metavar": "JSON"}
     if base is float:
         return {"type": float}
     if base is int:
@@ -176,12 +273,21 @@ def _flag_type(f):
     return {"type": str}
 
 
+def _json_flag(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg}); e.g. '{{\"key\": 1}}'") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per DistillConfig field; unset flags stay out of the namespace (YAML values then hold)."""
-    parser.add_argument("--config", metavar="YAML", help="run config (keys as the flags below, with underscores)")
+    parser.add_argument("--config", metavar="YAML", help="run config (keys as the flags below, with underscores): "
+                        "a YAML path or a shipped config's name (e.g. tiny, qwen2.5-3b-instruct-gdn)")
     for f in fields(DistillConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
+        help_text = f.metadata["help"] + (" (required)" if f.metadata.get("required") else
+                                          f" (default: {default})" if default is not None else "")
         kw = _flag_type(f)
         flags = ["--" + f.name.replace("_", "-")] + (["--out"] if f.name == "output" else [])  # --out as in demo / eval
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kw)

@@ -11,18 +11,20 @@ Each record holds exactly one of
     ``text``       a string, tokenised as is,
     ``messages``   a chat: a list of ``{"role": ..., "content": ...}``, rendered with the
                    tokenizer's chat template; its assistant tokens are the "response".
-A malformed record raises ValueError naming the file, the line (JSONL) or record index,
-and the field.
+A malformed record (or a token id outside the model's vocabulary) raises ValueError naming
+the file, the line (JSONL) or record index, and the field. Blank lines in JSONL are skipped,
+as ``ahn eval`` does.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from ahn.benchmarks.evaluate import read_jsonl
 
 from .losses import IGNORE_INDEX
 
@@ -31,12 +33,16 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SYNTHETIC = "synthetic"
 
 
-def check_record(record: Any, where: str) -> str:
-    """Validate one record; return its format (``input_ids`` / ``text`` / ``messages``)."""
+def check_record(record: Any, where: str, vocab_size: Optional[int] = None) -> str:
+    """Validate one record (token ids below ``vocab_size`` when given); return its format
+    (``input_ids`` / ``text`` / ``messages``)."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object with one of the fields {FORMATS}, "
                          f"got {type(record).__name__}")
     present = [f for f in FORMATS if record.get(f) is not None]
+    nulls = [f for f in FORMATS if f in record and record[f] is None]
+    if not present and nulls:
+        raise ValueError(f"{where}: field {nulls[0]!r} is null; a record needs a value in one of the fields {FORMATS}")
     if len(present) != 1:
         raise ValueError(f"{where}: a record needs exactly one of the fields {FORMATS}, found "
                          f"{present or sorted(record)}")
@@ -50,6 +56,9 @@ def check_record(record: Any, where: str) -> str:
             not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in value
         ):
             raise ValueError(f"{where}: field 'input_ids' must be a non-empty list of non-negative ints")
+        if vocab_size is not None and max(value) >= vocab_size:
+            raise ValueError(f"{where}: token id {max(value)} is outside the model's vocabulary (vocab_size "
+                             f"{vocab_size}): the data was tokenised for another model")
         if labels is not None and (
             not isinstance(labels, (list, tuple)) or len(labels) != len(value)
             or any(not isinstance(t, int) or isinstance(t, bool) or (t < 0 and t != IGNORE_INDEX) for t in labels)
@@ -78,17 +87,17 @@ def _files(source: Path) -> list[Path]:
     return [source]
 
 
-def _check_jsonl(path: Path) -> None:
+def _check_jsonl(path: Path, vocab_size: Optional[int]) -> None:
     """Parse every line first: a broken line is reported with its number (datasets' error would not)."""
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                raise ValueError(f"{path}:{i + 1}: empty line; JSONL needs one JSON record per line")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
-            check_record(record, f"{path}:{i + 1}")
+    count = 0
+    try:
+        for n, record in read_jsonl(path):
+            check_record(record, f"{path}, line {n}", vocab_size)
+            count += 1
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
+    if not count:
+        raise ValueError(f"{path}: holds no records (the file is empty)")
 
 
 def synthetic_records(num_examples: int = 1024, seed: int = 0, **task) -> list[dict]:
@@ -124,28 +133,35 @@ def _common_schema(ds):
                   features=features, desc="reading")
 
 
-def load_records(source: str, *, split: str = "train", synthetic_options: Optional[dict] = None):
+def load_records(source: str, *, split: str = "train", synthetic_options: Optional[dict] = None,
+                 vocab_size: Optional[int] = None):
     """Load and validate the records of ``source``: a ``datasets.Dataset``.
 
     ``source`` is a file, a directory, ``"synthetic"`` or a Hub dataset id (tried last).
+    ``vocab_size``: the model's; a token id at or above it is an error naming the record.
     """
     import datasets
 
     if source == SYNTHETIC:
-        return datasets.Dataset.from_list(synthetic_records(**(synthetic_options or {})))
+        records = synthetic_records(**(synthetic_options or {}))
+        for i, record in enumerate(records):
+            check_record(record, f"synthetic record {i}", vocab_size)
+        return datasets.Dataset.from_list(records)
     path = Path(source)
     if path.exists():
         parts = []
         for file in _files(path):
             if file.suffix == ".jsonl":
-                _check_jsonl(file)
+                _check_jsonl(file, vocab_size)
+            elif file.stat().st_size == 0:
+                raise ValueError(f"{file}: holds no records (the file is empty)")
             try:
                 ds = datasets.load_dataset(FILE_TYPES[file.suffix], data_files=str(file), split="train")
             except Exception as e:  # datasets raises many types for unreadable files
                 raise ValueError(f"{file}: cannot be read as {FILE_TYPES[file.suffix]} ({type(e).__name__}: {e})") from None
             if file.suffix != ".jsonl":
                 for i, record in enumerate(ds):
-                    check_record(record, f"{file} record {i}")  # JSONL was checked by line above
+                    check_record(record, f"{file} record {i}", vocab_size)  # JSONL was checked by line above
             parts.append(_common_schema(ds))
         return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if "/" not in source or source.startswith((".", "/")) or source.count("/") > 1:
@@ -157,7 +173,7 @@ def load_records(source: str, *, split: str = "train", synthetic_options: Option
         raise ValueError(f"cannot load Hub dataset {source!r} split {split!r} ({type(e).__name__}: {e}); "
                          "without network, pass a local file") from None
     for i, record in enumerate(ds):
-        check_record(record, f"{source} record {i}")
+        check_record(record, f"{source} record {i}", vocab_size)
     return ds
 
 
@@ -212,19 +228,31 @@ def tokenize_record(record: dict, tokenizer, *, max_length: Optional[int], respo
 
 
 def prepare_dataset(ds, tokenizer, *, max_length: Optional[int], min_length: int, response_only: bool,
-                    vocab_size: Optional[int] = None, num_proc: Optional[int] = None):
-    """Tokenise, cut to ``max_length`` and keep samples longer than ``min_length`` tokens."""
-    def fn(record, index):
+                    lossless: int = 0, vocab_size: Optional[int] = None, num_proc: Optional[int] = None):
+    """Tokenise, cut to ``max_length`` and keep samples longer than ``min_length`` and ``lossless`` tokens.
+
+    ``lossless``: the tokens at the start of a sample that are never distilled (sinks + window):
+    a sample no longer than that holds nothing to train on. ``vocab_size``: the model's; the
+    tokenizer's ids must stay below it (``input_ids`` records were checked by :func:`load_records`).
+    """
+    def fn(record):
         out = tokenize_record(record, tokenizer, max_length=max_length, response_only=response_only)
-        if vocab_size is not None and out["input_ids"] and max(out["input_ids"]) >= vocab_size:
-            raise ValueError(f"record {index}: token id {max(out['input_ids'])} is outside the model's vocabulary "
-                             f"(vocab_size {vocab_size}): the data was tokenised for another model")
+        if vocab_size is not None and record.get("input_ids") is None and max(out["input_ids"], default=0) >= vocab_size:
+            raise ValueError(f"the tokenizer produced token id {max(out['input_ids'])}, outside the model's vocabulary "
+                             f"(vocab_size {vocab_size}): the model directory's tokenizer belongs to another model")
         return out
 
-    out = ds.map(fn, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenising")
-    out = out.filter(lambda r: len(r["input_ids"]) > min_length, desc=f"keeping samples > {min_length} tokens")
+    tokenised = ds.map(fn, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenising")
+    keep = max(min_length, lossless)
+    out = tokenised.filter(lambda r: len(r["input_ids"]) > keep, desc=f"keeping samples > {keep} tokens")
     if len(out) == 0:
-        raise ValueError(f"no sample is longer than min_length={min_length} tokens (after max_length={max_length}); "
+        longest = max(len(ids) for ids in tokenised["input_ids"])
+        cut = f" after max_length={max_length}" if max_length is not None else ""
+        if lossless >= min_length:
+            raise ValueError(f"no sample is longer than sinks + window = {lossless} tokens (the longest has {longest}"
+                             f"{cut}): no position lies beyond the lossless part, so nothing would be distilled; use "
+                             "a smaller window / sinks or longer data")
+        raise ValueError(f"no sample is longer than min_length={min_length} tokens (the longest has {longest}{cut}); "
                          "lower min_length or use longer data")
     return out
 

@@ -11,11 +11,26 @@ A run writes into ``output``:
     ahn_adapter.safetensors, ahn_config.json   the trained memory (AHNModel.from_pretrained)
     distill_config.yaml                        the run's full DistillConfig
     train_log.jsonl                            one JSON line per logging step
-    checkpoints/checkpoint-<step>/             Trainer checkpoints (adapter, optimizer, RNG)
+    checkpoints/checkpoint-<step>/             Trainer checkpoints: the memory weights only
+                                               (model.safetensors, under the Trainer model's
+                                               names, + ahn_config.json), optimizer, RNG
+
+The Trainer is extended through public points only: ``compute_loss``, ``log``,
+``get_decay_parameter_names``, ``save_model`` (which the Trainer calls for every checkpoint:
+it writes the memory weights where ``train(resume_from_checkpoint=...)`` reads a model's
+weights back, non-strictly), callbacks, and torch's public load_state_dict post-hook, which
+tells that load that the frozen base weights are absent from a checkpoint by design.
+
+Rerunning into an output directory resumes from its last complete checkpoint, but only with
+the same training settings (:meth:`DistillConfig.training_settings`: everything but output,
+resume, logging, saving, progress, worker counts and gradient checkpointing; ``max_steps`` and
+``epochs`` count, since they shape the learning-rate schedule). Ctrl-C or SIGTERM finishes the
+step, saves a checkpoint and stops.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -26,11 +41,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ahn._io import replace_file
 from ahn._progress import library_progress
-from ahn.adapters import read_adapter, save_adapter
+from ahn.adapters import save_adapter
+from ahn.benchmarks.evaluate import read_predictions
+from ahn.config import CONFIG_NAME, AHNConfig
 
 from .config import DistillConfig
 from .data import DistillCollator, load_records, prepare_dataset
@@ -56,6 +77,10 @@ class DistillTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self._micro = (-1, -1)  # (optimizer step, micro-batch index within it)
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        # Memory parameters: their names in the Trainer's model (AHNModel) -> in the adapter (the base model's).
+        adapter_names = {id(p): n for n, p in ahn_model.named_memory_parameters()}
+        self.memory_names = {n: adapter_names[id(p)] for n, p in ahn_model.named_parameters() if id(p) in adapter_names}
+        ahn_model.register_load_state_dict_post_hook(self._frozen_weights_are_not_missing)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -115,38 +140,62 @@ class DistillTrainer(Trainer):
         return [n for n, p in model.named_parameters() if p.ndim >= 2]
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
-        if not self.args.should_save:
-            return
-        state = None
-        if state_dict is not None:  # gathered by DeepSpeed / FSDP: AHNModel names -> base names
-            names = dict(self.ahn_model.named_memory_parameters())
-            state = {k.removeprefix("base_model."): v for k, v in state_dict.items()
-                     if k.removeprefix("base_model.") in names}
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_adapter(self.ahn_model, output_dir, state=state)
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """The memory weights under the Trainer model's names; every rank calls it (DeepSpeed / FSDP gather)."""
+        state = self.accelerator.get_state_dict(self.model_wrapped)
+        return {n: t for n, t in state.items() if n in self.memory_names}
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        config, state = read_adapter(resume_from_checkpoint)
-        if config.memory != self.ahn_model.ahn_config.memory:
-            raise ValueError(f"checkpoint {resume_from_checkpoint} holds a {config.memory!r} memory but this run trains "
-                             f"{self.ahn_model.ahn_config.memory!r}: use another output directory or --resume never")
-        params = dict(self.ahn_model.named_memory_parameters())
-        if set(state) != set(params):
-            raise ValueError(f"checkpoint {resume_from_checkpoint} does not match this model's memory layout")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].copy_(tensor)
+    def save_model(self, output_dir: Optional[str] = None, **kwargs) -> None:
+        """Checkpoint weights (the Trainer calls this on every rank for each checkpoint): the memory weights only,
+        as ``model.safetensors`` under the Trainer model's names (what resuming loads back), + ``ahn_config.json``.
+        Trainer.save_model's other keywords (Hub pushes) do not apply. The finished adapter: :meth:`save_adapter`."""
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        state = self.memory_state()
+        if self.args.should_save:
+            tensors = {n: t.detach().contiguous().cpu() for n, t in state.items()}
+            out.mkdir(parents=True, exist_ok=True)
+            replace_file(out / SAFE_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+            replace_file(out / CONFIG_NAME, lambda p: p.write_text(self.ahn_model.ahn_config.to_json_string()))
+
+    def save_adapter(self, output_dir) -> None:
+        """Write the adapter (``AHNModel.from_pretrained`` format) to ``output_dir``; every rank calls it."""
+        state = {self.memory_names[n]: t for n, t in self.memory_state().items()}
+        if self.args.should_save:
+            save_adapter(self.ahn_model, output_dir, state=state)
+
+    def check_checkpoint(self, path: Path) -> None:
+        """Refuse a checkpoint whose memory is not this run's (rule, parameter names and shapes)."""
+        fix = "use another output directory or --resume never"
+        if not (path / SAFE_WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
+            raise ValueError(f"checkpoint {path} lacks {SAFE_WEIGHTS_NAME} or {CONFIG_NAME} (written by an older ahn?): "
+                             f"{fix}")
+        memory = AHNConfig.from_json_file(path / CONFIG_NAME).memory
+        if memory != self.ahn_model.ahn_config.memory:
+            raise ValueError(f"checkpoint {path} holds a {memory!r} memory but this run trains "
+                             f"{self.ahn_model.ahn_config.memory!r}: {fix}")
+        if self.is_deepspeed_enabled:
+            return  # DeepSpeed resumes from its own files (and partitions the parameters: no shapes to compare)
+        with safe_open(str(path / SAFE_WEIGHTS_NAME), "pt") as f:
+            saved = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        params = dict(self.ahn_model.named_parameters())
+        if saved != {n: tuple(params[n].shape) for n in self.memory_names}:
+            raise ValueError(f"checkpoint {path} does not match this model's memory layout: {fix}")
+
+    def _frozen_weights_are_not_missing(self, module, incompatible_keys) -> None:
+        """load_state_dict post-hook: a checkpoint holds the memory weights only, not the frozen base weights."""
+        incompatible_keys.missing_keys[:] = [n for n in incompatible_keys.missing_keys if n in self.memory_names]
 
 
 class InterruptCallback(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint and stop. Second Ctrl-C: abort."""
+    """First Ctrl-C or SIGTERM (a scheduler's preemption): finish the current step, save a checkpoint and
+    stop, on every rank at the same step. A second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
         self.stopped_early = False
-        self._previous = None
+        self._previous = {}
 
     def request_stop(self, *_):
         if self.requested:
@@ -155,10 +204,11 @@ class InterruptCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
 
-    def _on_sigint(self, signum, frame):
-        print("\nahn distill: interrupted; saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+    def _on_signal(self, signum, frame):
+        print(f"\nahn distill: {signal.Signals(signum).name}; saving a checkpoint after this step (Ctrl-C again to "
+              "abort)", flush=True)
         self.request_stop()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -173,22 +223,22 @@ class InterruptCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Appends every log record to ``train_log.jsonl`` (rank 0); a resumed run drops records past its checkpoint."""
+    """Appends every log record to ``train_log.jsonl`` (rank 0); a resumed run drops records past its checkpoint
+    and a torn last line (a run killed mid-write, a full disk); another malformed line is an error naming it."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_predictions(self.path) if r.get("step", 0) <= state.global_step]
+            replace_file(self.path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -265,12 +315,13 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
         p.data = p.data.float()
     tokenizer = _load_tokenizer(model_path)
     with library_progress(cfg.progress):
-        records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic))
+        records = load_records(cfg.data, split=cfg.data_split, synthetic_options=dict(cfg.synthetic),
+                               vocab_size=base.config.vocab_size)
         if cfg.max_samples is not None and cfg.max_samples < len(records):
             records = records.select(range(cfg.max_samples))
         dataset = prepare_dataset(records, tokenizer, max_length=cfg.max_length, min_length=cfg.min_length,
-                                  response_only=cfg.response_only, vocab_size=base.config.vocab_size,
-                                  num_proc=cfg.preprocess_workers)
+                                  response_only=cfg.response_only, lossless=cfg.lossless_length,
+                                  vocab_size=base.config.vocab_size, num_proc=cfg.preprocess_workers)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) or 0
@@ -294,37 +345,85 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     )
 
 
-def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
-    """Run self-distillation for ``cfg``; returns the output directory (the adapter, once finished).
+def check_output(out: Path) -> None:
+    """Refuse an output path that is a file or cannot be written (before anything is loaded or written)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file, not a directory: choose another --output")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output {out} cannot be written ({existing} is not a writable directory): "
+                         "choose another --output")
 
-    Resumes from the last complete checkpoint in ``output/checkpoints`` unless
-    ``cfg.resume == "never"``. Ctrl-C saves a checkpoint and returns without the final adapter.
-    """
+
+def resume_checkpoint(cfg: DistillConfig) -> Optional[Path]:
+    """The checkpoint this run resumes from (None: a fresh run), checked against the run in ``output``:
+    resuming with other training settings is refused, naming them."""
     out = Path(cfg.output)
-    interrupt = InterruptCallback()
-    trainer = build_trainer(cfg, [interrupt, *callbacks])
+    if cfg.resume == "never":
+        return None
     if cfg.resume == "auto":
         resume = last_complete_checkpoint(out / CHECKPOINTS)
-    elif cfg.resume == "never":
-        resume = None
     else:
         resume = Path(cfg.resume)
         if not is_complete_checkpoint(resume):
             raise ValueError(f"resume={cfg.resume!r} is not a complete checkpoint directory (with trainer_state.json); "
                              "use auto, never or a checkpoints/checkpoint-<step> directory")
-    if trainer.is_world_process_zero():
-        out.mkdir(parents=True, exist_ok=True)
-        n = sum(p.numel() for p in trainer.ahn_model.memory_parameters())
-        print(f"ahn distill: {cfg.memory} memory, {n:,} trainable parameters; {len(trainer.train_dataset):,} samples"
-              + (f"; resuming from {resume}" if resume else ""), flush=True)
-        replace_file(out / RUN_CONFIG_NAME, lambda p: p.write_text(cfg.to_yaml()))
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if interrupt.stopped_early and trainer.state.global_step < trainer.state.max_steps:
+    path = out / RUN_CONFIG_NAME
+    if resume is not None and path.is_file():
+        try:
+            previous = DistillConfig.from_dict(yaml.safe_load(path.read_text()), source=str(path)).training_settings()
+        except (ValueError, yaml.YAMLError) as e:
+            raise ValueError(f"{path} cannot be read ({e}); choose another --output or pass --resume never") from None
+        now = cfg.training_settings()
+        diff = [f"{k}: {previous[k]!r} -> {v!r}" for k, v in now.items() if previous[k] != v]
+        if diff:
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); rerun with the same settings "
+                             f"to resume it, or choose another --output (--resume never starts over in {out})")
+    return resume
+
+
+def _write_error(e: OSError, out: Path) -> ValueError:
+    where = e.filename or out
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ValueError(f"no space left on the device of {where} ({e.strerror}): free space or choose another "
+                          "--output; rerunning resumes from the last complete checkpoint")
+    return ValueError(f"cannot write {where} ({e.strerror}): choose a writable --output")
+
+
+def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """Run self-distillation for ``cfg``; returns the output directory (the adapter, once finished).
+
+    Resumes from the last complete checkpoint in ``output/checkpoints`` unless
+    ``cfg.resume == "never"``. Ctrl-C or SIGTERM saves a checkpoint and returns without the
+    final adapter. Everything is checked (settings, output, model, data, checkpoint) before
+    anything is written.
+    """
+    cfg.check_required()
+    out = Path(cfg.output)
+    check_output(out)
+    resume = resume_checkpoint(cfg)
+    interrupt = InterruptCallback()
+    trainer = build_trainer(cfg, [interrupt, *callbacks])
+    if resume is not None:
+        trainer.check_checkpoint(resume)
+    try:
         if trainer.is_world_process_zero():
-            print(f"ahn distill: stopped at step {trainer.state.global_step}; checkpoint saved under "
-                  f"{out / CHECKPOINTS}; run the same command again to resume", flush=True)
-        return out
-    trainer.save_model(str(out))  # every rank: DeepSpeed / FSDP gather the weights first
+            out.mkdir(parents=True, exist_ok=True)
+            n = sum(p.numel() for p in trainer.ahn_model.memory_parameters())
+            print(f"ahn distill: {cfg.memory} memory, {n:,} trainable parameters; {len(trainer.train_dataset):,} "
+                  "samples" + (f"; resuming from {resume}" if resume else ""), flush=True)
+            replace_file(out / RUN_CONFIG_NAME, lambda p: p.write_text(cfg.to_yaml()))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if interrupt.stopped_early and trainer.state.global_step < trainer.state.max_steps:
+            if trainer.is_world_process_zero():
+                print(f"ahn distill: stopped at step {trainer.state.global_step}; checkpoint saved under "
+                      f"{out / CHECKPOINTS}; run the same command again to resume", flush=True)
+            return out
+        trainer.save_adapter(out)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        raise _write_error(e, out) from e
     if trainer.is_world_process_zero():
         last = [r for r in trainer.state.log_history if "loss" in r]
         loss = f", last loss {last[-1]['loss']:.4g}" if last and not math.isnan(last[-1]["loss"]) else ""

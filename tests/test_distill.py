@@ -207,16 +207,15 @@ def cli_exit(argv) -> int:
 # ---------------------------------------------------------------------- data
 def test_malformed_records_name_file_line_and_field(tmp_path):
     cases = {
-        '{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n': "bad.jsonl:2: not valid JSON",
-        '{"input_ids": [1, 2]}\n{"txt": "a"}\n': "bad.jsonl:2: a record needs exactly one of the fields",
-        '{"input_ids": [1, -2]}\n': "bad.jsonl:1: field 'input_ids'",
-        '{"text": 5}\n': "bad.jsonl:1: field 'text'",
-        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n': "bad.jsonl:1: field 'messages\\[1\\]'",
+        '{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n': "bad.jsonl, line 2: not valid JSON",
+        '{"input_ids": [1, 2]}\n{"txt": "a"}\n': "bad.jsonl, line 2: a record needs exactly one of the fields",
+        '{"input_ids": [1, -2]}\n': "bad.jsonl, line 1: field 'input_ids'",
+        '{"text": 5}\n': "bad.jsonl, line 1: field 'text'",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n': "bad.jsonl, line 1: field 'messages\\[1\\]'",
         '{"input_ids": [1], "text": "a"}\n': "exactly one of the fields",
-        '{"input_ids": [1]}\n\n': "bad.jsonl:2: empty line",
-        '{"input_ids": [1, 2], "labels": [1]}\n': "bad.jsonl:1: field 'labels' must be",
-        '{"input_ids": [1, 2], "labels": [1, -5]}\n': "bad.jsonl:1: field 'labels' must be",
-        '{"text": "a", "labels": [1]}\n': "bad.jsonl:1: field 'labels' goes with 'input_ids'",
+        '{"input_ids": [1, 2], "labels": [1]}\n': "bad.jsonl, line 1: field 'labels' must be",
+        '{"input_ids": [1, 2], "labels": [1, -5]}\n': "bad.jsonl, line 1: field 'labels' must be",
+        '{"text": "a", "labels": [1]}\n': "bad.jsonl, line 1: field 'labels' goes with 'input_ids'",
     }
     for text, match in cases.items():
         (tmp_path / "bad.jsonl").write_text(text)
@@ -244,8 +243,8 @@ def test_parquet_directory_length_filter_and_cutoff(tmp_path):
     assert ds[0]["labels"] == ds[0]["input_ids"]
     with pytest.raises(ValueError, match="no sample is longer than min_length=40"):
         prepare_dataset(load_records(str(d)), None, max_length=50, min_length=40, response_only=False)
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        prepare_dataset(load_records(str(d)), None, max_length=50, min_length=1, response_only=False, vocab_size=16)
+    with pytest.raises(ValueError, match=r"a.parquet record 1: token id 29 is outside the model's vocabulary"):
+        load_records(str(d), vocab_size=16)
     with pytest.raises(ValueError, match="response_only needs chat records"):
         prepare_dataset(load_records(str(d)), None, max_length=50, min_length=1, response_only=True)
 
@@ -356,6 +355,11 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_o
     distill(cfg, callbacks=[SendSigint(step=2)])
     assert not (out / "ahn_adapter.safetensors").exists()  # not finished: no adapter yet
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]  # next step ends, saves
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "checkpoint-3" / "model.safetensors"))  # memory weights only
+    assert {k.removeprefix("base_model.") for k in saved} == set(adapter_weights(straight))
+    assert (out / "checkpoints" / "checkpoint-3" / "ahn_config.json").is_file()
     (out / "checkpoints" / "checkpoint-4").mkdir()  # a checkpoint cut short while saving is never resumed from
     distill(cfg)  # the same command again resumes
     a, b = adapter_weights(straight), adapter_weights(out)
@@ -439,3 +443,205 @@ def test_trainer_loss_equals_the_weighted_kl_of_full_logits(tmp_path):
     assert answer_next.sum() == 4 * 4  # 4 answers per sequence, nothing else labelled
     w = beyond * (1 + 9 * answer_next)
     torch.testing.assert_close(loss, (kl * w).sum() / w.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_overrides_no_private_trainer_method():
+    """Issue 13.1: DistillTrainer extends transformers' Trainer through public methods only."""
+    from transformers import Trainer
+
+    from ahn.distill.trainer import DistillTrainer
+
+    private = [n for n in vars(DistillTrainer) if n.startswith("_") and not n.startswith("__") and hasattr(Trainer, n)]
+    assert private == []
+
+
+# ---------------------------------------------------------------------- reliability (issues 13, 14)
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, token_data, tmp_path_factory) -> Path:
+    """A finished 2-step run with its checkpoint; tests copy it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=2))
+    return out
+
+
+def copy_run(finished_run, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def test_default_min_length_keeps_every_sample_with_a_position_beyond_the_window(tmp_path, tiny_model, token_data):
+    """Issue 13.4a: 48-token records, window 16 + sinks 4, no --min-length: trains (not "min_length=288")."""
+    out = tmp_path / "o"
+    assert cli(["distill", "--model", tiny_model, "--data", token_data, "--window", "16", "--sinks", "4",
+                "--max-steps", "1", "--output", str(out), "--no-progress"]) == 0
+    assert (out / "ahn_adapter.safetensors").exists()
+    d = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": list(range(10))}, {"input_ids": list(range(30))}])
+    ds = prepare_dataset(load_records(d), None, max_length=None, min_length=0, lossless=20, response_only=False)
+    assert [len(r["input_ids"]) for r in ds] == [30]  # 10 tokens: nothing beyond sinks + window
+
+
+def test_torn_last_line_of_train_log_is_cut_and_a_malformed_line_is_named(tmp_path, tiny_model, token_data,
+                                                                          finished_run):
+    """Issue 14.2: a disk-full crash leaves a torn last log line; the rerun cuts it."""
+    out = copy_run(finished_run, tmp_path)
+    cfg = run_config(tiny_model, token_data, out, max_steps=2, save_steps=2)
+    log = out / LOG_NAME
+    lines = log.read_text()
+    log.write_text(lines + '{"step": 3, "torn')
+    distill(cfg)
+    text = log.read_text()
+    assert text.startswith(lines) and 'torn' not in text and read_log(out)  # the torn line cut, every line parses
+    log.write_text('{"step": 1}\nnot json\n' + lines)
+    with pytest.raises(ValueError, match=r"train_log.jsonl, line 2: not valid JSON"):
+        distill(cfg)
+
+
+def test_rerun_with_other_training_settings_is_refused(tmp_path, tiny_model, token_data, finished_run):
+    """Issue 14.4: resuming with another learning rate / window is refused, naming the keys; run-only settings
+    (logging, saving, progress) may change."""
+    out = copy_run(finished_run, tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(window: 16 -> 8, learning_rate: 0.03 -> 0.01\); "
+                                         r"rerun with the same settings.*or choose another --output"):
+        distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=2, window=8, learning_rate=1e-2))
+    distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=5, logging_steps=2))  # resumes
+    assert DistillConfig.from_yaml(out / RUN_CONFIG_NAME).save_steps == 5
+
+
+@pytest.mark.parametrize("window,sinks", [("1000", "0"), ("8", "500")])
+def test_no_position_beyond_sinks_and_window_fails_before_training(capsys, tmp_path, tiny_model, token_data,
+                                                                   window, sinks):
+    """Issue 14.5: data no longer than sinks + window would train nothing: an error, nothing written."""
+    out = tmp_path / "o"
+    argv = ["distill", "--model", tiny_model, "--data", token_data, "--window", window, "--sinks", sinks,
+            "--max-steps", "2", "--output", str(out), "--no-progress"]
+    assert cli_exit(argv) == 2
+    err = capsys.readouterr().err
+    assert f"no sample is longer than sinks + window = {int(window) + int(sinks)} tokens (the longest has 48" in err
+    assert "no position lies beyond" in err and not out.exists()
+    assert cli_exit(argv + ["--max-length", "100"]) == 2
+    assert "max_length=100 leaves no position beyond sinks + window" in capsys.readouterr().err
+
+
+def test_cli_errors_for_bad_memory_kwargs_and_unwritable_output(capsys, monkeypatch, tmp_path, tiny_model, token_data):
+    """Issue 14.12: --memory-kwargs that is no JSON object, --out a file or a read-only directory, a full disk."""
+    base = ["distill", "--model", tiny_model, "--data", token_data, "--window", "16", "--max-steps", "1",
+            "--no-progress"]
+    assert cli_exit(base + ["--out", str(tmp_path / "a"), "--memory-kwargs", "[1]"]) == 2
+    assert "memory_kwargs=[1] (list) must be a mapping" in capsys.readouterr().err
+    assert cli_exit(base + ["--out", str(tmp_path / "a"), "--memory-kwargs", "{"]) == 2
+    assert "'{' is not valid JSON" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli_exit(base + ["--out", str(tmp_path / "file")]) == 2
+    assert "ahn distill: error: output" in (err := capsys.readouterr().err) and "is a file" in err
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real_access(p, mode))  # we may be root
+    assert cli_exit(base + ["--out", str(readonly / "run")]) == 2
+    assert f"({readonly} is not a writable directory)" in capsys.readouterr().err
+    import errno
+
+    import ahn.distill.trainer as trainer_module
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(trainer_module, "replace_file", full_disk)
+    assert cli_exit(base + ["--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "ahn distill: error: no space left on the device of" in err and str(tmp_path / "full") in err
+
+
+def test_yaml_values_are_coerced_or_rejected_with_key_value_and_type(tmp_path):
+    """Issue 14.13: PyYAML reads 1e-3 as a string; each value is checked against its field's type."""
+    yml = tmp_path / "run.yaml"
+    yml.write_text('learning_rate: 1e-3\nmax_steps: "2"\nbudgets: [16, 32]\nlayers: null\n')
+    cfg = DistillConfig.from_yaml(yml)
+    assert cfg.learning_rate == 1e-3 and cfg.max_steps == 2 and cfg.budgets == [16, 32] and cfg.layers is None
+    for text, match in {"batch_size: two\n": "batch_size='two' \\(str\\) must be an int",
+                        "progress: maybe\n": "progress='maybe' \\(str\\) must be true/false",
+                        "max_samples: 1.5\n": "max_samples=1.5 \\(float\\) must be an int or null",
+                        "budgets: [16, x]\n": "budgets=\\[16, 'x'\\] \\(list\\) must be a list of ints",
+                        "synthetic: 3\n": "synthetic=3 \\(int\\) must be a mapping",
+                        "memory: null\n": "memory=None \\(NoneType\\) must be a string"}.items():
+        yml.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            DistillConfig.from_yaml(yml)
+
+
+def test_data_errors_name_the_file_and_blank_lines_are_skipped(tmp_path):
+    """Issue 14.14: out-of-vocabulary ids, non-UTF-8, empty files and null fields name the file; blank lines
+    are skipped as ahn eval skips them."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input_ids": [1, 2]}\n\n{"input_ids": [3]}\n\n')
+    assert load_records(str(path))["input_ids"] == [[1, 2], [3]]
+    path.write_text('{"input_ids": [1, 100000]}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl, line 1: token id 100000 is outside the model's vocabulary"):
+        load_records(str(path), vocab_size=VOCAB)
+    path.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"d.jsonl: not UTF-8 text"):
+        load_records(str(path))
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"d.jsonl: holds no records \(the file is empty\)"):
+        load_records(str(path))
+    (tmp_path / "e.json").write_text("")
+    with pytest.raises(ValueError, match=r"e.json: holds no records"):
+        load_records(str(tmp_path / "e.json"))
+    path.write_text('{"text": null}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl, line 1: field 'text' is null"):
+        load_records(str(path))
+
+
+@pytest.mark.parametrize("flag,value,match", [("--temperature", "0", "temperature=0.0 must be > 0"),
+                                              ("--dataloader-workers", "-1", "dataloader_workers=-1 must be >= 0"),
+                                              ("--lr-scheduler", "bogus", "bogus")])
+def test_bad_settings_fail_before_anything_is_written(capsys, tmp_path, tiny_model, token_data, flag, value, match):
+    """Issue 14.16: no distill_config.yaml or checkpoints/ is left behind by a bad setting."""
+    out = tmp_path / "o"
+    assert cli_exit(["distill", "--model", tiny_model, "--data", token_data, "--window", "16", "--max-steps", "1",
+                     "--output", str(out), "--no-progress", flag, value]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tiny_model, token_data):
+    """Issue 14.17: SIGTERM (a scheduler's preemption) is treated as Ctrl-C, in a real subprocess."""
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ahn", "distill", "--model", tiny_model, "--data", token_data, "--window", "16",
+           "--max-steps", "100000", "--save-steps", "100000", "--logging-steps", "1", "--output", str(out),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / LOG_NAME).exists() and (out / LOG_NAME).read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM; saving a checkpoint" in stdout and "run the same command again to resume" in stdout
+    step = max(r["step"] for r in read_log(out))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{step}"]
+    assert not (out / "ahn_adapter.safetensors").exists()
+
+
+def test_config_finds_shipped_configs_by_name_and_help_shows_required_flags(capsys, monkeypatch, tmp_path):
+    """Issue 14.22: --config tiny / distill/tiny.yaml / configs/distill/tiny.yaml work from any directory."""
+    monkeypatch.chdir(tmp_path)
+    expected = DistillConfig.from_yaml("tiny")
+    for name in ("distill/tiny.yaml", "configs/distill/tiny.yaml", "tiny.yaml"):
+        assert DistillConfig.from_yaml(name) == expected
+    assert expected.model == "demo-teacher"
+    with pytest.raises(ValueError, match="not a shipped config; shipped: .*qwen2.5-3b-instruct-gdn.*tiny"):
+        DistillConfig.from_yaml("tiny2")
+    assert cli_exit(["distill", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    for flag in ("--model MODEL", "--data DATA", "--output OUTPUT, --out OUTPUT"):
+        assert text.split(flag + " ", 1)[1].split(" --", 1)[0].endswith("(required)"), flag
