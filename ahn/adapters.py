@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ahn._io import make_readable, remove_stale_temporaries, replace_file, temporary_prefix
-from ahn.config import CONFIG_NAME, AHNConfig
+from ahn.config import CONFIG_NAME, AHNConfig, read_config_json
 
 WEIGHTS_NAME = "ahn_adapter.safetensors"
 # Key of the config inside the weights file's metadata.
@@ -100,12 +100,7 @@ def _read_ahn_adapter(path: Path) -> tuple[AHNConfig, dict[str, torch.Tensor]]:
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); the adapter is damaged") from None
     config_path = path / CONFIG_NAME
-    try:
-        d = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{config_path} must hold a JSON object of AHNConfig fields")
+    d = read_config_json(config_path)
     sha = d.pop("weights_sha256", None)
     if sha is not None and sha != hashlib.sha256(weights).hexdigest():
         # The weights were replaced but their config not yet: the weights carry their own.
@@ -170,9 +165,10 @@ def load_adapter(base_model, path, **overrides):
     config, state = read_adapter(path, **overrides)
     memories = build_memories(base_model, config)
     expected = memory_parameter_names(base_model, memories)
-    for name in sorted(set(state) - set(expected)):
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
         raise ValueError(
-            f"adapter {path} has key {name!r} which this model does not have: the adapter was made for another "
+            f"adapter {path} has key {unknown[0]!r} which this model does not have: the adapter was made for another "
             f"base model or memory layout (memory={config.memory!r}, layers={config.layers})"
         )
     for name, param in expected.items():  # in the model's order: the first offending layer is named

@@ -110,11 +110,16 @@ class AHNConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "AHNConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object of AHNConfig fields")
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_json(path))
+
+
+def read_config_json(path) -> dict:
+    """The JSON object of AHNConfig fields in ``path``; a ValueError naming the file otherwise."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object of AHNConfig fields")
+    return d

@@ -317,9 +317,8 @@ class AHNModel(nn.Module):
     draws them per batch). Use :meth:`attention_mode` to run the exact base model
     (``"full"``) or sinks + window without memory (``"window"``).
 
-    The mode belongs to the model, not to a thread: two threads that run one model in
-    different modes at once must each use their own model (the base weights can be shared
-    by loading them once and attaching the adapter to two shallow copies is not supported).
+    The mode belongs to the model, not to a thread (it selects the model's attention
+    implementation): two threads that need different modes at the same time need two models.
     """
 
     def __init__(self, base_model: nn.Module, config: AHNConfig, runtime: _Runtime):
