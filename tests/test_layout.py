@@ -18,3 +18,24 @@ def test_every_package_folder_is_declared():
     }
     missing = sorted(found - set(setup["packages"]))
     assert not missing, f"package folders not listed in pyproject.toml [tool.setuptools] packages: {missing}"
+
+
+# What would tie ahn to one transformers release: restating a private forward, swapping classes,
+# patching methods, copying a family's RoPE, or overriding the Trainer's private methods.
+PRIVATE_SEAMS = {
+    "def forward(self, hidden_states": "a restated transformers forward signature",
+    "__class__ = ": "a class swap",
+    "types.MethodType": "a patched method",
+    "apply_rotary_pos_emb": "a family's RoPE code",
+    "modeling_qwen": "an import from a family's modelling file",
+    "def _save(": "an override of Trainer._save",
+    "def _load_from_checkpoint": "an override of Trainer._load_from_checkpoint",
+    '"full_attention":': "the dict-of-masks shortcut of a family's forward",
+}
+
+
+def test_no_private_transformers_seam_is_used():
+    sources = [p for folder in ("ahn", "kernels", "distill", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    found = [f"{p.relative_to(ROOT)}: {what} ({needle!r})" for p in sources for needle, what in PRIVATE_SEAMS.items()
+             if needle in p.read_text()]
+    assert not found, "\n".join(found)
