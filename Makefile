@@ -36,7 +36,7 @@ bench: $(STAMP)
 	PYTHONSAFEPATH=1 $(BIN)/python -m ahn.benchmarks.kernels
 
 # The model, distill and demo tests against several transformers releases, each in a throwaway
-# venv under build/compat (docs/compat.md): make compat [VERSIONS="5.13.0 5.24.0"] [COMPAT_ARGS="--keep --jobs 2"]
+# venv under build/compat (docs/compat.md): make compat [VERSIONS="5.23.0 5.24.0"] [COMPAT_ARGS="--keep --jobs 2"]
 compat: $(STAMP)
 	$(BIN)/python tools/compat.py $(if $(VERSIONS),--versions $(VERSIONS)) $(COMPAT_ARGS)
 

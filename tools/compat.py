@@ -9,7 +9,7 @@ packages that constrain transformers themselves (e.g. flash-linear-attention) wi
 reads those packages' requirements from its installed metadata.
 
     python tools/compat.py                       # the declared floor, LAST_BEFORE_RENAME, the pinned and the newest release
-    python tools/compat.py --versions 5.13.0 5.24.0 --keep --jobs 2
+    python tools/compat.py --versions 5.23.0 5.24.0 --keep --jobs 2
     python tools/compat.py --tests "tests/test_model.py -k decode"
 
 Prints versions x (result, passed / failed / skipped, seconds, relaxed pins) and exits 1 if any
