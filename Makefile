@@ -1,22 +1,27 @@
 # Two entry points for a fresh clone: `make demo` (the main job) and `make test` (the suite).
-# Both create ./.venv on first use. The venv sees the system's site-packages, so a CUDA
-# torch that is already installed is used as is; where no torch is importable, torch is
-# pinned to 2.13.0 in the same pip command as everything else, so pip never resolves a
-# plain `torch` requirement to a multi-GB CUDA build on a CPU machine.
+# Both create ./.venv on first use and install the pinned, tested set of constraints.txt
+# (pip -c). The venv sees the system's site-packages, so a CUDA torch that is already
+# installed is used as is (torch and triton, whose version torch fixes, then come out of the
+# pins); where no torch is importable, torch is pinned to 2.13.0 in the same pip command as
+# everything else, so pip never resolves a plain `torch` requirement to a multi-GB CUDA build
+# on a CPU machine.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ahn-installed
-TORCH_PIN := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 || echo "torch==2.13.0")
+CONSTRAINTS := constraints.txt
+HAVE_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
+TORCH_PIN := $(if $(HAVE_TORCH),,$(shell grep '^torch==' $(CONSTRAINTS)))
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench compat clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -e ".[dev]"
+	$(if $(HAVE_TORCH),grep -v -E '^(torch|triton)==',cat) $(CONSTRAINTS) > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,6 +34,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	PYTHONSAFEPATH=1 $(BIN)/python -m ahn.benchmarks.kernels
+
+# The model, distill and demo tests against several transformers releases, each in a throwaway
+# venv under build/compat (docs/compat.md): make compat [VERSIONS="5.23.0 5.24.0"] [COMPAT_ARGS="--keep --jobs 2"]
+compat: $(STAMP)
+	$(BIN)/python tools/compat.py $(if $(VERSIONS),--versions $(VERSIONS)) $(COMPAT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

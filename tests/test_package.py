@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 import ahn
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args, cwd):
@@ -52,3 +59,41 @@ def test_import_has_no_side_effects(tmp_path):
     out = run([sys.executable, "-c", code], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"importing ahn.kernels pulled in heavy modules: {out.stdout}"
+
+
+def _project():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _pins() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version and canonicalize_name(name) not in pins, f"constraints.txt: {line!r} is not one exact pin"
+            pins[canonicalize_name(name)] = Version(version)
+    return pins
+
+
+def test_constraints_pin_every_dependency_inside_its_range():
+    """The pinned set (make demo / make test) is one the declared ranges accept, and each upper
+    bound stops at the minor release after the pinned, tested one (raising it: docs/compat.md)."""
+    pins = _pins()
+    project = _project()
+    for dep in (*project["dependencies"], *project["optional-dependencies"]["dev"]):
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name]), f"{req.name}=={pins[name]} is outside pyproject's {dep!r}"
+        uppers = [Version(s.version) for s in req.specifier if s.operator == "<"]
+        assert len(uppers) == 1, f"{dep!r} needs one '<' upper bound (the newest tested release)"
+        pinned = pins[name].release + (0,)
+        assert uppers[0] <= Version(f"{pinned[0]}.{pinned[1] + 1}"), f"{dep!r} allows untested releases past {pins[name]}"
+
+
+def test_python_floor_covers_the_standard_library_in_use():
+    """tomllib (the suite and tools/compat.py read pyproject.toml with it) is new in Python 3.11."""
+    uses_tomllib = [p.name for p in (*ROOT.glob("tests/*.py"), *ROOT.glob("tools/*.py")) if "import tomllib" in p.read_text()]
+    assert uses_tomllib
+    assert not SpecifierSet(_project()["requires-python"]).contains("3.10.99"), f"{uses_tomllib} import tomllib (3.11+)"
