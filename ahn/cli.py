@@ -4,9 +4,46 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Optional, Sequence
+import textwrap
+from typing import Callable, Optional, Sequence
 
 from ahn import __version__
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own (examples keep their lines and indent) and
+    appends ``(default: X)`` to an option that has a default worth showing (not required, not None, not
+    an off switch)."""
+
+    def _fill_text(self, text, width, indent):
+        lines = []
+        for line in text.splitlines():
+            own = line[: len(line) - len(line.lstrip())]  # an indented line (an example) wraps with a hanging indent
+            lines.append(textwrap.fill(line.strip(), width, initial_indent=indent + own,
+                                       subsequent_indent=indent + own + ("    " if own else "")))
+        return "\n".join(lines)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or action.required or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int >= ``low``; argparse names the flag in the error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
 
 
 def _add_flops(sub) -> None:
@@ -17,26 +54,38 @@ def _add_flops(sub) -> None:
             "Analytic prefill FLOPs (matmuls; causal attention over the lower triangle; the memory's own cost) "
             "and the cache left after N tokens, for full attention, sinks + window, and window + memory."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  ahn flops --model Qwen2.5-3B-Instruct --seq-len 131072\n"
+            "  ahn flops --model path/to/config.json --seq-len 32768 --window 8064 --sinks 64 --json\n"
+            "  ahn flops --model Qwen3-8B --seq-len 65536 --plot flops.png --max-len 131072"
+        ),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True,
                    help="config.json path, model directory, shipped config name (e.g. Qwen2.5-3B-Instruct) or Hub id")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens processed (prefill length)")
-    p.add_argument("--window", type=int, default=32640, help="sliding-window tokens (excluding sinks)")
-    p.add_argument("--sinks", type=int, default=128, help="attention-sink tokens")
+    p.add_argument("--seq-len", type=int_at_least(1), required=True, help="tokens processed (prefill length)")
+    p.add_argument("--window", type=int_at_least(1), default=32640, help="sliding-window tokens (excluding sinks)")
+    p.add_argument("--sinks", type=int_at_least(0), default=128, help="attention-sink tokens")
     p.add_argument("--memory", default="gated_deltanet", help="memory rule: gated_deltanet, deltanet or mamba2")
     p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (memory gates and states are float32)")
-    p.add_argument("--batch", type=int, default=1, help="sequences processed together")
+    p.add_argument("--batch", type=int_at_least(1), default=1, help="sequences processed together")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="PNG", help="also plot FLOPs and cache against sequence length")
-    p.add_argument("--max-len", type=int, default=None, help="longest length on the plot (default: --seq-len)")
+    p.add_argument("--max-len", type=int_at_least(1), default=None,
+                   help="longest length on the plot (default: --seq-len)")
     p.set_defaults(func=_run_flops)
 
 
 def _run_flops(args) -> int:
+    from pathlib import Path
+
     from ahn.configs import load_model_config
     from ahn.flops import MODES, ModelShape, compare
 
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; create it "
+                         "or choose another path")
     shape = ModelShape.from_config(load_model_config(args.model))
     kw = dict(window=args.window, sinks=args.sinks, memory=args.memory, dtype=args.dtype, batch=args.batch)
     result = compare(shape, args.seq_len, **kw)
@@ -70,6 +119,16 @@ def _add_eval(sub) -> None:
             "Run a benchmark with the official prompts, truncation and metrics in each attention mode (full, "
             "window, ahn) and write per-mode predictions (resumable), results.json, results.md and results.png."
         ),
+        epilog=(
+            "examples:\n"
+            "  ahn eval lveval --model Qwen/Qwen2.5-3B-Instruct --adapter ADAPTER_DIR --data LVEVAL_DIR "
+            "--lengths 16k,32k --out runs/lveval\n"
+            "  ahn eval ruler --model MODEL_DIR --adapter ADAPTER_DIR --lengths 8k --datasets niah_single_1,vt "
+            "--limit 5 --out runs/ruler\n"
+            "  ahn eval perplexity --model MODEL_DIR --window 1024 --sinks 64 --data book.txt --lengths 8k "
+            "--modes window,ahn --out runs/ppl"
+        ),
+        formatter_class=HelpFormatter,
     )
     add_eval_arguments(p)
     p.set_defaults(func=_run_eval)
@@ -126,6 +185,13 @@ def _add_demo(sub) -> None:
             "sequences with full attention, sinks + window, and window + memory: accuracy on answers beyond the "
             "window (and within it), by distance. Writes results.json and accuracy.png under --out."
         ),
+        epilog=(
+            "examples:\n"
+            "  ahn demo\n"
+            "  ahn demo --memory all --threads 2 --out demo-run\n"
+            "  ahn demo --pairs 8 --steps 300"
+        ),
+        formatter_class=HelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=_run_demo)
@@ -151,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_eval(sub)
     _add_flops(sub)
+    for p in (parser, *sub.choices.values()):
+        p.allow_abbrev = False  # a flag is what the user typed: --lr is not --lr-scheduler
     return parser
 
 

@@ -47,7 +47,12 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
-        """From a transformers config (Qwen2 / Qwen3 / Llama-like)."""
+        """From a transformers config (Qwen2 / Qwen3 / Llama-like: gated MLP of ``intermediate_size``)."""
+        needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [name for name in needed if getattr(config, name, None) is None]
+        if missing:
+            raise ValueError(f"a {getattr(config, 'model_type', '?')!r} config lacks {', '.join(missing)}: the FLOPs "
+                             "model covers Qwen2 / Qwen3 / Llama-like decoders (gated MLP); pass such a config")
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -79,8 +84,9 @@ def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, si
                          f"(registered memories: {available_memories()})")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_BYTES)}")
-    if seq_len < 1 or window < 1 or sinks < 0:
-        raise ValueError(f"need seq_len >= 1, window >= 1, sinks >= 0; got {seq_len}, {window}, {sinks}")
+    if seq_len < 1 or window < 1 or sinks < 0 or batch < 1:
+        raise ValueError(f"need seq_len >= 1, window >= 1, sinks >= 0, batch >= 1; got {seq_len}, {window}, {sinks}, "
+                         f"{batch}")
     s, N = shape, seq_len
     L, h, D, Hq, Hkv = s.num_layers, s.hidden_size, s.head_dim, s.num_heads, s.num_kv_heads
     mem_layers = L if memory_layers is None else memory_layers

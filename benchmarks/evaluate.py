@@ -5,8 +5,10 @@ sinks + window), and run greedily in each requested attention mode ("full", "win
 "ahn") on the same prompts. Per dataset and mode, predictions go to
 ``OUT/<mode>/<dataset>.jsonl`` one line per sample as soon as it is done; a restarted run
 skips the samples already there, so an interrupted run resumes where it stopped and ends
-with the same files. Then ``results.json``, ``results.md`` (datasets x modes) and
-``results.png`` are written from those files.
+with the same files; ``run.json`` holds the run's settings (the adapter also by the SHA-256
+of its files) and a rerun with other settings or other adapter weights is refused. Then
+``results.json``, ``results.md`` (datasets x modes) and ``results.png`` are written from
+those files.
 
 The benchmark modules (:mod:`~ahn.benchmarks.lveval`, :mod:`~ahn.benchmarks.infinitebench`,
 :mod:`~ahn.benchmarks.longbench`, :mod:`~ahn.benchmarks.ruler`) turn records into
@@ -127,6 +129,15 @@ def load_records(data: Optional[str], names: Sequence[str], hub: Callable[[str],
 
 
 # ----------------------------------------------------------------------------- prompts and truncation
+def _halves(ids: Sequence[int], max_length: int) -> tuple[list[int], list[int]]:
+    """The first and the last ``max_length // 2`` ids; ValueError below 2, where a half is no id at all."""
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be at least 2 tokens: middle truncation keeps "
+                         "max_length // 2 tokens from each end")
+    half = max_length // 2
+    return list(ids[:half]), list(ids[len(ids) - half:])
+
+
 def middle_truncate(ids: Sequence[int], max_length: int) -> list[int]:
     """Keep the first and the last ``max_length // 2`` ids when there are more than ``max_length``.
 
@@ -134,12 +145,8 @@ def middle_truncate(ids: Sequence[int], max_length: int) -> list[int]:
     InfiniteBench ``truncate_input``): the instruction at the start and the question at
     the end survive.
     """
-    if max_length < 2:
-        raise ValueError(f"max_length={max_length} must be at least 2 tokens")
-    if len(ids) <= max_length:
-        return list(ids)
-    half = max_length // 2
-    return list(ids[:half]) + list(ids[-half:])
+    head, tail = _halves(ids, max_length)
+    return list(ids) if len(ids) <= max_length else head + tail
 
 
 def truncate_prompt(tokenizer, prompt: str, max_length: int, decode_halves: bool) -> tuple[str, int, bool]:
@@ -149,14 +156,13 @@ def truncate_prompt(tokenizer, prompt: str, max_length: int, decode_halves: bool
     (LongBench / LV-Eval); ``False`` decodes the joined ids once (InfiniteBench).
     """
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    head, tail = _halves(ids, max_length)
     if len(ids) <= max_length:
         return prompt, len(ids), False
-    half = max_length // 2
     if decode_halves:
-        text = (tokenizer.decode(ids[:half], skip_special_tokens=True)
-                + tokenizer.decode(ids[-half:], skip_special_tokens=True))
+        text = tokenizer.decode(head, skip_special_tokens=True) + tokenizer.decode(tail, skip_special_tokens=True)
     else:
-        text = tokenizer.decode(middle_truncate(ids, max_length), skip_special_tokens=True)
+        text = tokenizer.decode(head + tail, skip_special_tokens=True)
     return text, len(ids), True
 
 
@@ -175,19 +181,64 @@ def load_model(model: str, adapter: Optional[str], window: Optional[int], sinks:
                device: str):
     """(AHNModel, tokenizer): the base model with the adapter at ``adapter``, or a fresh memory (= window)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
 
     from ahn import AHNConfig, AHNModel, add_memory
+    from ahn._loading import load_causal_lm, load_tokenizer
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype!r} must be one of {sorted(dtypes)}")
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtypes[dtype]).to(device).eval()
+    tokenizer = load_tokenizer(model)
+    base = load_causal_lm(model, dtype=dtypes[dtype]).to(device).eval()
     overrides = {k: v for k, v in (("window", window), ("sinks", sinks)) if v is not None}
-    if adapter:
+    if not adapter:
+        return add_memory(base, AHNConfig(**overrides)), tokenizer
+    try:
         return AHNModel.from_pretrained(base, adapter, **overrides), tokenizer
-    return add_memory(base, AHNConfig(**overrides)), tokenizer
+    except SafetensorError as e:
+        weights = ", ".join(str(f) for f in adapter_files(adapter) if f.suffix == ".safetensors")
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); save or copy the adapter "
+                         "again") from None
+
+
+def adapter_files(adapter: str) -> list[Path]:
+    """The files an adapter is read from: ahn's config + weights, else the official release's."""
+    from ahn.adapters import OFFICIAL_WEIGHTS_NAME, WEIGHTS_NAME
+    from ahn.config import CONFIG_NAME
+
+    path = Path(adapter)
+    names = (CONFIG_NAME, WEIGHTS_NAME) if (path / CONFIG_NAME).exists() else ("config.json", OFFICIAL_WEIGHTS_NAME)
+    return [path / n for n in names if (path / n).exists()]
+
+
+def adapter_fingerprint(adapter: Optional[str]) -> Optional[str]:
+    """SHA-256 of the adapter's files (names and contents): a run resumes only with the same weights."""
+    import hashlib
+
+    if not adapter:
+        return None
+    digest = hashlib.sha256()
+    for f in adapter_files(adapter):
+        digest.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_device(name: Optional[str]) -> str:
+    """``--device`` checked to be usable on this machine (default: cuda if available, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:  # AssertionError: a torch build without CUDA
+        raise ValueError(f"--device {name!r} cannot be used here ({e}); use --device cpu, or leave --device out "
+                         "(cuda if available, else cpu)") from None
+    return name
 
 
 def generate(model, tokenizer, ids: list[int], mode: str, max_new_tokens: int) -> tuple[str, int]:
@@ -363,38 +414,43 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def parse_token_counts(value: str) -> list[int]:
-    """``"4096,8k"`` -> ``[4096, 8192]`` (``k`` = 1024)."""
+def parse_token_counts(value: str, minimum: int = 1) -> list[int]:
+    """``"4096,8k"`` -> ``[4096, 8192]`` (``k`` = 1024), each at least ``minimum``."""
     import re
 
     out = []
     for item in _csv(value):
         m = re.fullmatch(r"(\d+)([kK]?)", item)
-        if not m or int(m.group(1)) < 1:
+        if not m:
             raise ValueError(f"--lengths {item!r}: give token counts such as 4096 or 4k")
         out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
+        if out[-1] < minimum:
+            raise ValueError(f"--lengths {item}: each length must be at least {minimum} tokens")
     return out
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``ahn eval`` (the CLI calls this; :func:`run` executes them)."""
+    from ahn.cli import int_at_least
+
     p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark to run")
     p.add_argument("--model", required=True, help="base model: local directory or Hub id")
     p.add_argument("--adapter", help="trained memory adapter directory (default: a fresh memory, i.e. sinks + window)")
     p.add_argument("--modes", default="full,window,ahn", help="comma-separated attention modes to compare")
-    p.add_argument("--window", type=int, help="sliding-window tokens (default: the adapter's, else 32640)")
-    p.add_argument("--sinks", type=int, help="attention-sink tokens (default: the adapter's, else 128)")
+    p.add_argument("--window", type=int_at_least(1), help="sliding-window tokens (default: the adapter's, else 32640)")
+    p.add_argument("--sinks", type=int_at_least(0), help="attention-sink tokens (default: the adapter's, else 128)")
     p.add_argument("--data", help="local directory in the benchmark's official layout, or a Hub dataset id; "
                                    "ruler: optional haystack text file; perplexity: a .txt / .jsonl file or Hub id")
     p.add_argument("--datasets", help="comma-separated datasets / tasks (default: all of the benchmark's)")
     p.add_argument("--lengths", help="comma-separated lengths: LV-Eval levels (16k,32k,...) or token counts "
                                      "(ruler, perplexity)")
     p.add_argument("--out", "--output", dest="out", required=True, help="output directory (an existing run there is resumed)")
-    p.add_argument("--limit", type=int, help="at most N samples per dataset (ruler: samples generated per task, "
-                                             "default 25; perplexity: sequences per length)")
-    p.add_argument("--max-length", type=int, help="prompt tokens kept by middle truncation (default: the "
-                                                   "benchmark's official value)")
-    p.add_argument("--max-new-tokens", type=int,
+    p.add_argument("--limit", type=int_at_least(1),
+                   help="at most N samples per dataset (ruler: samples generated per task, default 25; perplexity: "
+                        "sequences per length)")
+    p.add_argument("--max-length", type=int_at_least(2), help="prompt tokens kept by middle truncation (default: "
+                                                                "the benchmark's official value)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1),
                    help="cap every dataset's official generation length (quick runs; recorded in run.json)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed raw prompts even if the tokenizer has a chat template")
@@ -409,23 +465,18 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``ahn eval`` (see :func:`add_eval_arguments`); prints the results table."""
     import importlib
 
-    import torch
-
     modes = _csv(args.modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"--modes {args.modes!r}: each mode must be one of {MODES}")
-    for name in ("limit", "max_new_tokens", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {value} must be >= 1")
     bench = importlib.import_module(f"ahn.benchmarks.{args.benchmark}")
     out = Path(args.out)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, args.adapter, args.window, args.sinks, args.dtype, device)
     window, sinks = model.ahn_config.window, model.ahn_config.sinks
-    settings = {"benchmark": args.benchmark, "model": args.model, "adapter": args.adapter, "window": window,
-                "sinks": sinks, "dtype": args.dtype, "data": args.data}
+    settings = {"benchmark": args.benchmark, "model": args.model, "adapter": args.adapter,
+                "adapter_sha256": adapter_fingerprint(args.adapter), "window": window, "sinks": sinks,
+                "dtype": args.dtype, "data": args.data}
     if args.benchmark == "ruler":
         settings["seed"] = args.seed  # same dataset names, other samples
     if args.benchmark == "perplexity":

@@ -26,8 +26,8 @@ BUCKETS = ("inside", "beyond")
 
 
 def parse_lengths(value) -> list[int]:
-    """``--lengths`` as token counts (default 8192)."""
-    return parse_token_counts(value) if value else list(DEFAULT_LENGTHS)
+    """``--lengths`` as token counts (default 8192); a sequence needs 2 tokens: one predicts the other."""
+    return parse_token_counts(value, minimum=2) if value else list(DEFAULT_LENGTHS)
 
 
 def read_text(data, text_field: str, split: str) -> str:

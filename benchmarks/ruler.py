@@ -259,16 +259,11 @@ class Generator:
         return template.format(context=" ".join(words)), prefix, ranked[1:4]
 
 
-def _fit(fits: Callable[[int], bool], lo: int, budget: int, strict: bool = True) -> int:
-    """Largest size >= ``lo`` with ``fits(size)``, by doubling then bisection (RULER bisects).
-
-    When even ``lo`` does not fit: ValueError if ``strict``, else ``lo``.
-    """
+def _fit(fits: Callable[[int], bool], lo: int) -> int:
+    """Largest size >= ``lo`` with ``fits(size)``, by doubling then bisection (RULER bisects); ``lo``
+    when even ``lo`` does not fit."""
     if not fits(lo):
-        if not strict:
-            return lo
-        raise ValueError(f"the smallest sample ({lo} haystack units) already exceeds {budget} tokens: ask for a "
-                         "longer --lengths")
+        return lo
     hi = lo
     while fits(hi * 2):
         hi *= 2
@@ -307,7 +302,7 @@ def load(args, tokenizer, use_chat: bool) -> list[Dataset]:
             if kind == "variable_tracking":
                 probe = random.Random(f"{args.seed}/{name}/icl")
                 icl_size = _fit(lambda s: len(tokenizer(gen.vt_example(probe, s, **cfg))["input_ids"]) <= VT_ICL_TOKENS,
-                                VT_ICL_MIN_NOISES, VT_ICL_TOKENS, strict=False)
+                                VT_ICL_MIN_NOISES)
 
             def make(size, rng, kind=kind, cfg=cfg, length=length, icl_size=icl_size):
                 if kind == "niah":
@@ -319,11 +314,15 @@ def load(args, tokenizer, use_chat: bool) -> list[Dataset]:
                 return gen.fwe(rng, size, cfg["alpha"], max(4, length // VOCAB_DIVISOR))
 
             lo = {"niah": 4 if cfg.get("haystack") != "essay" else 32, "common_words_extraction": 12}.get(kind, 8)
-            def fits(size, make=make, n_tokens=n_tokens, budget=budget, name=name, length=length):
+            def probe_tokens(size, make=make, n_tokens=n_tokens, name=name, length=length):
                 text, prefix, _ = make(size, random.Random(f"{args.seed}/{name}/{length}/probe"))
-                return n_tokens(text, prefix) <= budget
+                return n_tokens(text, prefix)
 
-            size = _fit(fits, lo, budget)
+            smallest = probe_tokens(lo) + TEMPLATES[kind][2]  # input + answer
+            if smallest > length:
+                raise ValueError(f"--lengths {length} is too short for {name}: its smallest sample (input and answer) "
+                                 f"takes {smallest} tokens; ask for --lengths {smallest} or more")
+            size = _fit(lambda s, probe_tokens=probe_tokens, budget=budget: probe_tokens(s) <= budget, lo)
             samples = []
             for i in range(count):
                 rng_seed = f"{args.seed}/{name}/{length}/{i}"

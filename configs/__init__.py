@@ -16,19 +16,17 @@ def load_model_config(spec: str):
     prefix), a ``config.json`` path, a model directory, or a Hub id (needs network)."""
     from transformers import AutoConfig, PretrainedConfig
 
+    from ahn._loading import from_path_or_hub
+
     path = Path(spec)
     if path.is_file():
-        config_dict, _ = PretrainedConfig.get_config_dict(str(path))
+        config_dict, _ = from_path_or_hub(PretrainedConfig.get_config_dict, spec, "model config")
+        if "model_type" not in config_dict:
+            raise ValueError(f"{spec} has no \"model_type\" field, so its architecture is unknown; add one "
+                             "(e.g. \"qwen2\") or pass a shipped config name")
         return AutoConfig.for_model(**config_dict)
-    if path.is_dir():
-        return AutoConfig.from_pretrained(str(path))
     shipped = MODELS_DIR / f"{spec.split('/')[-1]}.json"
-    if shipped.is_file():
+    if not path.is_dir() and shipped.is_file():
         return load_model_config(str(shipped))
-    try:
-        return AutoConfig.from_pretrained(spec)
-    except OSError as e:
-        raise ValueError(
-            f"cannot find a model config for {spec!r}: not a file, a directory, a shipped config "
-            f"({', '.join(shipped_models())}) or a reachable Hub id ({e.__class__.__name__})"
-        ) from None
+    return from_path_or_hub(AutoConfig.from_pretrained, spec, "model config",
+                            hint=f" (shipped configs: {', '.join(shipped_models())})")

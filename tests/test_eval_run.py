@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -157,6 +158,49 @@ def test_resume_refuses_other_settings(tiny, tmp_path, capsys):
     assert e.value.code == 2 and "max_new_tokens: 2 -> 3" in capsys.readouterr().err
 
 
+def test_resume_refuses_an_overwritten_adapter(tiny, tmp_path, capsys):
+    """The adapter is fingerprinted by content: new weights at the same path never mix with old predictions."""
+    _, adapter_dir = tiny
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    model_dir = tiny[0]
+    args = ["--data", str(SAMPLES / "infinitebench"), "--datasets", "passkey", "--max-new-tokens", "1", "--modes",
+            "ahn"]
+    out = tmp_path / "out"
+    assert main(eval_args((model_dir, str(adapter)), "infinitebench", out, *args)) == 0
+    first = json.loads((out / "run.json").read_text())["adapter_sha256"]
+    assert main(eval_args((model_dir, str(adapter)), "infinitebench", out, *args)) == 0  # same content: resumes
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ahn.add_memory(base, ahn.AHNConfig(window=WINDOW, sinks=SINKS)).save_pretrained(adapter)  # other weights
+    before = (out / "ahn" / "passkey.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(eval_args((model_dir, str(adapter)), "infinitebench", out, *args))
+    assert e.value.code == 2 and f"adapter_sha256: {first!r} -> " in capsys.readouterr().err
+    assert (out / "ahn" / "passkey.jsonl").read_bytes() == before
+
+
+def test_model_loading_errors_name_the_path(tiny, tmp_path, capsys):
+    model_dir, _ = tiny
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(Path(model_dir) / name, no_tokenizer)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny[1], truncated)
+    weights = truncated / "ahn_adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for model, adapter, message in [
+        (str(no_tokenizer), tiny[1], f"the tokenizer of '{no_tokenizer}' is missing"),
+        (str(tmp_path / "nowhere"), tiny[1],
+         f"ahn eval: error: model '{tmp_path / 'nowhere'}' not found: no such directory, and not a reachable Hub id"),
+        (model_dir, str(truncated), f"{weights} is not a readable safetensors file"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(eval_args((model, adapter), "longbench", tmp_path / "o", "--data", str(SAMPLES / "longbench")))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"input": "q", "context": "c", "answers": ["a"]}\n{"input": "q", "context": "c"}\n',
      r"hotpotwikiqa_mixup_16k.jsonl, line 2: field 'answers' is missing"),
@@ -194,6 +238,20 @@ def test_truncation_keeps_start_and_end():
         assert truncated and n == len(prompt.encode())
         assert text.startswith("START middle") and text.endswith("question END") and len(text.encode()) == 40
     assert truncate_prompt(tok, "short", 40, True) == ("short", 5, False)
+
+
+def test_truncation_needs_two_tokens(tiny, tmp_path, capsys):
+    """Middle truncation keeps max_length // 2 tokens from each end: below 2 it would keep everything."""
+    tok = byte_tokenizer()
+    prompt = "START " + "middle " * 20 + "END"
+    with pytest.raises(ValueError, match="max_length=1 must be at least 2 tokens"):
+        truncate_prompt(tok, prompt, 1, decode_halves=True)
+    assert truncate_prompt(tok, prompt, 3, decode_halves=False)[0] == "SD"  # odd: 1 + 1, as the official harnesses
+    for value in ("1", "-5"):
+        with pytest.raises(SystemExit) as e:
+            main(eval_args(tiny, "longbench", tmp_path / "o", "--data", str(SAMPLES / "longbench"), "--max-length",
+                           value))
+        assert e.value.code == 2 and f"argument --max-length: {value} must be >= 2" in capsys.readouterr().err
 
 
 def test_truncation_applies_to_long_samples(tiny, tmp_path):
@@ -248,8 +306,10 @@ def test_ruler_is_deterministic_per_seed_and_reads_a_haystack_file(tmp_path):
     hay.write_text("Zebras graze quietly. " * 50)
     s = ruler.load(_Args(datasets="niah_single_2", data=str(hay)), tok, True)[0].samples[0]
     assert "Zebras graze quietly." in s.prompt and "harbor" not in s.prompt
-    with pytest.raises(ValueError, match="longer --lengths"):
+    with pytest.raises(ValueError, match=r"--lengths 60 is too short for niah_single_1: .* --lengths \d+ or more"):
         ruler.load(_Args(datasets="niah_single_1", lengths="60"), tok, True)
+    with pytest.raises(ValueError, match="--lengths 10 is too short for vt"):  # shorter than the answer alone
+        ruler.load(_Args(datasets="vt", lengths="10"), tok, True)
 
 
 def test_ruler_end_to_end(tiny, tmp_path):
@@ -282,3 +342,11 @@ def test_perplexity_by_position(tiny, tmp_path):
     assert files_of(out) == before
     with pytest.raises(SystemExit):
         main(eval_args(tiny, "perplexity", tmp_path / "q", "--data", str(text), "--lengths", "100000"))
+
+
+def test_perplexity_lengths_below_two_tokens_name_the_flag(tiny, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("alpha beta " * 50)
+    with pytest.raises(SystemExit) as e:
+        main(eval_args(tiny, "perplexity", tmp_path / "p", "--data", str(text), "--lengths", "1"))
+    assert e.value.code == 2 and "--lengths 1: each length must be at least 2 tokens" in capsys.readouterr().err

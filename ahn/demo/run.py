@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,6 +65,32 @@ def _memories(memory: str) -> list[str]:
     return [memory]
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder that is a file or cannot be written, before anything is created."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder (it is created if missing)")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not a writable folder; choose a folder you can write to")
+
+
+def max_pairs() -> int:
+    """The most key-value pairs the demo's sequences hold (the recall task's own checks decide)."""
+    from .teacher import DEMO_TASK
+
+    def fits(n: int) -> bool:
+        try:
+            replace(DEMO_TASK, num_pairs=n)
+        except ValueError:
+            return False
+        return True
+
+    n = 1
+    while fits(n + 1):
+        n += 1
+    return n
+
+
 def default_out_dir() -> Path:
     """A fresh ``ahn-demo-<date>-<time>`` folder in the working directory."""
     return Path(time.strftime("ahn-demo-%Y%m%d-%H%M%S"))
@@ -73,6 +100,9 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
              retrain_teacher: bool = False, teacher_steps: Optional[int] = None, progress: bool = True,
              print_fn=print) -> dict:
     """Run the demo; returns the results written to ``out/results.json``."""
+    out = Path(out) if out is not None else default_out_dir()
+    check_out_dir(out)  # before the slow imports below
+
     import torch
 
     from ahn import AHNModel
@@ -85,35 +115,33 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
     from .teacher import DEMO_SINKS, DEMO_TASK, DEMO_WINDOW, WEIGHTS_DIR, load_teacher, train_teacher
 
     memories = _memories(memory)
-    out = Path(out) if out is not None else default_out_dir()
+    teacher_dir = out / "teacher" if retrain_teacher else WEIGHTS_DIR
+    task = {"seq_len": DEMO_TASK.seq_len, "num_pairs": settings.num_pairs}
+    held_out_task = replace(DEMO_TASK, num_pairs=settings.num_pairs)
+    # Built (and so checked) before anything is written.
+    configs = {mem: DistillConfig(
+        model=str(teacher_dir), memory=mem, data="synthetic", output=str(out / f"adapter-{mem}"), resume="never",
+        synthetic={"num_examples": settings.train_examples or settings.steps * settings.batch_size,
+                   "seed": settings.seed, **task},
+        min_length=0, max_length=None, response_weight=settings.response_weight, window=DEMO_WINDOW,
+        sinks=DEMO_SINKS, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
+        lr_scheduler=settings.lr_scheduler,
+        batch_size=settings.batch_size, max_steps=settings.steps, logging_steps=max(1, settings.steps // 10),
+        save_steps=settings.steps, save_total_limit=1, seed=settings.seed, progress=progress,
+    ) for mem in memories}
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    teacher_dir = WEIGHTS_DIR
     if retrain_teacher:
-        teacher_dir = out / "teacher"
         print_fn(f"ahn demo: training the teacher from scratch into {teacher_dir}")
         train_teacher(teacher_dir, seed=settings.seed, steps=teacher_steps, progress=progress)
-    task = {"seq_len": DEMO_TASK.seq_len, "num_pairs": settings.num_pairs}
-    held_out = sample_recall(replace(DEMO_TASK, num_pairs=settings.num_pairs), settings.eval_examples,
-                             torch.Generator().manual_seed(settings.eval_seed))
+    held_out = sample_recall(held_out_task, settings.eval_examples, torch.Generator().manual_seed(settings.eval_seed))
     # "full" / "window" / "ahn" hold beyond-window accuracies; the attention setting has its own key.
     results: dict = {"task": task, "attention": {"window": DEMO_WINDOW, "sinks": DEMO_SINKS}, "memories": {}, "settings": {
         k: getattr(settings, k) for k in settings.__dataclass_fields__}}
     for mem in memories:
         print_fn(f"ahn demo: distilling a {mem} memory into the teacher ({settings.steps} steps)")
-        adapter = out / f"adapter-{mem}"
-        cfg = DistillConfig(
-            model=str(teacher_dir), memory=mem, data="synthetic", output=str(adapter), resume="never",
-            synthetic={"num_examples": settings.train_examples or settings.steps * settings.batch_size,
-                       "seed": settings.seed, **task},
-            min_length=0, max_length=None, response_weight=settings.response_weight, window=DEMO_WINDOW,
-            sinks=DEMO_SINKS, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
-            lr_scheduler=settings.lr_scheduler,
-            batch_size=settings.batch_size, max_steps=settings.steps, logging_steps=max(1, settings.steps // 10),
-            save_steps=settings.steps, save_total_limit=1, seed=settings.seed, progress=progress,
-        )
         t0 = time.perf_counter()
-        distill(cfg)
+        adapter = distill(configs[mem])
         seconds = time.perf_counter() - t0
         with library_progress(progress):
             model = AHNModel.from_pretrained(load_teacher(teacher_dir), adapter)
@@ -172,6 +200,8 @@ def main_args(args) -> int:
     """Entry point of ``ahn demo`` (argparse namespace from :func:`ahn.cli`)."""
     import torch
 
+    if args.pairs is not None and args.pairs > max_pairs():
+        raise ValueError(f"--pairs {args.pairs}: the demo's sequences hold at most {max_pairs()} key-value pairs")
     if args.threads:
         torch.set_num_threads(args.threads)
     given = (("steps", args.steps), ("seed", args.seed), ("num_pairs", args.pairs))
@@ -182,16 +212,20 @@ def main_args(args) -> int:
 
 
 def add_arguments(p) -> None:
+    from ahn.cli import int_at_least
+
     p.add_argument("--memory", default=DEFAULT_MEMORY,
                    help="memory rule to distil: gated_deltanet, deltanet, mamba2 (ahn.available_memories()), or all "
                         "(side by side)")
     p.add_argument("--out", "--output", dest="out", type=Path, default=None, help="output folder (default: a fresh ./ahn-demo-<date>-<time>)")
-    p.add_argument("--steps", type=int, default=None, help=f"distillation steps per memory (default {DemoSettings.steps})")
-    p.add_argument("--pairs", type=int, default=None,
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help=f"distillation steps per memory (default {DemoSettings.steps})")
+    p.add_argument("--pairs", type=int_at_least(1), default=None,
                    help=f"key-value pairs per sequence (default {DemoSettings.num_pairs}; 8 shows the state's capacity limit)")
     p.add_argument("--seed", type=int, default=None, help="seed of the training data and the memory init (default 0)")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="train the teacher from scratch first instead of using the shipped one (~6 min on one core)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="steps of --retrain-teacher (default: the recipe's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--teacher-steps", type=int_at_least(1), default=None,
+                   help="steps of --retrain-teacher (default: the recipe's)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
