@@ -37,7 +37,8 @@ class AHNConfig:
             for prefill / training (peak memory grows with it, not with T). ``None`` (default)
             picks :meth:`block_for` the window: a block of bq queries attends to S + W + bq
             keys of which about S + W are needed, so blocks shorter than W waste less.
-        memory_kwargs: rule-specific options (e.g. ``{"conv_size": 4}``), validated by the rule.
+        memory_kwargs: rule-specific options, checked against the rule's ``allowed_options``; no shipped
+            rule takes any yet, so leave it ``{}``.
     """
 
     memory: str = "gated_deltanet"

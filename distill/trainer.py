@@ -49,6 +49,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ahn._io import replace_file
 from ahn._progress import library_progress
+from ahn._loading import load_causal_lm, load_tokenizer
 from ahn.adapters import save_adapter
 from ahn.benchmarks.evaluate import read_predictions
 from ahn.config import CONFIG_NAME, AHNConfig
@@ -283,17 +284,15 @@ def resolve_model(name: str) -> str:
 
 
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        return None  # pre-tokenised data needs none; text / chat data will say so
+        return load_tokenizer(path)
+    except ValueError:
+        return None  # missing or empty: pre-tokenised data needs none; text / chat data will say so
 
 
 def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> DistillTrainer:
     """Load the base model and data and set up the Trainer for ``cfg`` (nothing is trained yet)."""
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
 
     from ahn import AHNConfig, add_memory
 
@@ -303,7 +302,7 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model)
     with library_progress(cfg.progress):
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+        base = load_causal_lm(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     fixed = cfg.window != "random"
     ahn_config = AHNConfig(
         memory=cfg.memory, memory_kwargs=dict(cfg.memory_kwargs), layers=cfg.layers, backend=cfg.backend,
