@@ -4,10 +4,10 @@ In eager PyTorch one generated token costs the memory ~50 small tensor ops per l
 CPU each costs microseconds of dispatch and Python overhead while the arithmetic (H states of
 D x D) takes well under one. This module compiles, once per machine, one C++ function that runs
 the step of :func:`ahn.kernels.step.step_ref` (decay, write the evicted token, read with q) in
-plain loops, with the same arguments as the torch and Triton backends. Given the new token's
-hidden state it also computes, in the same call, the token's write gates and the memory's
-read-out (RMSNorm, output gate, per-head output projection): that is the memory decode of
-``ahn.memory`` (``Memory.decode``), described by the rule's ``StepSpec``. The gate activations
+plain loops, with the same arguments as the torch and Triton backends (:func:`step`). Given the
+new token's hidden state it also computes, in the same call, the token's write gates and the
+memory's read-out (RMSNorm, output gate, per-head output projection): that is the memory decode
+of ``ahn.memory`` (``Memory.decode`` calls :func:`compiled` with its rule's ``StepSpec``). The gate activations
 are this file's :data:`GATE_ACTIVATIONS`, whose torch forms the torch path uses: one table.
 
 The build is cached under a name made from a hash of the source, so a changed source builds
@@ -250,16 +250,3 @@ def step(q, k, v, g, beta, state, mask, *, scale: float, use_qk_l2norm: bool, l2
         _opt(mask), _opt(state), EMPTY, False, EMPTY, use_qk_l2norm, l2_eps, 0.0, scale,
     )
     return o, state
-
-
-def decode(x, gate_w: Sequence[torch.Tensor], gate_b: Sequence[torch.Tensor], gate_c: Sequence[torch.Tensor],
-           gate_act: Sequence[int], z_w, z_b, q, k, v, gates, decay_ch: int, rate, strength_ch: int, delta: bool,
-           mask, state, norm_w, joint_norm: bool, out_w, *, use_qk_l2norm: bool, l2_eps: float, norm_eps: float,
-           scale: float):
-    """The ``"cpp"`` backend of ``Memory.decode``: the new token's gates, the step and the read-out in
-    one call (absent tensors as None). Returns ``(out [B, H, V] or None, new_gates [B, H, G], state)``."""
-    out, new_gates, state = compiled()(
-        x, gate_w, gate_b, gate_c, gate_act, z_w, _opt(z_b), q, _opt(k), _opt(v), _opt(gates), decay_ch, _opt(rate),
-        strength_ch, delta, _opt(mask), _opt(state), norm_w, joint_norm, out_w, use_qk_l2norm, l2_eps, norm_eps, scale,
-    )
-    return out, new_gates, state  # an undefined C++ tensor (nothing to read / no state) arrives as None

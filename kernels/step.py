@@ -99,12 +99,12 @@ def resolve_step_backend(backend: str, q: torch.Tensor, *tensors: Optional[torch
     everything = (q, *tensors)
     if backend == "torch":
         return backend
-    if backend == "auto":
+    if backend == "auto":  # kept cheap: the model's decode resolves once per layer per generated token
         if needs_backward(*everything):
             return "torch"
-        if q.device.type == "cpu" and _cpp_takes(everything) and _cpu_decode.compiled() is not None:
-            return "cpp"
-        if (q.device.type == "cuda" and q.dtype != torch.float64 and head_dim <= MAX_STEP_HEAD_DIM
+        if q.is_cpu:
+            return "cpp" if _cpp_takes(everything) and _cpu_decode.compiled() is not None else "torch"
+        if (q.is_cuda and q.dtype != torch.float64 and head_dim <= MAX_STEP_HEAD_DIM
                 and importlib.util.find_spec("triton") is not None):
             return "triton"
         return "torch"
@@ -127,7 +127,8 @@ def resolve_step_backend(backend: str, q: torch.Tensor, *tensors: Optional[torch
 
 
 def _cpp_takes(tensors) -> bool:
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+    # is_cpu / dtype, not device.type: this runs once per layer per generated token.
+    return all(t is None or (t.is_cpu and t.dtype == torch.float32) for t in tensors)
 
 
 def run_step(

@@ -7,6 +7,7 @@ Parameter names, shapes and initialisations follow the official AHN release
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -83,6 +84,12 @@ class StepSpec:
         if (self.decay is not None) != self.rule.has_g:
             raise ValueError(f"rule {self.rule.name!r} {'needs' if self.rule.has_g else 'takes no'} a decay channel, "
                              f"got decay={self.decay!r}")
+
+    @functools.cached_property
+    def cpp_constants(self) -> tuple[list[int], int, int]:
+        """The compiled step's view of the declaration: activation codes, decay and strength channels (-1: none)."""
+        return ([_cpu_decode.ACTIVATION_CODES[gate.activation] for gate in self.gates],
+                -1 if self.decay is None else self.decay, -1 if self.strength is None else self.strength)
 
 
 def register_memory(name: str):
@@ -287,25 +294,27 @@ class Memory(nn.Module):
         """
         spec = self.step_spec
         layers = [getattr(self, gate.projection) for gate in spec.gates]
-        # The parameters share a device and dtype (module.to moves them together): g_proj's weight stands for them.
-        backend = resolve_step_backend(backend, q, x, k, v, gates, state, self.g_proj.weight, head_dim=self.head_dim)
+        g_proj = self.g_proj
+        # The parameters share a device and dtype (module.to moves them together) and so do the cached k / v
+        # with q, and gates are float32: q, x, state and g_proj's weight stand for every tensor here.
+        backend = resolve_step_backend(backend, q, x, state, g_proj.weight, head_dim=self.head_dim)
         if backend == "cpp":
-            return _cpu_decode.decode(
-                x, [layer.weight for layer in layers], [_cpu_decode.EMPTY if layer.bias is None else layer.bias
-                                                        for layer in layers],
-                [_cpu_decode.EMPTY if gate.bias is None else getattr(self, gate.bias) for gate in spec.gates],
-                [_cpu_decode.ACTIVATION_CODES[gate.activation] for gate in spec.gates], self.g_proj.weight,
-                self.g_proj.bias, q, k, v, gates, -1 if spec.decay is None else spec.decay,
-                None if spec.decay is None else self.A_log, -1 if spec.strength is None else spec.strength,
-                spec.rule.has_beta, mask, state, getattr(self, spec.norm).weight, spec.joint_norm, self.o_proj.weight,
-                use_qk_l2norm=self.use_qk_l2norm, l2_eps=L2NORM_EPS, norm_eps=NORM_EPS,
-                scale=self.head_dim**-0.5 if spec.scale is None else spec.scale,
-            )
+            none = _cpu_decode.EMPTY
+            codes, decay, strength = spec.cpp_constants
+            return _cpu_decode.compiled()(
+                x, [layer.weight for layer in layers], [none if layer.bias is None else layer.bias for layer in layers],
+                [none if gate.bias is None else getattr(self, gate.bias) for gate in spec.gates], codes, g_proj.weight,
+                none if g_proj.bias is None else g_proj.bias, q, none if k is None else k, none if v is None else v,
+                none if gates is None else gates, decay, none if spec.decay is None else self.A_log, strength,
+                spec.rule.has_beta, none if mask is None else mask, none if state is None else state,
+                getattr(self, spec.norm).weight, spec.joint_norm, self.o_proj.weight, self.use_qk_l2norm, L2NORM_EPS,
+                NORM_EPS, self.head_dim**-0.5 if spec.scale is None else spec.scale,
+            )  # (out or None, new_gates, state or None): an undefined C++ tensor arrives as None
         if k is not None and torch.is_grad_enabled():
             # The evicted token's k / v / gates are views of the cache's ring, which the caller overwrites
             # with the new token right after this call: what autograd saves must be copies.
             k, v, gates = k.clone(), v.clone(), gates.clone()
-        layers.append(self.g_proj)
+        layers.append(g_proj)
         weight, bias = _concat_linears(layers)
         *projections, z = F.linear(x, weight, bias).float().view(x.shape[0], len(layers), self.num_heads).unbind(1)
         new_gates = self.gates_from(*projections)
