@@ -21,7 +21,7 @@ import hashlib
 import os
 import sys
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
