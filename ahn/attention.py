@@ -240,7 +240,7 @@ def _decode_step(memory, hidden_states, q, k, v, ctx: AHNContext, layer, scale: 
         # outputs are only read afterwards (the state is replaced, never updated in place).
         with torch.inference_mode(not torch.is_grad_enabled()):
             mem_out, gates, layer.memory_state = memory.decode(
-                hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, _state_for_autograd(layer)
+                hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, _state_for_autograd(layer), backend=ctx.backend
             )  # [B, Hq, D] or None, [B, Hq, G]
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t)

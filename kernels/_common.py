@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 BACKENDS = ("auto", "recurrent", "torch", "fla", "triton")
-# Backends of the one-token decode step (``*_step``); ``auto`` is torch (see run_step).
-STEP_BACKENDS = ("auto", "torch", "triton")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # fla's l2norm epsilon (fla/modules/l2norm.py): x / sqrt(sum(x^2) + eps).
 L2NORM_EPS = 1e-6
@@ -35,9 +33,8 @@ class Rule:
     compute dtype with shapes ``[B, T, H, K]`` / ``[B, T, H, V]`` / ``[B, T, H]`` (``g`` or
     ``beta`` may be None when the rule has no such gate; ``chunk`` also takes
     ``chunk_size``) and return ``(o [B, T, H, V], final_state [B, H, K, V])``.
-    ``fla`` calls flash-linear-attention with the public arguments. ``step`` is one token
-    (the decode step): ``(q [B, H, K], k [B, Hk, K] or None, v [B, Hk, V], g [B, H], beta [B, H],
-    scale, state [B, H, K, V]) -> (o [B, H, V], state)``.
+    ``fla`` calls flash-linear-attention with the public arguments. The one-token step of every
+    rule is :func:`ahn.kernels.step.step_ref`; ``has_beta`` makes it a delta rule.
     """
 
     name: str
@@ -46,7 +43,6 @@ class Rule:
     recurrent: Callable
     chunk: Callable
     fla: Callable
-    step: Callable
 
 
 def fla_available() -> bool:
@@ -249,99 +245,3 @@ def chunk_decay(g: Optional[torch.Tensor], shape, chunk_size: int, ref: torch.Te
     diff = G[..., :, None] - G[..., None, :]  # [B, H, N, C, C]
     # Mask before exp: above the diagonal G_i - G_j >= 0 could overflow.
     return G, diff.masked_fill(~causal, float("-inf")).exp()
-
-
-def run_step(
-    rule: Rule,
-    q: torch.Tensor,
-    k: Optional[torch.Tensor],
-    v: Optional[torch.Tensor],
-    g: Optional[torch.Tensor],
-    beta: Optional[torch.Tensor],
-    state: Optional[torch.Tensor],
-    *,
-    scale: Optional[float],
-    use_qk_l2norm: bool,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of ``rule``: write one token per row (unless ``k`` is None), read with ``q``.
-
-    Shapes: ``q [B, H, K]``, ``k [B, Hk, K]`` and ``v [B, Hk, V]`` with H a multiple of Hk
-    (grouped keys / values, as GQA: k / v head j serves query heads j*H/Hk .. (j+1)*H/Hk-1),
-    ``g`` / ``beta`` ``[B, H]``, ``state [B, H, K, V]`` (None: zeros). Returns ``(o [B, H, V]``
-    in v's dtype (q's when read only), ``state [B, H, K, V]`` float32 (float64 for float64 q)).
-    Checks shapes, then runs :func:`step_unchecked` (which the model's decode loop calls directly). ``backend``:
-    ``"torch"`` (a few tensor ops), ``"triton"`` (one fused launch, CUDA or the Triton
-    interpreter, no autograd) or ``"auto"``, which is torch until the fused step has been
-    timed against it on a GPU.
-    """
-    if backend not in STEP_BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {STEP_BACKENDS} for a decode step")
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, H, K] (one token), got shape {tuple(q.shape)}")
-    B, H, K = q.shape
-    if k is not None:
-        if k.dim() != 3 or k.shape[0] != B or k.shape[2] != K or H % k.shape[1]:
-            raise ValueError(f"k must be [B, Hk, K] with H = {H} a multiple of Hk, got shape {tuple(k.shape)}")
-        if v is None or v.shape[:2] != k.shape[:2]:
-            raise ValueError(f"v must be [B, Hk, V] = [{B}, {k.shape[1]}, V], got {None if v is None else tuple(v.shape)}")
-        for name, x, needed in (("g", g, rule.has_g), ("beta", beta, rule.has_beta)):
-            if needed and (x is None or tuple(x.shape) != (B, H)):
-                raise ValueError(f"{name} must be [B, H] = [{B}, {H}], got {None if x is None else tuple(x.shape)}")
-    if state is not None and (state.dim() != 4 or state.shape[:3] != (B, H, K)):
-        raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, V], got shape {tuple(state.shape)}")
-    if state is None and k is None:
-        raise ValueError("a read-only step (k=None) needs a state")
-    return step_unchecked(rule, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
-
-
-def step_unchecked(
-    rule: Rule,
-    q: torch.Tensor,
-    k: Optional[torch.Tensor],
-    v: Optional[torch.Tensor],
-    g: Optional[torch.Tensor],
-    beta: Optional[torch.Tensor],
-    state: Optional[torch.Tensor],
-    *,
-    scale: Optional[float] = None,
-    use_qk_l2norm: bool,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`run_step` without its argument checks, for callers that built the inputs themselves:
-    the model's decode loop runs this once per layer per generated token, where Python
-    overhead is a good part of the cost."""
-    B, H, K = q.shape
-    if scale is None:
-        scale = K ** -0.5
-    if backend == "triton":
-        from ._triton import require_triton
-
-        require_triton(q.device, q.dtype)
-        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, state)):
-            raise ValueError("backend='triton' decode step has no backward; run it under torch.no_grad() "
-                             "or use backend='torch' to differentiate through a step")
-        from ._triton.step import fused_step
-
-        return fused_step(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, is_delta=rule.has_beta)
-    dt = compute_dtype(q.dtype)
-    out_dtype = v.dtype if v is not None else q.dtype
-    if q.dtype != dt:
-        q = q.to(dt)
-    if use_qk_l2norm:
-        q = l2norm(q)
-    if k is not None:
-        if k.dtype != dt or v.dtype != dt:
-            k, v = k.to(dt), v.to(dt)
-        if g is not None and g.dtype != dt:
-            g = g.to(dt)
-        if beta is not None and beta.dtype != dt:
-            beta = beta.to(dt)
-        if use_qk_l2norm:
-            k = l2norm(k)
-    if state is None:
-        state = q.new_zeros(B, H, K, v.shape[-1])
-    elif state.dtype != dt:
-        state = state.to(dt)
-    o, state = rule.step(q, k, v, g, beta, scale, state)
-    return (o if o.dtype == out_dtype else o.to(out_dtype)), state

@@ -192,40 +192,6 @@ def test_fused_decode_equals_gates_step_output(memory):
         assert out is None and new_state is None  # nothing written yet: nothing to read
 
 
-@pytest.mark.parametrize("memory", ["gated_deltanet", "deltanet"])
-def test_compiled_cpu_decode_equals_the_torch_ops(memory, monkeypatch):
-    """The fused C++ decode step (float32 CPU, no autograd) == the torch decode path, in every case it
-    meets: writes, a masked row, GQA, an empty state, read only, nothing to read."""
-    from ahn import _cpu_decode
-
-    if _cpu_decode.fused_delta_decode() is None:
-        pytest.skip("no C++ toolchain: the fused CPU decode step could not be built")
-    torch.manual_seed(0)
-    m = ahn.memory.build_memory(memory, hidden_size=16, num_heads=4, head_dim=8)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    B = 3
-    x, q = torch.randn(B, 16), torch.randn(B, 4, 8)
-    ring = torch.randn(B, 2, 5, 8)  # a ring-like buffer: the evicted k / v are non-contiguous views
-    k, v = ring[:, :, 1], ring[:, :, 3] * 2
-    gates = m.write_gates(torch.randn(B, 16)).detach()
-    cases = [(k, v, gates, None, torch.randn(B, 4, 8, 8)), (k, v, gates, torch.tensor([True, False, True]), None),
-             (None, None, None, None, torch.randn(B, 4, 8, 8)), (None, None, None, None, None)]
-    with torch.no_grad():
-        for case in cases:
-            fused = m.decode(x, q, *case)
-            monkeypatch.setattr(type(m), "fused_cpu_decode", False)
-            ref = m.decode(x, q, *case)
-            monkeypatch.undo()
-            for a, b in zip(fused, ref):
-                assert (a is None) == (b is None)
-                if a is not None:
-                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        assert _cpu_decode.usable(x, q) and not _cpu_decode.usable(x.double(), q)
-    assert not _cpu_decode.usable(x, q)  # autograd on: the torch ops, which have a backward
-
-
 def test_cache_is_bounded_and_constant_in_length(model_dirs):
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=12, sinks=4))
     sizes = {}

@@ -7,8 +7,9 @@ Parameter names, shapes and initialisations follow the official AHN release
 
 from __future__ import annotations
 
+import functools
 import math
-
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ahn import _cpu_decode
-from ahn.kernels._common import L2NORM_EPS, constant
+from ahn.kernels._common import DEFAULT_CHUNK_SIZE, L2NORM_EPS, Rule, constant, run_rule
+from ahn.kernels.step import resolve_step_backend, step_unchecked
 
 _REGISTRY: dict[str, type["Memory"]] = {}
 
@@ -29,6 +31,65 @@ DT_MIN, DT_MAX, DT_INIT_FLOOR = 0.001, 0.1, 1e-4
 A_INIT_RANGE = (0.0, 16.0)
 # Std of the normal initialisation of projection weights (transformers' initializer_range default).
 INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One channel of a rule's write gates: ``activation(projection(x) + bias)`` per head, float32.
+
+    ``projection``: the ``nn.Linear`` attribute (hidden -> H) that reads the token; ``activation``:
+    a key of ``ahn._cpu_decode.GATE_ACTIVATIONS`` (one table of its torch and C++ forms);
+    ``bias``: a per-head parameter attribute ``[H]`` added before the activation, or None.
+    """
+
+    projection: str
+    activation: str
+    bias: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """How a memory rule writes and reads one token, declared once per rule: every form of it (the
+    parallel :meth:`Memory.read`, and the torch, C++ and Triton backends of :meth:`Memory.decode`)
+    reads this declaration.
+
+    Attributes:
+        rule: the ``ahn.kernels`` rule of the state update (``has_beta``: a delta rule; ``has_g``: decays).
+        gates: the write gates kept per token, ``[..., H, len(gates)]``.
+        decay: the channel c of the log decay ``g = -exp(A_log) * gates[..., c]`` (the module's
+            ``A_log [H]``), or None (no decay).
+        strength: the channel of the write strength ``beta`` (delta rules: ``beta (v - S^T k)``;
+            SSD: ``beta v``, Mamba2's dt), or None (1).
+        norm: attribute of the read-out's RMSNorm weight.
+        joint_norm: False: RMSNorm per head over D, then the SiLU output gate; True: the gate, then
+            RMSNorm over all H * D channels of the token (Mamba2).
+        scale: query scale, None for ``D ** -0.5``.
+    """
+
+    rule: Rule
+    gates: tuple[Gate, ...]
+    decay: Optional[int]
+    strength: Optional[int]
+    norm: str
+    joint_norm: bool = False
+    scale: Optional[float] = None
+
+    def __post_init__(self):
+        unknown = [gate.activation for gate in self.gates if gate.activation not in _cpu_decode.GATE_ACTIVATIONS]
+        if unknown:
+            raise ValueError(f"gate activations {unknown} are unknown; "
+                             f"choose from {list(_cpu_decode.GATE_ACTIVATIONS)}")
+        if self.rule.has_beta and self.strength is None:
+            raise ValueError(f"rule {self.rule.name!r} is a delta rule and needs a strength channel")
+        if (self.decay is not None) != self.rule.has_g:
+            raise ValueError(f"rule {self.rule.name!r} {'needs' if self.rule.has_g else 'takes no'} a decay channel, "
+                             f"got decay={self.decay!r}")
+
+    @functools.cached_property
+    def cpp_constants(self) -> tuple[list[int], int, int]:
+        """The compiled step's view of the declaration: activation codes, decay and strength channels (-1: none)."""
+        return ([_cpu_decode.ACTIVATION_CODES[gate.activation] for gate in self.gates],
+                -1 if self.decay is None else self.decay, -1 if self.strength is None else self.strength)
 
 
 def register_memory(name: str):
@@ -109,7 +170,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS) -> to
 
 
 class Memory(nn.Module):
-    """Shared parts of every memory rule.
+    """Shared parts of every memory rule; a rule declares its :class:`StepSpec` as ``step_spec``.
 
     Args:
         hidden_size: the model's hidden size (gates read the layer's normed hidden state).
@@ -119,20 +180,15 @@ class Memory(nn.Module):
         options: rule-specific options (``AHNConfig.memory_kwargs``), checked against
             ``allowed_options``.
 
-    The default read-out (GatedDeltaNet, DeltaNet) is ``o_proj(rmsnorm(o_h) * silu(g_h))`` per
-    head h, with ``g = g_proj(x)`` one scalar per head from the current token.
+    The read-out is ``o_proj(rmsnorm(o_h) * silu(g_h))`` per head h (``joint_norm``: the gate
+    first, then one RMSNorm over all heads), with ``g = g_proj(x)`` one scalar per head from the
+    current token.
     """
 
     name: str = ""
-    gate_channels: int = 0
+    step_spec: StepSpec
     output_gate_bias: bool = False
     allowed_options: tuple[str, ...] = ()
-    # Linear layers (attribute names) that read the token for its write gates, in the order
-    # gates_from() takes their outputs. A decode step runs them and g_proj as one matmul. A
-    # rule that leaves this empty overrides write_gates() and decodes through it.
-    gate_projections: tuple[str, ...] = ()
-    # The (gated) delta rules' decode step has a compiled CPU form (ahn._cpu_decode).
-    fused_cpu_decode: bool = False
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, use_qk_l2norm: bool = True,
                  options: dict | None = None):
@@ -149,23 +205,51 @@ class Memory(nn.Module):
         self.g_proj = linear(hidden_size, num_heads, bias=self.output_gate_bias)
         self.o_proj = GroupLinear(num_heads, head_dim)
 
+    @property
+    def gate_channels(self) -> int:
+        return len(self.step_spec.gates)
+
     def write_gates(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., H, G] float32
-        return self.gates_from(*(getattr(self, name)(x).float() for name in self.gate_projections))
+        return self.gates_from(*(getattr(self, gate.projection)(x).float() for gate in self.step_spec.gates))
 
     def gates_from(self, *projections: torch.Tensor) -> torch.Tensor:
         """The write gates ``[..., H, G]`` from the gate projections' outputs (``[..., H]`` float32 each)."""
-        raise NotImplementedError
+        channels = []
+        for gate, p in zip(self.step_spec.gates, projections):
+            if gate.bias is not None:
+                p = p + getattr(self, gate.bias).float()
+            channels.append(_cpu_decode.GATE_ACTIVATIONS[gate.activation][0](p))
+        return torch.stack(channels, dim=-1)
+
+    def decay_and_strength(self, gates: torch.Tensor):
+        """``gates [..., H, G]`` -> the log decay ``g`` and strength ``beta`` ``[..., H]`` (None where absent)."""
+        spec = self.step_spec
+        g = None if spec.decay is None else -self.A_log.float().exp() * gates[..., spec.decay]
+        return g, (None if spec.strength is None else gates[..., spec.strength])
 
     def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
         """Parallel form: ``q, k [B, T, H, D]``, ``v [B, T, H, D]``, ``gates [B, T, H, G]`` of the
         written tokens, ``mask [B, T]`` (False: an inert write) -> ``(o [B, T, H, D], state)``."""
-        raise NotImplementedError
+        spec = self.step_spec
+        g, beta = self.decay_and_strength(gates)
+        k, g = self.masked(k, g, mask)
+        if beta is not None and not spec.rule.has_beta:  # SSD: the strength (Mamba2's dt) scales v
+            v, beta = v * beta[..., None].to(v.dtype), None
+        return run_rule(
+            spec.rule, q, k, v, g, beta, scale=spec.scale, initial_state=initial_state, output_final_state=True,
+            cu_seqlens=None, use_qk_l2norm=self.use_qk_l2norm, backend=backend, chunk_size=DEFAULT_CHUNK_SIZE,
+        )
 
-    def step(self, q, k, v, gates, mask, state):
+    def step(self, q, k, v, gates, mask, state, backend="torch"):
         """Decode form, one token: ``q [B, H, D]``; ``k, v [B, Hkv, D]`` the token leaving the window
         (None: nothing to write), ``gates [B, H, G]``, ``mask [B]`` or None (write in every row),
-        ``state [B, H, D, D]`` or None -> ``(o [B, H, D], state)``."""
-        raise NotImplementedError
+        ``state [B, H, D, D]`` or None -> ``(o [B, H, D], state)``; ``backend`` a resolved step
+        backend (``"torch"``, ``"cpp"``, ``"triton"``)."""
+        g = beta = None
+        if k is not None:
+            g, beta = self.decay_and_strength(gates)
+        return step_unchecked(self.step_spec.rule, q, k, v, g, beta, state, scale=self.step_spec.scale,
+                              use_qk_l2norm=self.use_qk_l2norm, mask=mask, backend=backend)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``o [..., H, D]`` (``[B, T, H, D]``, or ``[B, H, D]`` for one token), ``x [..., hidden]``
@@ -173,16 +257,21 @@ class Memory(nn.Module):
         return self.read_out(o, self.g_proj(x).float())
 
     def read_out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The read-out from the output gate's pre-activation ``z [..., H]``: per-head RMSNorm, SiLU gate,
-        per-head projection."""
-        return self.project_out(rms_norm(o, self.o_norm.weight) * F.silu(z).unsqueeze(-1))
+        """The read-out from the output gate's pre-activation ``z [..., H]``: RMSNorm and SiLU gate (per head,
+        or ``joint_norm``: gate, then norm over all heads), per-head projection."""
+        weight = getattr(self, self.step_spec.norm).weight
+        if not self.step_spec.joint_norm:
+            return self.project_out(rms_norm(o, weight) * F.silu(z).unsqueeze(-1))
+        *lead, H, D = o.shape
+        y = rms_norm((o.float() * F.silu(z).unsqueeze(-1)).reshape(*lead, H * D), weight)
+        return self.project_out(y.view(*lead, H, D))
 
     def project_out(self, y: torch.Tensor) -> torch.Tensor:
         """``o_proj``; for one token (``[B, H, D]``, the decode step) its weight is applied directly,
         sparing a module call per layer per token (see :meth:`decode` on parameter access)."""
         return group_linear(y, self.o_proj.weight) if y.dim() == 3 else self.o_proj(y)
 
-    def decode(self, x, q, k, v, gates, mask, state):
+    def decode(self, x, q, k, v, gates, mask, state, backend="auto"):
         """One generated token: the current token's gates, then the eviction write and the read.
 
         ``x [B, hidden]`` the current token's normed hidden state, ``q [B, H, D]``; ``k, v
@@ -191,57 +280,59 @@ class Memory(nn.Module):
         ``output(step(...))``, None while the memory is empty (nothing written, nothing to
         read), and ``new_gates`` are ``write_gates(x)``, kept in the cache until this token leaves.
 
+        ``backend`` (``ahn.kernels.step.STEP_BACKENDS``, or a prefill backend of ``AHNConfig``) is
+        resolved by :func:`ahn.kernels.step.resolve_step_backend`: ``"auto"`` is one compiled C++
+        call for float32 CPU tensors without autograd (gates, step and read-out), the Triton step
+        on CUDA, torch ops otherwise. Every backend reads the rule's ``step_spec``.
+
         A generated token pays per-op and Python overhead, not arithmetic, so this path is
         flat: the gate projections and ``g_proj`` run as one matmul over their weights,
         concatenated on every call (a kept copy could go stale: writes through ``.data`` bump
         no version counter), and ``o_proj``'s weight is applied without a module call. It
         reads parameters directly, so under ZeRO-3 gather the memory's parameters before
-        generating. Rules with ``fused_cpu_decode`` (GatedDeltaNet, DeltaNet) run all of it as one
-        compiled C++ call for float32 CPU tensors without autograd (``ahn._cpu_decode``).
+        generating.
         """
-        if not self.gate_projections:  # a rule with its own write_gates: the composition
-            new_gates = self.write_gates(x)
-            if k is None and state is None:
-                return None, new_gates, None
-            o, state = self.step(q, k, v, gates, mask, state)
-            return self.output(o, x), new_gates, state
-        if self.fused_cpu_decode and _cpu_decode.usable(x, q, k, v, state, self.g_proj.weight):
-            fused = _cpu_decode.fused_delta_decode()
-            if fused is not None:
-                return self._fused_decode(fused, x, q, k, v, gates, mask, state)
-        layers = [getattr(self, name) for name in self.gate_projections]
-        layers.append(self.g_proj)
+        spec = self.step_spec
+        layers = [getattr(self, gate.projection) for gate in spec.gates]
+        g_proj = self.g_proj
+        # The parameters share a device and dtype (module.to moves them together) and so do the cached k / v
+        # with q, and gates are float32: q, x, state and g_proj's weight stand for every tensor here.
+        backend = resolve_step_backend(backend, q, x, state, g_proj.weight, head_dim=self.head_dim)
+        if backend == "cpp":
+            none = _cpu_decode.EMPTY
+            codes, decay, strength = spec.cpp_constants
+            return _cpu_decode.compiled()(
+                x, [layer.weight for layer in layers], [none if layer.bias is None else layer.bias for layer in layers],
+                [none if gate.bias is None else getattr(self, gate.bias) for gate in spec.gates], codes, g_proj.weight,
+                none if g_proj.bias is None else g_proj.bias, q, none if k is None else k, none if v is None else v,
+                none if gates is None else gates, decay, none if spec.decay is None else self.A_log, strength,
+                spec.rule.has_beta, none if mask is None else mask, none if state is None else state,
+                getattr(self, spec.norm).weight, spec.joint_norm, self.o_proj.weight, self.use_qk_l2norm, L2NORM_EPS,
+                NORM_EPS, self.head_dim**-0.5 if spec.scale is None else spec.scale,
+            )  # (out or None, new_gates, state or None): an undefined C++ tensor arrives as None
+        if k is not None and torch.is_grad_enabled():
+            # The evicted token's k / v / gates are views of the cache's ring, which the caller overwrites
+            # with the new token right after this call: what autograd saves must be copies.
+            k, v, gates = k.clone(), v.clone(), gates.clone()
+        layers.append(g_proj)
         weight, bias = _concat_linears(layers)
         *projections, z = F.linear(x, weight, bias).float().view(x.shape[0], len(layers), self.num_heads).unbind(1)
         new_gates = self.gates_from(*projections)
         if k is None and state is None:
             return None, new_gates, None
-        o, state = self.step(q, k, v, gates, mask, state)
+        o, state = self.step(q, k, v, gates, mask, state, backend=backend)
         return self.read_out(o, z), new_gates, state
-
-    def _fused_decode(self, fused, x, q, k, v, gates, mask, state):
-        """:meth:`decode` of the (gated) delta rules in one compiled CPU call (``ahn._cpu_decode``)."""
-        none = _cpu_decode.EMPTY
-        gated = hasattr(self, "a_proj")
-        g_bias = self.g_proj.bias
-        return tuple(fused(
-            x, self.a_proj.weight if gated else none, self.b_proj.weight, self.g_proj.weight,
-            none if g_bias is None else g_bias, self.dt_bias if gated else none, self.A_log if gated else none, q,
-            none if k is None else k, none if v is None else v, none if gates is None else gates,
-            none if mask is None else mask, none if state is None else state, self.o_norm.weight, self.o_proj.weight,
-            self.use_qk_l2norm, L2NORM_EPS, NORM_EPS, self.head_dim**-0.5,
-        ))
 
     @staticmethod
     def masked(k: torch.Tensor, decay, mask: Optional[torch.Tensor]):
         """Make masked writes inert: k = 0 writes nothing, log decay 0 keeps the state.
 
-        ``k [B, T, H, D]`` with ``mask [B, T]``, or one token ``k [B, H, D]`` with ``mask [B]``;
-        ``decay`` has k's shape without D. ``mask=None`` keeps every write.
+        ``k [B, T, H, D]`` with ``mask [B, T]``; ``decay`` has k's shape without D. ``mask=None``
+        keeps every write.
         """
         if mask is None:
             return k, decay
-        m = mask.view(*mask.shape, 1).to(k.dtype)  # [B, T, 1] or [B, 1]
+        m = mask.view(*mask.shape, 1).to(k.dtype)  # [B, T, 1]
         return k * m[..., None], (decay * m if decay is not None else None)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,10 @@ import os
 
 import torch
 
+# The decode step holds one [BK, BV] state tile in registers and no shared-memory tiles, so it takes
+# larger heads than the chunkwise kernels (here, not in step.py: the dispatcher reads it without triton).
+MAX_STEP_HEAD_DIM = 256
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""

@@ -1,16 +1,18 @@
 """Fused decode step in Triton: decay, write the evicted token, read with q; one launch per layer for a batch.
 
-One program per (V block, batch row, query head) holds its [K, BV] slice of the state in
-registers and does, in order (see ``kernels/README.md``):
+The ``"triton"`` backend of :func:`ahn.kernels.step.step_unchecked`, with its arguments. One
+program per (V block, batch row, query head) holds its [K, BV] slice of the state in registers
+and does, in order (see ``kernels/README.md``):
 
-    S <- exp(g) S                                   (HAS_G)
-    u  = beta (v - S^T k)   (delta rules)   or   u = v   (SSD)
+    S <- exp(g) S                                               (HAS_G)
+    u  = beta (v - S^T k)   (delta rules)   or   u = beta v     (SSD; beta = 1 without HAS_BETA)
     S <- S + k u^T
     o  = scale S^T q
 
-with optional L2 normalisation of q and k in the kernel. Grouped k / v heads (GQA) are an
-index map (query head h reads k / v head h // (H / Hk)); nothing is repeated in memory.
-A read-only step (no k / v) only computes o. Inference only: there is no backward.
+with optional L2 normalisation of q and k in the kernel; a masked row (HAS_MASK, mask False)
+multiplies k and g by 0: it writes nothing and keeps its state. Grouped k / v heads (GQA) are an
+index map (query head h reads k / v head h // (H / Hk)); nothing is repeated in memory. A
+read-only step (no k / v) only computes o. Inference only: there is no backward.
 """
 
 from __future__ import annotations
@@ -22,19 +24,16 @@ import triton
 import triton.language as tl
 
 from .._common import L2NORM_EPS
+from . import MAX_STEP_HEAD_DIM
 from .chunk import MAX_BLOCK_V, _block, _num_warps
-
-# The step holds one [BK, BV] state tile in registers and no shared-memory tiles, so it takes
-# larger heads than the chunkwise kernels.
-MAX_HEAD_DIM = 256
 
 
 @triton.jit
 def _step_kernel(
-    q, k, v, g, beta, s_in, s_out, o, scale, eps,
+    q, k, v, g, beta, mask, s_in, s_out, o, scale, eps,
     H, HK, K, V,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_KV: tl.constexpr, HAS_G: tl.constexpr, IS_DELTA: tl.constexpr,
-    HAS_STATE: tl.constexpr, L2NORM: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_KV: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
+    IS_DELTA: tl.constexpr, HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, L2NORM: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -54,11 +53,17 @@ def _step_kernel(
         kv = tl.load(k + i_bk * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         if L2NORM:
             kv = kv * tl.rsqrt(tl.sum(kv * kv, 0) + eps)
+        keep = 1.0
+        if HAS_MASK:
+            keep = tl.load(mask + i_b).to(tl.float32)
+            kv = kv * keep
         u = tl.load(v + i_bk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         if HAS_G:
-            S = S * tl.exp(tl.load(g + i_bh).to(tl.float32))
+            S = S * tl.exp(tl.load(g + i_bh).to(tl.float32) * keep)
         if IS_DELTA:
-            u = (u - tl.sum(S * kv[:, None], 0)) * tl.load(beta + i_bh).to(tl.float32)
+            u = u - tl.sum(S * kv[:, None], 0)
+        if HAS_BETA:
+            u = u * tl.load(beta + i_bh).to(tl.float32)
         S += kv[:, None] * u[None, :]
         tl.store(s_out + p_s, S, mask=m_s)
     ov = tl.sum(S * qv[:, None], 0) * scale
@@ -70,34 +75,33 @@ def fused_step(
     k: Optional[torch.Tensor],  # [B, Hk, K] or None (read only)
     v: Optional[torch.Tensor],  # [B, Hk, V]
     g: Optional[torch.Tensor],  # [B, H] log decay or None
-    beta: Optional[torch.Tensor],  # [B, H] for the delta rules, None for SSD
+    beta: Optional[torch.Tensor],  # [B, H] write strength or None (1)
     state: Optional[torch.Tensor],  # [B, H, K, V] or None (zeros)
+    mask: Optional[torch.Tensor],  # [B] bool or None (every row writes)
     *,
     scale: float,
     use_qk_l2norm: bool,
-    is_delta: bool,
+    delta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step in one launch; returns ``(o [B, H, V] in v's dtype (q's when read only), state float32)``.
 
-    Shapes were checked by the caller (``run_step``). A written step returns a new state
-    tensor; a read-only step returns ``state`` itself (as float32).
+    The dispatcher (``resolve_step_backend``) checked the device, dtype and head size. A written
+    step returns a new state tensor; a read-only step returns ``state`` itself (as float32).
     """
     B, H, K = q.shape
     V = state.shape[-1] if k is None else v.shape[-1]
-    if max(K, V) > MAX_HEAD_DIM:
-        raise ValueError(f"backend='triton' supports head sizes up to {MAX_HEAD_DIM}, got K = {K}, V = {V}")
+    assert max(K, V) <= MAX_STEP_HEAD_DIM, "resolve_step_backend refuses larger heads"
     q = q.contiguous()
     if state is not None:
         state = state.float().contiguous()
     o = torch.empty(B, H, V, device=q.device, dtype=q.dtype if v is None else v.dtype)
     s_out = state if k is None else torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     HK = H if k is None else k.shape[1]
-    BK, BV = _block(K), _block(V, MAX_BLOCK_V)
+    BK, BV = _block(K, MAX_STEP_HEAD_DIM), _block(V, MAX_BLOCK_V)
+    contiguous = [None if x is None else x.contiguous() for x in (k, v, g, beta, mask)]
     _step_kernel[(triton.cdiv(V, BV), B * H)](
-        q, None if k is None else k.contiguous(), None if v is None else v.contiguous(),
-        None if g is None else g.contiguous(), None if beta is None else beta.contiguous(),
-        state, s_out, o, scale, L2NORM_EPS, H, HK, K, V,
-        BK=BK, BV=BV, HAS_KV=k is not None, HAS_G=g is not None, IS_DELTA=is_delta,
-        HAS_STATE=state is not None, L2NORM=use_qk_l2norm, num_warps=_num_warps(4),
+        q, *contiguous, state, s_out, o, scale, L2NORM_EPS, H, HK, K, V,
+        BK=BK, BV=BV, HAS_KV=k is not None, HAS_G=g is not None, HAS_BETA=beta is not None, IS_DELTA=delta,
+        HAS_MASK=mask is not None, HAS_STATE=state is not None, L2NORM=use_qk_l2norm, num_warps=_num_warps(4),
     )
     return o, s_out

@@ -10,9 +10,10 @@ from typing import Optional
 
 import torch
 
-from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule, run_step
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from ..step import run_step
 from ..gated_delta_rule.chunk import chunk_gated_delta_rule
-from ..gated_delta_rule.recurrent import gated_delta_rule_step_ref, recurrent_gated_delta_rule
+from ..gated_delta_rule.recurrent import recurrent_gated_delta_rule
 
 
 def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
@@ -27,7 +28,6 @@ def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqle
 RULE = Rule(
     name="delta_rule", has_g=False, has_beta=True,
     recurrent=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule, fla=_fla,
-    step=gated_delta_rule_step_ref,
 )
 
 
@@ -64,10 +64,12 @@ def delta_rule_step(
     *,
     scale: Optional[float] = None,
     use_qk_l2norm: bool = False,
+    mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`delta_rule`; shapes as :func:`ahn.kernels.gated_delta_rule_step` without ``g``."""
-    return run_step(RULE, q, k, v, None, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
+    return run_step(RULE, q, k, v, None, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
+                    backend=backend)
 
 
 __all__ = ["delta_rule", "delta_rule_step", "RULE"]

@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 
-from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule, run_step
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from ..step import run_step
 from .chunk import chunk_gated_delta_rule
-from .recurrent import gated_delta_rule_step_ref, recurrent_gated_delta_rule
+from .recurrent import recurrent_gated_delta_rule
 
 
 def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
@@ -23,7 +24,6 @@ def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqle
 RULE = Rule(
     name="gated_delta_rule", has_g=True, has_beta=True,
     recurrent=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule, fla=_fla,
-    step=gated_delta_rule_step_ref,
 )
 
 
@@ -77,6 +77,7 @@ def gated_delta_rule_step(
     *,
     scale: Optional[float] = None,
     use_qk_l2norm: bool = False,
+    mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`gated_delta_rule` (the decode step): write ``(k, v)``, then read with ``q``.
@@ -87,13 +88,16 @@ def gated_delta_rule_step(
             H / Hk consecutive query heads, as GQA; no repeat needed); ``k=None`` reads only.
         g, beta: ``[B, H]`` log decay and write strength (ignored when ``k`` is None).
         state: ``[B, H, K, V]``, None for zeros.
-        backend: ``"auto"`` (torch for now), ``"torch"`` or ``"triton"`` (one fused launch for
-            the batch; CUDA or the Triton interpreter; no autograd).
+        mask: ``[B]`` bool, False where a row writes nothing (keeps its state); None: every row writes.
+        backend: ``"torch"`` (tensor ops, autograd), ``"cpp"`` (one compiled call; float32 CPU,
+            no autograd), ``"triton"`` (one fused launch for the batch; CUDA or the Triton
+            interpreter; no autograd) or ``"auto"`` (see :func:`ahn.kernels.step.resolve_step_backend`).
 
     Returns:
         ``(o [B, H, V], state [B, H, K, V] float32)``; equal to one token of the full rule.
     """
-    return run_step(RULE, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
+    return run_step(RULE, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
+                    backend=backend)
 
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_step", "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "RULE"]

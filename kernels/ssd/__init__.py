@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 
-from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule, run_step
+from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
+from ..step import run_step
 from .chunk import chunk_ssd
-from .recurrent import recurrent_ssd, ssd_step_ref
+from .recurrent import recurrent_ssd
 
 
 def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
@@ -24,8 +25,7 @@ def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqle
     )
 
 
-RULE = Rule(name="ssd", has_g=True, has_beta=False, recurrent=recurrent_ssd, chunk=chunk_ssd, fla=_fla,
-            step=ssd_step_ref)
+RULE = Rule(name="ssd", has_g=True, has_beta=False, recurrent=recurrent_ssd, chunk=chunk_ssd, fla=_fla)
 
 
 def ssd(
@@ -63,10 +63,12 @@ def ssd_step(
     *,
     scale: Optional[float] = None,
     use_qk_l2norm: bool = False,
+    mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`ssd`; shapes as :func:`ahn.kernels.gated_delta_rule_step` without ``beta``."""
-    return run_step(RULE, q, k, v, g, None, state, scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend)
+    return run_step(RULE, q, k, v, g, None, state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
+                    backend=backend)
 
 
 __all__ = ["ssd", "ssd_step", "chunk_ssd", "recurrent_ssd", "RULE"]
