@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import subprocess
 import sys
 import warnings
 from typing import Optional
@@ -205,11 +206,20 @@ _NAME = "ahn_cpu_decode_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
 EMPTY = torch.empty(0)
 
 
-def _built(cpp_extension) -> bool:
+def _ninja_version() -> str:
+    """The version of the ``ninja`` on PATH (what torch builds with); "none" without one."""
     try:
-        return os.path.exists(os.path.join(cpp_extension._get_build_directory(_NAME, verbose=False), _NAME + ".so"))
-    except Exception:  # a private helper of torch: if it moves, only the notice is lost
-        return True
+        return subprocess.run(["ninja", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "none"
+
+
+def build_directory() -> str:
+    """Where the step is built: one folder per source and ninja version. ninja records each compile
+    command in its folder, and two ninja versions record them differently, so sharing one folder
+    would rebuild (silently, ~25 s) every time the other ninja comes first on PATH."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return os.path.join(root, "ahn", f"{_NAME}-ninja{_ninja_version()}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,11 +230,13 @@ def compiled():
     try:
         from torch.utils import cpp_extension
 
-        if not _built(cpp_extension):
-            print("ahn: building the compiled CPU decode step (once per machine, about 30 s; "
-                  "AHN_CPU_DECODE=0 skips it)", file=sys.stderr, flush=True)
+        folder = build_directory()
+        if not os.path.exists(os.path.join(folder, _NAME + ".so")):
+            print(f"ahn: building the compiled CPU decode step in {folder} (once per machine and ninja version, "
+                  "about 30 s; AHN_CPU_DECODE=0 skips it)", file=sys.stderr, flush=True)
+        os.makedirs(folder, exist_ok=True)
         module = cpp_extension.load_inline(_NAME, cpp_sources=[_SOURCE], functions=["decode_step"],
-                                           extra_cflags=["-O3"], verbose=False)
+                                           extra_cflags=["-O3"], build_directory=folder, verbose=False)
         return module.decode_step
     except Exception as e:  # no compiler / ninja / headers: the torch ops do the same, slower
         warnings.warn(f"ahn: the compiled CPU decode step could not be built ({type(e).__name__}: {e}); "

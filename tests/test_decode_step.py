@@ -193,3 +193,15 @@ def test_build_name_follows_the_source():
     assert _cpu_decode._NAME == "ahn_cpu_decode_" + hashlib.sha256(_cpu_decode._SOURCE.encode()).hexdigest()[:12]
     for name, (_, cpp) in _cpu_decode.GATE_ACTIVATIONS.items():  # every activation's C++ form is compiled in
         assert f"return {cpp};  // {name}" in _cpu_decode._SOURCE
+
+
+def test_each_ninja_version_builds_in_its_own_folder(monkeypatch, tmp_path):
+    """Two ninjas sharing one build folder rebuild each other's output silently (~25 s each switch)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folders = set()
+    for version in ("1.11.1", "1.13.2"):
+        monkeypatch.setattr(_cpu_decode, "_ninja_version", lambda v=version: v)
+        folder = _cpu_decode.build_directory()
+        assert folder.startswith(str(tmp_path)) and _cpu_decode._NAME in folder and version in folder
+        folders.add(folder)
+    assert len(folders) == 2
