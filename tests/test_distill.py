@@ -645,3 +645,13 @@ def test_config_finds_shipped_configs_by_name_and_help_shows_required_flags(caps
     assert "(default: None)" not in text
     for flag in ("--model MODEL", "--data DATA", "--output OUTPUT, --out OUTPUT"):
         assert text.split(flag + " ", 1)[1].split(" --", 1)[0].endswith("(required)"), flag
+
+
+@pytest.mark.parametrize("flags, match", [(["--max-length", "-5"], "max_length=-5 must be >= 1"),
+                                          (["--min-length", "-1"], "min_length=-1 must be >= 0")])
+def test_negative_lengths_are_refused_naming_the_setting(tmp_path, capsys, flags, match):
+    """Issue 14.8: a negative --max-length used to cut tokens off every sample; a negative --min-length went unchecked."""
+    with pytest.raises(SystemExit) as exit_:
+        cli(["distill", "--model", "m", "--data", "synthetic", "--output", str(tmp_path / "o"), *flags])
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
