@@ -214,7 +214,7 @@ def _keep_hidden_state(attn: nn.Module):
     """Pre-hook of ``q_proj``: its input is the layer's normed hidden state, which the memory reads."""
 
     def hook(module, args):
-        attn._ahn_hidden = args[0]
+        attn.__dict__["_ahn_hidden"] = args[0]  # a plain attribute (not nn.Module.__setattr__: per layer per token)
 
     return hook
 
@@ -227,8 +227,8 @@ def _check_dispatch(runtime: _Runtime):
     """
 
     def hook(module, args, kwargs):
-        with_context = kwargs.get("ahn_context") is not None
-        if with_context != (module.config._attn_implementation == ATTENTION):
+        # runtime.mode moves with the model's attention implementation (AHNModel._set_mode sets both)
+        if (kwargs.get("ahn_context") is not None) != (runtime.mode != "full"):
             raise RuntimeError(
                 "the attention mode changed between a forward and its recomputation (gradient checkpointing recomputes "
                 "the forward during backward): call backward() inside the same model.attention_mode(...) as the forward"
