@@ -1,8 +1,9 @@
 # Two entry points for a fresh clone: `make demo` (the main job) and `make test` (the suite).
 # Both create ./.venv on first use and install the pinned, tested set of constraints.txt
-# (pip -c). The venv sees the system's site-packages, so a CUDA torch that is already
-# installed is used as is (torch and triton, whose version torch fixes, then come out of the
-# pins); where no torch is importable, torch is pinned to 2.13.0 in the same pip command as
+# (pip -c). Where a torch is already importable (a CUDA build, say), the venv sees the system's
+# site-packages so that torch is used as is (torch and triton, whose version torch fixes, then
+# come out of the pins); elsewhere the venv is isolated, so it holds exactly the pinned set and
+# no system package conflicts with it, and torch is pinned to 2.13.0 in the same pip command as
 # everything else, so pip never resolves a plain `torch` requirement to a multi-GB CUDA build
 # on a CPU machine.
 PYTHON ?= python3
@@ -18,7 +19,7 @@ TORCH_PIN := $(if $(HAVE_TORCH),,$(shell grep '^torch==' $(CONSTRAINTS)))
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
-	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(HAVE_TORCH),--system-site-packages) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(HAVE_TORCH),grep -v -E '^(torch|triton)==',cat) $(CONSTRAINTS) > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -c $(VENV)/constraints.txt -e ".[dev]"
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/ahn demo
 
-# `python -m pytest` (pytest may come from the system site-packages); PYTHONSAFEPATH keeps the
+# `python -m pytest` (pytest comes with the [dev] extra); PYTHONSAFEPATH keeps the
 # repository root off sys.path, so the top-level kernels/ folder never shadows ahn.kernels.
 test: $(STAMP)
 	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q
