@@ -89,16 +89,21 @@ def save_adapter(model, path, state: dict[str, torch.Tensor] | None = None) -> N
             shutil.rmtree(tmp)
 
 
+def _load_safetensors(path: Path, load, source) -> dict[str, torch.Tensor]:
+    """``load(source)`` of the weights file ``path``; a damaged file is a ValueError naming it."""
+    try:
+        return load(source)
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); the adapter is damaged") from None
+
+
 def _read_ahn_adapter(path: Path) -> tuple[AHNConfig, dict[str, torch.Tensor]]:
     """ahn's format: the config that belongs to the weights (see the module docstring), and the weights."""
     weights_path = path / WEIGHTS_NAME
     if not weights_path.exists():
         raise ValueError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     weights = weights_path.read_bytes()
-    try:
-        state = safetensors_load(weights)
-    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); the adapter is damaged") from None
+    state = _load_safetensors(weights_path, safetensors_load, weights)
     config_path = path / CONFIG_NAME
     d = read_config_json(config_path)
     sha = d.pop("weights_sha256", None)
@@ -143,7 +148,9 @@ def read_adapter(path, **overrides) -> tuple[AHNConfig, dict[str, torch.Tensor]]
                 f"{sorted(OFFICIAL_MEMORY_NAMES)}"
             )
         config = AHNConfig(memory=OFFICIAL_MEMORY_NAMES[impl])
-        state = convert_official_state_dict(load_file(str(path / OFFICIAL_WEIGHTS_NAME)), config.memory)
+        weights_path = path / OFFICIAL_WEIGHTS_NAME
+        state = convert_official_state_dict(_load_safetensors(weights_path, load_file, str(weights_path)),
+                                            config.memory)
     else:
         raise ValueError(
             f"{path} is not an adapter: expected {CONFIG_NAME} + {WEIGHTS_NAME} (ahn) or config.json with "
