@@ -46,6 +46,17 @@ def replace_file(path, write: Callable[[Path], object]) -> None:
             os.remove(tmp)
 
 
+def check_writable_folder(out, flag: str) -> None:
+    """Refuse an output folder (the command's ``flag``, e.g. ``--out``) that is a file or cannot be written,
+    before anything is created in it; a missing one must be creatable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file, not a folder; choose a folder (it is created if missing)")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: {existing} is not a writable folder; choose a folder you can write to")
+
+
 def remove_stale_temporaries(folder) -> None:
     """Remove temporary files and folders that writers killed mid-write (their process is gone) left in ``folder``."""
     folder = Path(folder)

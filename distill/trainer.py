@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from ahn._io import replace_file
+from ahn._io import check_writable_folder, replace_file
 from ahn._progress import library_progress
 from ahn._loading import load_causal_lm, load_tokenizer
 from ahn.adapters import save_adapter
@@ -344,16 +344,6 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     )
 
 
-def check_output(out: Path) -> None:
-    """Refuse an output path that is a file or cannot be written (before anything is loaded or written)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} is a file, not a directory: choose another --output")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output {out} cannot be written ({existing} is not a writable directory): "
-                         "choose another --output")
-
-
 def resume_checkpoint(cfg: DistillConfig) -> Optional[Path]:
     """The checkpoint this run resumes from (None: a fresh run), checked against the run in ``output``:
     resuming with other training settings is refused, naming them."""
@@ -399,7 +389,7 @@ def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pa
     """
     cfg.check_required()
     out = Path(cfg.output)
-    check_output(out)
+    check_writable_folder(out, "--output")
     resume = resume_checkpoint(cfg)
     interrupt = InterruptCallback()
     trainer = build_trainer(cfg, [interrupt, *callbacks])

@@ -533,13 +533,13 @@ def test_cli_errors_for_bad_memory_kwargs_and_unwritable_output(capsys, monkeypa
     assert "'{' is not valid JSON" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert cli_exit(base + ["--out", str(tmp_path / "file")]) == 2
-    assert "ahn distill: error: output" in (err := capsys.readouterr().err) and "is a file" in err
+    assert "ahn distill: error: --output" in (err := capsys.readouterr().err) and "is a file" in err
     readonly = tmp_path / "ro"
     readonly.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real_access(p, mode))  # we may be root
     assert cli_exit(base + ["--out", str(readonly / "run")]) == 2
-    assert f"({readonly} is not a writable directory)" in capsys.readouterr().err
+    assert f": {readonly} is not a writable folder" in capsys.readouterr().err
     import errno
 
     import ahn.distill.trainer as trainer_module

@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
+
+from ahn._io import check_writable_folder
 
 # torch, the model and the trainer are imported when the demo runs, so that building the
 # command line (``ahn --help``) stays instant.
@@ -65,15 +66,6 @@ def _memories(memory: str) -> list[str]:
     return [memory]
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse an output folder that is a file or cannot be written, before anything is created."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; choose a folder (it is created if missing)")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is not a writable folder; choose a folder you can write to")
-
-
 def max_pairs() -> int:
     """The most key-value pairs the demo's sequences hold (the recall task's own checks decide)."""
     from .teacher import DEMO_TASK
@@ -101,7 +93,7 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
              print_fn=print) -> dict:
     """Run the demo; returns the results written to ``out/results.json``."""
     out = Path(out) if out is not None else default_out_dir()
-    check_out_dir(out)  # before the slow imports below
+    check_writable_folder(out, "--out")  # before the slow imports below
 
     import torch
 
