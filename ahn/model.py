@@ -198,13 +198,12 @@ def add_memory(model: nn.Module, config: AHNConfig, memories: Optional[dict[int,
     for p in model.parameters():
         p.requires_grad_(False)
     runtime = _Runtime(config, base_implementation)
-    handles = [decoder.module.register_forward_pre_hook(_decoder_pre_hook(runtime, decoder), with_kwargs=True)]
+    decoder.module.register_forward_pre_hook(_decoder_pre_hook(runtime, decoder), with_kwargs=True)
     for i, attn in enumerate(decoder.attentions):
         attn.ahn = memories.get(i)  # a registered submodule (None: this layer has no memory)
-        handles.append(attn.q_proj.register_forward_pre_hook(_keep_hidden_state(attn)))
-        handles.append(attn.register_forward_pre_hook(_check_dispatch(runtime), with_kwargs=True))
+        attn.q_proj.register_forward_pre_hook(_keep_hidden_state(attn))
+        attn.register_forward_pre_hook(_check_dispatch(runtime), with_kwargs=True)
     model._ahn_runtime = runtime
-    runtime.handles = handles
     wrapped = AHNModel(model, config, runtime)
     wrapped._set_mode("ahn")
     return wrapped
