@@ -44,6 +44,8 @@ class AHNContext:
         cache: the :class:`ahn.cache.AHNCache` being filled, or None (training / no cache).
         attention_block: query block length of the blocked sliding-window attention.
         backend: ``ahn.kernels`` backend of the memory.
+        buffer_slots: M of the priority buffer on memory layers in "ahn" mode (0: none).
+        record: an :class:`ahn.salience.SalienceRecord` to fill, or None.
     """
 
     mode: str
@@ -54,11 +56,25 @@ class AHNContext:
     cache: Optional[object]
     attention_block: int
     backend: str
+    buffer_slots: int = 0
+    record: Optional[object] = None
 
 
 def repeat_heads(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
     """Repeat kv heads ``n_rep`` times along ``dim`` (GQA), head h -> heads h*n_rep .. h*n_rep+n_rep-1."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
+
+
+def window_block_mask(t0: int, bq: int, lo: int, hi: int, window: int, sinks: int, P: torch.Tensor,
+                      sink_slot: torch.Tensor) -> torch.Tensor:
+    """``[B, bq, S' + hi - lo]`` bool: which sinks (``sink_slot [B, 1, S']``) and context slots lo .. hi-1 the
+    queries at slots t0 .. t0+bq-1 see under sinks + window attention (``P [B, 1, 1]`` left pads)."""
+    t = (t0 + torch.arange(bq, device=P.device)).view(1, bq, 1)  # query slots
+    j = torch.arange(lo, hi, device=P.device).view(1, 1, -1)  # key slots
+    in_window = (j <= t) & (j > t - window)
+    real_non_sink = j >= P + sinks
+    pad_query_self = (t < P) & (j == t)  # a pad query attends to itself only: finite, ignored
+    return torch.cat([sink_slot <= t, (in_window & real_non_sink) | pad_query_self], dim=-1)
 
 
 def sink_window_attention(
@@ -99,12 +115,7 @@ def sink_window_attention(
         if steady and steady_mask is not None:
             mask = steady_mask
         else:
-            t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
-            j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
-            in_window = (j <= t) & (j > t - window)
-            real_non_sink = j >= P + sinks
-            pad_query_self = (t < P) & (j == t)  # a pad query attends to itself only: finite, ignored
-            mask = torch.cat([sink_slot <= t, (in_window & real_non_sink) | pad_query_self], dim=-1)  # [B, bq, S'+L']
+            mask = window_block_mask(start + a, bq, lo, hi, window, sinks, P, sink_slot)
             if steady:
                 steady_mask = mask
         o = F.scaled_dot_product_attention(
@@ -172,6 +183,11 @@ def hybrid_attention(
     use_memory = ctx.mode == "ahn" and memory is not None
     layer = ctx.cache.layers[layer_idx] if ctx.cache is not None else None
     old_lo = max(0, start - W)  # first slot still in the cached window
+    probe = ctx.record.probe_window if ctx.record is not None else None
+    if (use_memory and (memory.salience is not None or memory.defer is not None)) or probe is not None:
+        from ahn.salience import salient_hybrid_attention
+
+        return salient_hybrid_attention(memory if use_memory else None, hidden_states, q, k, v, ctx, layer_idx, scale)
 
     if layer is not None and T == 1 and layer.is_initialized:
         return _decode_step(memory if use_memory else None, hidden_states, q, k, v, ctx, layer, scale)

@@ -17,6 +17,8 @@ CONFIG_NAME = "ahn_config.json"
 # Bounds of the automatic attention block (AHNConfig.block_for): below 64 queries the per-block
 # overhead dominates; above 1024 the [bq, S + W + bq] mask and scores only cost memory.
 MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 64, 1024
+# Memory read-outs: the paper's (added to the attention output) and the one that defers to the window.
+READOUTS = ("paper", "defer")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,17 @@ class AHNConfig:
             keys of which about S + W are needed, so blocks shorter than W waste less.
         memory_kwargs: rule-specific options, checked against the rule's ``allowed_options``; no shipped
             rule takes any yet, so leave it ``{}``.
+        buffer_slots: M, exact KV slots per memory layer, sequence and kv head that keep the most
+            salient evicted tokens (a priority buffer attended in the same softmax as sinks and
+            window; see :mod:`ahn.salience`). 0 (default): no buffer, the paper's mechanism.
+        salience_writes: scale each evicted token's memory write strength by sigmoid(its salience).
+        readout: ``"paper"`` (default): the memory read-out is added to the attention output;
+            ``"defer"``: it is weighted by its share of a softmax in which the memory is one more
+            entry beside the attended keys, with a learned logit, so it stands back when attention
+            already has a strong match (see :mod:`ahn.salience`).
+
+    With ``buffer_slots=0``, ``salience_writes=False`` and ``readout="paper"`` everything is the
+    paper's mechanism; any of them adds a salience scorer (or the read-out's logit) to each memory.
     """
 
     memory: str = "gated_deltanet"
@@ -49,6 +62,9 @@ class AHNConfig:
     backend: str = "auto"
     attention_block: Optional[int] = None
     memory_kwargs: dict = field(default_factory=dict)
+    buffer_slots: int = 0
+    salience_writes: bool = False
+    readout: str = "paper"
 
     def __post_init__(self):
         from ahn.kernels import BACKENDS
@@ -56,7 +72,7 @@ class AHNConfig:
 
         if self.memory not in available_memories():
             raise ValueError(f"memory={self.memory!r} is unknown; choose one of {available_memories()}")
-        for name, lo in (("window", 1), ("sinks", 0), ("attention_block", 1)):
+        for name, lo in (("window", 1), ("sinks", 0), ("attention_block", 1), ("buffer_slots", 0)):
             value = getattr(self, name)
             if name == "attention_block" and value is None:
                 continue
@@ -73,6 +89,15 @@ class AHNConfig:
             object.__setattr__(self, "layers", tuple(sorted(layers)))
         if not isinstance(self.memory_kwargs, dict):
             raise ValueError(f"memory_kwargs={self.memory_kwargs!r} must be a dict")
+        if not isinstance(self.salience_writes, bool):
+            raise ValueError(f"salience_writes={self.salience_writes!r} must be true or false")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout={self.readout!r} must be one of {READOUTS}")
+
+    @property
+    def uses_salience(self) -> bool:
+        """Whether each memory has a salience scorer (a buffer or salience-gated writes need one)."""
+        return self.buffer_slots > 0 or self.salience_writes
 
     def block_for(self, window: int) -> int:
         """Query block of the sliding-window attention for ``window``: ``attention_block`` if set,

@@ -35,6 +35,8 @@ from ahn.attention import ATTENTION, MODES, AHNContext, register_attention
 from ahn.cache import AHNCache
 from ahn.config import AHNConfig
 from ahn.memory import Memory, build_memory
+from ahn.memory.base import linear
+from ahn.salience import SalienceRecord, SalienceScorer
 
 # The keyword under which the decoder's forward takes its cache: "cache" from transformers 5.24,
 # "past_key_values" before. Read from the forward's signature, never assumed.
@@ -159,8 +161,19 @@ def build_memories(model: nn.Module, config: AHNConfig) -> dict[int, Memory]:
             config.memory, hidden_size=hf.hidden_size, num_heads=hf.num_attention_heads, head_dim=_head_dim(attn, hf),
             use_qk_l2norm=config.use_qk_l2norm, options=config.memory_kwargs,
         )
+        if config.uses_salience:
+            mem.salience = SalienceScorer(hf.hidden_size, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
+            mem.salience_gates_writes = config.salience_writes
+        if config.readout == "defer":
+            mem.defer = linear(hf.hidden_size, hf.num_attention_heads, bias=True)
         memories[i] = mem.to(device=ref.device, dtype=ref.dtype)
     return memories
+
+
+def buffer_slots(config: AHNConfig, num_layers: int, mode: str) -> tuple[int, ...]:
+    """Priority-buffer slots per layer of a cache in ``mode``: ``config.buffer_slots`` on memory layers in "ahn"."""
+    layers = set(config.memory_layers(num_layers)) if mode == "ahn" else set()
+    return tuple(config.buffer_slots if i in layers else 0 for i in range(num_layers))
 
 
 def memory_parameter_names(model: nn.Module, memories: dict[int, Memory]) -> dict[str, nn.Parameter]:
@@ -247,6 +260,7 @@ def _decoder_pre_hook(runtime: _Runtime, decoder: _Decoder):
         for name, value in zip(names, args):  # positional arguments by the forward's own names
             kwargs[name] = value
         window, sinks = kwargs.pop("window", None), kwargs.pop("sinks", None)
+        record = kwargs.pop("salience_record", None)
         for other in CACHE_ARGUMENTS:  # a cache passed under the other (deprecated) name
             if other != cache_name and other in kwargs:
                 if kwargs.get(cache_name) is not None:
@@ -255,8 +269,9 @@ def _decoder_pre_hook(runtime: _Runtime, decoder: _Decoder):
         cache = kwargs.get(cache_name)
         mode, cfg = runtime.mode, runtime.config
         if mode == "full":
-            if window is not None or sinks is not None:
-                raise ValueError("window= and sinks= apply in 'window' and 'ahn' modes, not in attention_mode('full')")
+            if window is not None or sinks is not None or record is not None:
+                raise ValueError("window=, sinks= and salience_record= apply in 'window' and 'ahn' modes, not in "
+                                 "attention_mode('full')")
             if isinstance(cache, AHNCache):
                 raise ValueError("an AHNCache cannot be used in attention_mode('full'); pass a DynamicCache or none")
             return (), kwargs
@@ -283,10 +298,13 @@ def _decoder_pre_hook(runtime: _Runtime, decoder: _Decoder):
                     f"the cache is a {type(cache).__name__}; in '{mode}' mode pass an ahn.AHNCache "
                     "(model.new_cache()) or None"
                 )
+        if record is not None and not isinstance(record, SalienceRecord):
+            raise TypeError(f"salience_record must be an ahn.salience.SalienceRecord, got {type(record).__name__}")
+        buffers = buffer_slots(cfg, decoder.num_layers, mode)
         if cache is None and use_cache:
-            cache = AHNCache(decoder.num_layers, W, S, mode)
+            cache = AHNCache(decoder.num_layers, W, S, mode, buffers)
         if cache is not None:
-            cache.check_call(W, S, mode, B)
+            cache.check_call(W, S, mode, B, buffers)
         start = cache.get_seq_length() if cache is not None else 0
         if cache is not None and cache.pad_offsets is not None:
             P = cache.pad_offsets
@@ -301,7 +319,7 @@ def _decoder_pre_hook(runtime: _Runtime, decoder: _Decoder):
         kwargs["use_cache"] = use_cache
         kwargs["ahn_context"] = AHNContext(
             mode=mode, window=W, sinks=S, pad_offsets=P, start=start, cache=cache,
-            attention_block=cfg.block_for(W), backend=cfg.backend,
+            attention_block=cfg.block_for(W), backend=cfg.backend, buffer_slots=cfg.buffer_slots, record=record,
         )
         return (), kwargs
 
@@ -356,6 +374,7 @@ class AHNModel(nn.Module):
             cfg.window if window is None else window,
             cfg.sinks if sinks is None else sinks,
             self.mode,
+            buffer_slots(cfg, self.base_model.config.num_hidden_layers, self.mode),
         )
 
     @property

@@ -204,6 +204,11 @@ class Memory(nn.Module):
         self.options = options
         self.g_proj = linear(hidden_size, num_heads, bias=self.output_gate_bias)
         self.o_proj = GroupLinear(num_heads, head_dim)
+        # Set by ahn.add_memory when AHNConfig asks for them (ahn.salience): the salience scorer and the
+        # deferring read-out's logit projection (hidden -> H).
+        self.salience: Optional[nn.Module] = None
+        self.defer: Optional[nn.Linear] = None
+        self.salience_gates_writes = False
 
     @property
     def gate_channels(self) -> int:
