@@ -84,6 +84,11 @@ class DistillConfig:
     memory_kwargs: dict = _f({}, "rule-specific memory options (YAML mapping or JSON string)")
     layers: Optional[list] = _f(None, "decoder layers that get a memory (default: all)")
     backend: str = _f("auto", "ahn.kernels backend of the memory (auto, torch, fla, ...)")
+    buffer_slots: int = _f(0, "priority buffer: exact KV slots per memory layer and kv head for the most salient "
+                              "evicted tokens (0: none, the paper's mechanism)")
+    salience_writes: bool = _f(False, "scale each evicted token's memory write by sigmoid(its salience)")
+    readout: str = _f("paper", "memory read-out: paper (added to attention) or defer (weighted by its share of a "
+                               "softmax beside the attended keys)")
     # ---------------------------------------------------------------- data
     data: Optional[str] = _f(None, "training data: .jsonl/.json/.parquet file or directory, Hub id, or 'synthetic'",
                              required=True)
@@ -110,6 +115,9 @@ class DistillConfig:
                                      "the other distilled positions (response_only drops the others)")
     ce_weight: float = _f(0.0, "weight of the student's cross entropy on the labels, same positions")
     hidden_weight: float = _f(0.0, "weight of the per-layer hidden-state MSE, same positions")
+    salience_weight: float = _f(1.0, "weight of the salience loss (memories with a salience scorer: buffer_slots > 0 "
+                                     "or salience_writes): cross entropy of the scores against the teacher's attention "
+                                     "mass on each evicted token")
     temperature: float = _f(1.0, "softmax temperature of the KL term")
     loss_chunk: int = _f(1024, "positions per LM-head chunk in the loss (memory vs speed)")
     # ---------------------------------------------------------------- optimisation
@@ -162,7 +170,7 @@ class DistillConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name}={v!r} must be >= 1 (or unset)")
-        for name in ("kl_weight", "ce_weight", "hidden_weight", "learning_rate", "weight_decay", "response_weight",
+        for name in ("kl_weight", "ce_weight", "hidden_weight", "salience_weight", "learning_rate", "weight_decay", "response_weight",
                      "max_grad_norm", "dataloader_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")

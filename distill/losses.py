@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # the label of tokens that carry no loss (transformers' convention)
+# salience_loss's score for tokens that do not compete: far below any score, finite (exp underflows to 0).
+NON_CANDIDATE_SCORE = -1e9
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -125,3 +127,36 @@ def chunked_head_losses(
             k, c = _head_terms(*args)
         kl, ce = kl + k, ce + c
     return kl, ce
+
+
+def evictable_positions(attention_mask: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """``[B, T]`` bool: tokens that leave the window inside the sequence (real, not sinks, and a real query
+    ``window`` later evicts them): the candidates of :func:`salience_loss`."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, T], got shape {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()
+    index = real.long().cumsum(-1) - 1  # position within the row's real tokens
+    count = real.long().sum(-1, keepdim=True)
+    return real & (index >= sinks) & (index + window <= count - 1)
+
+
+def salience_loss(scores: torch.Tensor, target_mass: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Listwise cross entropy of salience scores against the teacher's attention mass (a scalar, float32).
+
+    ``scores [B, H, T]``: each token's salience at eviction (per kv head); ``target_mass [B, H, T]``:
+    the attention the full-attention teacher puts on it from queries at least a window later;
+    ``candidates [B, T]``: the tokens that compete (:func:`evictable_positions`). Per (row, head),
+    the target distribution is the mass normalised over the candidates and the prediction the
+    softmax of the scores over them; (row, head) pairs with no target mass are left out.
+    """
+    if scores.shape != target_mass.shape or scores.shape[::2] != candidates.shape:
+        raise ValueError(f"scores {tuple(scores.shape)}, target_mass {tuple(target_mass.shape)} and candidates "
+                         f"{tuple(candidates.shape)} must be [B, H, T], [B, H, T] and [B, T]")
+    keep = candidates.unsqueeze(1)  # [B, 1, T]
+    target = target_mass.float() * keep
+    total = target.sum(-1, keepdim=True)  # [B, H, 1]
+    # Non-candidates get a finite floor, not -inf: a row without candidates stays finite, and so do its gradients.
+    log_p = torch.log_softmax(scores.float().masked_fill(~keep, NON_CANDIDATE_SCORE), dim=-1)
+    per_row = -(target / total.clamp(min=1e-12) * log_p).sum(-1)  # [B, H]
+    has_target = (total.squeeze(-1) > 0).float()
+    return (per_row * has_target).sum() / has_target.sum().clamp(min=1)

@@ -53,10 +53,12 @@ from ahn._loading import load_causal_lm, load_tokenizer
 from ahn.adapters import save_adapter
 from ahn.benchmarks.evaluate import read_predictions
 from ahn.config import CONFIG_NAME, AHNConfig
+from ahn.salience import SalienceRecord
 
 from .config import DistillConfig
 from .data import DistillCollator, load_records, prepare_dataset
-from .losses import chunked_head_losses, distill_positions, hidden_mse, next_token_targets
+from .losses import (chunked_head_losses, distill_positions, evictable_positions, hidden_mse, next_token_targets,
+                     salience_loss)
 from .sampling import WindowSampler
 
 LOG_NAME = "train_log.jsonl"
@@ -93,10 +95,20 @@ class DistillTrainer(Trainer):
         window, sinks = self.sampler.draw(int(mask.sum(-1).max()), step, micro)
         pos = distill_positions(mask, window, sinks, labels if cfg.response_only else None)  # [B, T]
         kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        with torch.no_grad(), self.ahn_model.attention_mode("full"):
-            teacher = model(**kw).hidden_states
-        with self.ahn_model.attention_mode("ahn"):
-            student = model(**kw, window=window, sinks=sinks).hidden_states
+        salience = cfg.salience_weight > 0 and self.ahn_model.ahn_config.uses_salience
+        if salience:
+            # The teacher through ahn's attention with a window spanning the sequence (full attention, invariant 1),
+            # recording the attention mass it puts on each token from queries at least `window` later.
+            teacher_record, student_record = SalienceRecord(probe_window=window), SalienceRecord()
+            with torch.no_grad(), self.ahn_model.attention_mode("window"):
+                teacher = model(**kw, window=ids.shape[1], sinks=0, salience_record=teacher_record).hidden_states
+            with self.ahn_model.attention_mode("ahn"):
+                student = model(**kw, window=window, sinks=sinks, salience_record=student_record).hidden_states
+        else:
+            with torch.no_grad(), self.ahn_model.attention_mode("full"):
+                teacher = model(**kw).hidden_states
+            with self.ahn_model.attention_mode("ahn"):
+                student = model(**kw, window=window, sinks=sinks).hidden_states
         b, t = pos.nonzero(as_tuple=True)
         n = b.numel()
         head = self.ahn_model.get_output_embeddings()
@@ -122,6 +134,12 @@ class DistillTrainer(Trainer):
                                for s, h in zip(student[1:], teacher[1:])]).mean()
             loss = loss + cfg.hidden_weight * mse
             self._metrics["hidden_mse"].append(mse.item())
+        if salience:
+            evictable = evictable_positions(mask, window, sinks)  # [B, T]
+            sal = torch.stack([salience_loss(student_record.scores[i], teacher_record.teacher_mass[i], evictable)
+                               for i in student_record.scores]).mean()
+            loss = loss + cfg.salience_weight * sal
+            self._metrics["salience"].append(sal.item())
         self._metrics["kl"].append(kl.item())
         self._metrics["window"].append(window)
         self._metrics["sinks"].append(sinks)
@@ -308,6 +326,7 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
         memory=cfg.memory, memory_kwargs=dict(cfg.memory_kwargs), layers=cfg.layers, backend=cfg.backend,
         window=cfg.inference_window or (cfg.window if fixed else DEFAULT_INFERENCE_WINDOW),
         sinks=cfg.inference_sinks if cfg.inference_sinks is not None else (cfg.sinks if fixed else DEFAULT_INFERENCE_SINKS),
+        buffer_slots=cfg.buffer_slots, salience_writes=cfg.salience_writes, readout=cfg.readout,
     )
     model = add_memory(base, ahn_config)
     for p in model.memory_parameters():  # optimizer master weights stay float32 under bf16 autocast

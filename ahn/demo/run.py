@@ -17,7 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import argparse
+
 from ahn._io import check_writable_folder
+from ahn.config import READOUTS
 
 # torch, the model and the trainer are imported when the demo runs, so that building the
 # command line (``ahn --help``) stays instant.
@@ -52,6 +55,10 @@ class DemoSettings:
     response_weight: float = 10.0
     train_examples: Optional[int] = None  # default steps * batch_size: fresh sequences every step
     eval_examples: int = 256
+    buffer_slots: int = 0
+    salience_writes: bool = False
+    readout: str = "paper"
+    salience_weight: float = 1.0
     seed: int = 0
     eval_seed: int = 20261  # never used for training data (train_teacher draws from seed + 1)
 
@@ -116,7 +123,8 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
         synthetic={"num_examples": settings.train_examples or settings.steps * settings.batch_size,
                    "seed": settings.seed, **task},
         min_length=0, max_length=None, response_weight=settings.response_weight, window=DEMO_WINDOW,
-        sinks=DEMO_SINKS, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
+        sinks=DEMO_SINKS, buffer_slots=settings.buffer_slots, salience_writes=settings.salience_writes,
+        readout=settings.readout, salience_weight=settings.salience_weight, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
         lr_scheduler=settings.lr_scheduler,
         batch_size=settings.batch_size, max_steps=settings.steps, logging_steps=max(1, settings.steps // 10),
         save_steps=settings.steps, save_total_limit=1, seed=settings.seed, progress=progress,
@@ -196,7 +204,8 @@ def main_args(args) -> int:
         raise ValueError(f"--pairs {args.pairs}: the demo's sequences hold at most {max_pairs()} key-value pairs")
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = (("steps", args.steps), ("seed", args.seed), ("num_pairs", args.pairs))
+    given = (("steps", args.steps), ("seed", args.seed), ("num_pairs", args.pairs), ("buffer_slots", args.buffer),
+             ("salience_writes", args.salience_writes), ("readout", args.readout))
     settings = DemoSettings(**{k: v for k, v in given if v is not None})
     run_demo(memory=args.memory, out=args.out, settings=settings, retrain_teacher=args.retrain_teacher,
              teacher_steps=args.teacher_steps, progress=not args.no_progress)
@@ -215,6 +224,12 @@ def add_arguments(p) -> None:
     p.add_argument("--pairs", type=int_at_least(1), default=None,
                    help=f"key-value pairs per sequence (default {DemoSettings.num_pairs}; 8 shows the state's capacity limit)")
     p.add_argument("--seed", type=int, default=None, help="seed of the training data and the memory init (default 0)")
+    p.add_argument("--buffer", type=int_at_least(0), default=None,
+                   help=f"priority-buffer slots per layer and kv head (default {DemoSettings.buffer_slots}; 0: none)")
+    p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"gate memory writes by salience (default {DemoSettings.salience_writes})")
+    p.add_argument("--readout", choices=READOUTS, default=None,
+                   help=f"memory read-out (default {DemoSettings.readout})")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="train the teacher from scratch first instead of using the shipped one (~6 min on one core)")
     p.add_argument("--teacher-steps", type=int_at_least(1), default=None,

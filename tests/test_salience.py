@@ -1,0 +1,285 @@
+"""Salience at eviction, the priority buffer and the deferring read-out (ahn.salience).
+
+The blocked attention is checked against a token-by-token reference written from the
+definitions; the model's guarantees (parallel == chunked prefill + decode, padding, generate,
+save / load, every family) are checked with every option on.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ahn
+from ahn import AHNConfig
+from ahn.distill.losses import evictable_positions, salience_loss
+from ahn.model import cache_kwargs
+from ahn.salience import Buffer, SalienceRecord, SalienceScorer, salient_window_attention
+from test_model import ATOL, MEMORIES, ids, load_base, logits, model_dirs, randomize_memory  # noqa: F401 (fixture)
+
+ALL_ON = dict(buffer_slots=3, salience_writes=True, readout="defer")
+OPTIONS = [ALL_ON, dict(buffer_slots=2), dict(salience_writes=True), dict(readout="defer")]
+
+
+def run_incremental(model, x, splits):
+    """Prefill in uneven chunks, then decode token by token; the cache stays within sinks + buffer + window."""
+    cache = model.new_cache()
+    bound = cache.sinks + max(cache.buffers) + cache.window
+    outs, t = [], 0
+    with torch.no_grad():
+        for n in splits + [1] * (x.shape[1] - sum(splits)):
+            outs.append(model(x[:, t: t + n], **cache_kwargs(model, cache)).logits)
+            t += n
+            assert cache.kv_length <= bound and cache.get_seq_length() == t
+    return torch.cat(outs, 1), cache
+
+
+def randomize_salience(model, seed=0):
+    """Random scorer and deferring-logit weights (fresh ones are near zero), so that they matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_memory_parameters():
+            if ".salience." in name or ".defer." in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def reference_attention(q, k, v, token_part, mass_weight, *, window, sinks, pad, slots, scale):
+    """Token by token, from the definitions: one row (``q [Hq, T, D]``, ``k, v [Hkv, T, D]``, ``pad`` left pads).
+
+    Per query t: the window softmax (sinks + window) gives each key its received mass; the token
+    t - W is scored ``token_part + mass_weight * log1p(mass)`` and joins the evicted set; the buffer
+    is the top ``slots`` evicted tokens by (score, slot); the output attends over sinks, window and buffer.
+    """
+    Hq, T, D = q.shape
+    Hkv = k.shape[0]
+    R = Hq // Hkv
+    mass = torch.zeros(Hkv, T, dtype=torch.float64)
+    scores = {}
+    out = torch.zeros(Hq, T, D, dtype=torch.float64)
+    for t in range(T):
+        if t < pad:
+            continue
+        sink_set = [j for j in range(pad, min(pad + sinks, t + 1))]
+        win = [j for j in range(max(pad + sinks, t - window + 1), t + 1)]
+        e = t - window
+        if e >= pad + sinks:
+            for h in range(Hkv):
+                scores[(h, e)] = float(token_part[h, e] + mass_weight[h] * torch.log1p(mass[h, e]))
+        for hq in range(Hq):
+            h = hq // R
+            base = sink_set + win
+            evicted = sorted((j for (hh, j) in scores if hh == h), key=lambda j: (scores[(h, j)], j), reverse=True)
+            buf = evicted[:slots]
+            keys = base + buf
+            logit = (k[h, keys].double() @ q[hq, t].double()) * scale
+            p = torch.softmax(logit, 0)
+            out[hq, t] = p @ v[h, keys].double()
+            pw = torch.softmax(logit[: len(base)], 0)  # the window's own softmax
+            for j, pj in zip(base[len(sink_set):], pw[len(sink_set):]):
+                mass[h, j] += float(pj) / R
+    return out
+
+
+@pytest.mark.parametrize("window, sinks, slots, block, pad", [(5, 2, 3, 4, 0), (4, 0, 2, 7, 3), (6, 1, 1, 64, 2)])
+def test_blocked_attention_equals_the_token_by_token_reference(window, sinks, slots, block, pad):
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D, hidden = 1, 4, 2, 29, 8, 16
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    scorer = SalienceScorer(hidden, Hkv)
+    with torch.no_grad():
+        scorer.mass_weight.copy_(torch.tensor([1.5, -2.0]))
+    token_part = torch.randn(B, Hkv, T)
+    P = torch.tensor([pad])
+    from ahn.attention import gather_sinks
+
+    with torch.no_grad():
+        out, lse, scores, buffer, _ = salient_window_attention(
+            q, k, v, 0, gather_sinks(k, P, sinks), gather_sinks(v, P, sinks), start=0, window=window, sinks=sinks,
+            pad_offsets=P, scale=D**-0.5, block=block, scorer=scorer, token_part=token_part,
+            mass=torch.zeros(B, Hkv, T), buffer=Buffer.empty(k, v, slots))
+    ref = reference_attention(q[0], k[0], v[0], token_part[0], scorer.mass_weight.detach(), window=window, sinks=sinks,
+                              pad=pad, slots=slots, scale=D**-0.5)
+    got = out[0].transpose(0, 1)  # [Hq, T, D]
+    torch.testing.assert_close(got[:, pad:].double(), ref[:, pad:], rtol=0, atol=1e-5)
+    # The final buffer holds exactly the best `slots` evicted tokens of each head.
+    evicted = torch.arange(T - window) >= pad + sinks
+    for h in range(Hkv):
+        s = scores[0, h, window:][evicted[: T - window]] if T > window else None
+        cand = torch.arange(T - window)[evicted[: T - window]]
+        best = sorted(zip(s.tolist(), cand.tolist()), reverse=True)[:slots]
+        assert sorted(buffer.slot[0, h].tolist()) == sorted(j for _, j in best)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_parallel_forward_equals_prefill_plus_decode(model_dirs, memory, options):
+    x = ids(2, 90, seed=3)
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory=memory, window=10, sinks=3, attention_block=7, **options))
+    randomize_memory(model)
+    randomize_salience(model)
+    parallel = logits(model, x)
+    incremental, cache = run_incremental(model, x, [5, 13, 1, 27])
+    torch.testing.assert_close(incremental, parallel, rtol=0, atol=ATOL)
+    M = options.get("buffer_slots", 0)
+    assert cache.kv_length == 3 + M + 10
+    layer = cache.layers[0]
+    if M:
+        assert layer.buf_slot.shape == (2, 2, M) and (layer.buf_slot >= 0).all()  # full after 90 tokens
+        assert all(0 <= s <= 90 - 1 - 10 for s in layer.buf_slot.flatten().tolist())
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "mistral"])
+def test_every_family_with_the_options_on(model_dirs, family):
+    x = ids(2, 50, seed=4)
+    model = ahn.add_memory(load_base(model_dirs, family), AHNConfig(window=8, sinks=2, attention_block=5, **ALL_ON))
+    randomize_memory(model)
+    randomize_salience(model)
+    parallel = logits(model, x)
+    incremental, _ = run_incremental(model, x, [9, 4])
+    torch.testing.assert_close(incremental, parallel, rtol=0, atol=ATOL)
+
+
+def test_torch_decode_backend_agrees(model_dirs):
+    x = ids(1, 40, seed=5)
+    outs = []
+    for backend in ("torch", "auto"):
+        torch.manual_seed(0)  # the same memory initialisation
+        model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=1, backend=backend, **ALL_ON))
+        randomize_memory(model)
+        randomize_salience(model)
+        outs.append(run_incremental(model, x, [7])[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=ATOL)
+
+
+def test_a_fresh_memory_changes_nothing_but_the_buffer(model_dirs):
+    """Zero output projection: the memory adds nothing, with either read-out; what remains is the attention
+    over sinks + window (+ the buffer). Without a buffer that is plain sinks + window (invariant 2)."""
+    x = ids(2, 60)
+    base = load_base(model_dirs)
+    plain = ahn.add_memory(copy.deepcopy(base), AHNConfig(window=8, sinks=2))
+    with plain.attention_mode("window"):
+        window_only = logits(plain, x)
+    for options in (dict(readout="defer"), dict(salience_writes=True, readout="defer")):
+        model = ahn.add_memory(copy.deepcopy(base), AHNConfig(window=8, sinks=2, **options))
+        randomize_salience(model)
+        torch.testing.assert_close(logits(model, x), window_only, rtol=0, atol=ATOL)
+    buffered = ahn.add_memory(copy.deepcopy(base), AHNConfig(window=8, sinks=2, buffer_slots=4))
+    assert (logits(buffered, x) - window_only).abs().max() > 1e-3, "the buffer must let evicted tokens be seen"
+    with buffered.attention_mode("window"):  # "window" mode is the plain baseline: no buffer
+        torch.testing.assert_close(logits(buffered, x), window_only, rtol=0, atol=0)
+
+
+def test_padded_rows_generate_as_alone(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=2, **ALL_ON))
+    randomize_memory(model)
+    randomize_salience(model)
+    long, short = ids(1, 25, seed=5)[0], ids(1, 17, seed=6)[0]
+    batch = torch.stack([long, torch.cat([torch.zeros(8, dtype=torch.long), short])])
+    mask = torch.stack([torch.ones(25, dtype=torch.long), torch.cat([torch.zeros(8, dtype=torch.long),
+                                                                     torch.ones(17, dtype=torch.long)])])
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, **gen)
+        alone = [model.generate(row[None], attention_mask=torch.ones_like(row[None]), **gen)[0] for row in (long, short)]
+    assert torch.equal(both[0], alone[0])
+    assert torch.equal(both[1, 8:], alone[1])
+
+
+def test_generate_greedy_sampling_and_beam(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=5, sinks=1, **ALL_ON))
+    randomize_memory(model)
+    randomize_salience(model)
+    prompt = ids(1, 12)
+    with torch.no_grad():
+        greedy = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        full = logits(model, greedy[:, :-1])
+        assert torch.equal(full[:, 11:].argmax(-1), greedy[:, 12:])  # decode continues the parallel forward
+        cache = model.new_cache()
+        sampled = model.generate(ids(2, 20), **cache_kwargs(model, cache), max_new_tokens=8, do_sample=True, top_k=5,
+                                 pad_token_id=0)
+        assert sampled.shape == (2, 28) and cache.kv_length == 1 + 3 + 5
+        beams = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    assert beams.shape == (1, 18)
+
+
+def test_save_and_load_round_trip(model_dirs, tmp_path):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory="deltanet", window=8, sinks=2, **ALL_ON))
+    randomize_memory(model)
+    randomize_salience(model)
+    x = ids(1, 40)
+    before = logits(model, x)
+    model.save_pretrained(tmp_path / "a")
+    loaded = ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "a")
+    assert loaded.ahn_config == model.ahn_config
+    torch.testing.assert_close(logits(loaded, x), before, rtol=0, atol=0)
+    names = {n for n, _ in loaded.named_memory_parameters()}
+    assert any(".salience.proj." in n for n in names) and any(".defer." in n for n in names)
+
+
+def test_the_options_off_add_no_parameters(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig())
+    assert not [n for n, _ in model.named_memory_parameters() if ".salience." in n or ".defer." in n]
+
+
+def test_cache_accounts_for_the_buffer(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, buffer_slots=4, layers=[1]))
+    with torch.no_grad():
+        _, cache = run_incremental(model, ids(1, 30), [12])
+    assert [layer.kv_length for layer in cache.layers] == [2 + 8, 2 + 4 + 8]
+    assert cache.kv_length == 14
+    plain = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, layers=[1]))
+    _, plain_cache = run_incremental(plain, ids(1, 30), [12])
+    # Layer 1's buffer: 4 k/v entries per kv head, their slots and scores, and the window's salience.
+    extra = 2 * (4 * 2 * 12 * 4) + 2 * 4 * (8 + 4) + 2 * 8 * 2 * 4
+    assert cache.nbytes - plain_cache.nbytes == extra
+    with pytest.raises(ValueError, match="buffer slots"):
+        model(ids(1, 4), **cache_kwargs(model, plain_cache))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(buffer_slots=-1), "buffer_slots"), (dict(readout="mix"), "readout"),
+                                           (dict(salience_writes=1), "salience_writes")])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AHNConfig(**kwargs)
+
+
+def test_records_scores_and_the_teachers_mass(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=2, buffer_slots=2))
+    x = ids(2, 30)
+    teacher, student = SalienceRecord(probe_window=6), SalienceRecord()
+    with torch.no_grad():
+        with model.attention_mode("window"):
+            window_full = logits(model, x, window=30, sinks=0, salience_record=teacher)
+        with model.attention_mode("full"):
+            torch.testing.assert_close(window_full, logits(model, x), rtol=0, atol=ATOL)
+        logits(model, x, salience_record=student)
+    assert sorted(teacher.teacher_mass) == [0, 1] and sorted(student.scores) == [0, 1]
+    mass, scores = teacher.teacher_mass[1], student.scores[1]  # [B, Hkv, T]
+    assert mass.shape == scores.shape == (2, 2, 30)
+    # Only tokens a query at least 6 later attends receive mass: none of the last 6.
+    assert (mass[..., -6:] == 0).all() and (mass[..., :-6] > 0).all()
+    evicted = torch.isfinite(scores)
+    assert evicted[..., 2:24].all() and not evicted[..., :2].any() and not evicted[..., 24:].any()
+    with pytest.raises(ValueError, match="salience_record"):
+        with model.attention_mode("full"):
+            logits(model, x, salience_record=student)
+
+
+def test_salience_loss():
+    candidates = torch.tensor([[False, True, True, True, False]])
+    target = torch.tensor([[[5.0, 1.0, 3.0, 0.0, 9.0]]])
+    perfect = torch.log(torch.tensor([[[1.0, 1.0, 3.0, 1e-9, 1.0]]]))
+    flat = torch.zeros(1, 1, 5, requires_grad=True)
+    assert salience_loss(perfect, target, candidates) < salience_loss(flat, target, candidates)
+    salience_loss(flat, target, candidates).backward()
+    assert flat.grad[0, 0, 0] == 0 and flat.grad[0, 0, 2] < 0 < flat.grad[0, 0, 3]  # raise token 2, lower token 3
+    empty = torch.zeros_like(candidates)
+    scores = torch.full((1, 1, 5), float("-inf"), requires_grad=True)
+    loss = salience_loss(scores, target, empty)
+    loss.backward()
+    assert loss == 0 and torch.isfinite(scores.grad).all()
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]])
+    assert evictable_positions(mask, window=3, sinks=1).tolist() == [
+        [False, False, True, True, True, False, False, False], [False, True, True, False, False, False, False, False]]
