@@ -68,6 +68,10 @@ def _add_flops(sub) -> None:
     p.add_argument("--window", type=int_at_least(1), default=32640, help="sliding-window tokens (excluding sinks)")
     p.add_argument("--sinks", type=int_at_least(0), default=128, help="attention-sink tokens")
     p.add_argument("--memory", default="gated_deltanet", help="memory rule: gated_deltanet, deltanet or mamba2")
+    p.add_argument("--buffer", type=int_at_least(0), default=0,
+                   help="priority-buffer slots per memory layer and kv head (AHNConfig.buffer_slots)")
+    p.add_argument("--salience-writes", action="store_true", help="salience-gated writes (AHNConfig.salience_writes)")
+    p.add_argument("--readout", choices=("paper", "defer"), default="paper", help="memory read-out (AHNConfig.readout)")
     p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (memory gates and states are float32)")
     p.add_argument("--batch", type=int_at_least(1), default=1, help="sequences processed together")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -87,13 +91,16 @@ def _run_flops(args) -> int:
         raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; create it "
                          "or choose another path")
     shape = ModelShape.from_config(load_model_config(args.model))
-    kw = dict(window=args.window, sinks=args.sinks, memory=args.memory, dtype=args.dtype, batch=args.batch)
+    kw = dict(window=args.window, sinks=args.sinks, memory=args.memory, dtype=args.dtype, batch=args.batch,
+              buffer_slots=args.buffer, salience_writes=args.salience_writes, readout=args.readout)
     result = compare(shape, args.seq_len, **kw)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.model}: {args.seq_len:,} tokens, sinks {args.sinks}, window {args.window}, memory {args.memory}, "
-              f"KV {args.dtype}")
+        options = f", buffer {args.buffer}" * bool(args.buffer) + ", salience writes" * args.salience_writes + (
+            f", {args.readout} read-out" if args.readout != "paper" else "")
+        print(f"{args.model}: {args.seq_len:,} tokens, sinks {args.sinks}, window {args.window}, memory {args.memory}"
+              f"{options}, KV {args.dtype}")
         print(f"{'mode':<8}{'TFLOPs':>12}{'saving':>9}{'cache GiB':>12}{'saving':>9}   FLOPs breakdown (TFLOPs)")
         for mode in MODES:
             r = result[mode]

@@ -7,12 +7,17 @@ Counts matmul FLOPs (2 * m * n * k) of processing N tokens in one prefill, per c
   (causal: the lower triangle only; window: at most sinks + window keys);
 * ``memory`` (ahn only): the memory's gate / output-gate projections for every token, the
   recurrent state update of every token that left the window, the read of every query that
-  has a non-empty state, and the per-head output projection of those reads;
+  has a non-empty state, and the per-head output projection of those reads; with the options
+  of :mod:`ahn.salience`, the salience scorer's and the deferring logit's projections of every
+  token, and the attention to the priority buffer (query t attends min(M, tokens evicted by t)
+  buffer entries);
 * ``lm_head``: logits for every position.
 
 Cache bytes are those an :class:`ahn.AHNCache` (window / ahn) or a transformers DynamicCache
 (full) holds after the N tokens: KV at ``dtype``; for ahn, also the per-token write gates of
-the window and the memory state, which ahn keeps in float32.
+the window and the memory state, which ahn keeps in float32; with a priority buffer, its M KV
+entries per memory layer and kv head at ``dtype``, their slots (int64) and scores, and the
+salience (token part and attention received) of each window entry in float32.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from typing import Optional
 
 import torch
 
+from ahn.config import READOUTS
 from ahn.memory import available_memories
 
 MODES = ("full", "window", "ahn")
 FLOAT32_BYTES = 4  # AHNCache keeps memory gates and states in float32
+INT64_BYTES = 8  # the priority buffer's slot indices
 # Per memory rule: (write-gate channels cached per token and head, state-update FLOPs per
 # written token and head in units of D^2). Delta rules: k^T S and the rank-1 update (2 + 2);
 # SSD: the rank-1 update only.
@@ -71,11 +78,13 @@ def attended_keys(n: int, limit: Optional[int]) -> int:
 
 def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, sinks: int = 128,
           memory: str = "gated_deltanet", dtype: str = "bfloat16", batch: int = 1,
-          memory_layers: Optional[int] = None) -> dict:
+          memory_layers: Optional[int] = None, buffer_slots: int = 0, salience_writes: bool = False,
+          readout: str = "paper") -> dict:
     """FLOPs of a prefill of ``seq_len`` tokens and the cache left behind, for one mode.
 
     Returns ``{"flops": int, "flops_breakdown": {...}, "cache_bytes": int, "cache_breakdown": {...}}``.
-    ``memory_layers`` (default all) is the number of layers with a memory.
+    ``memory_layers`` (default all) is the number of layers with a memory; ``buffer_slots``,
+    ``salience_writes`` and ``readout`` are the :class:`ahn.AHNConfig` options of :mod:`ahn.salience`.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
@@ -84,6 +93,8 @@ def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, si
                          f"(registered memories: {available_memories()})")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_BYTES)}")
+    if buffer_slots < 0 or readout not in READOUTS:
+        raise ValueError(f"buffer_slots={buffer_slots!r} must be >= 0 and readout={readout!r} one of {READOUTS}")
     if seq_len < 1 or window < 1 or sinks < 0 or batch < 1:
         raise ValueError(f"need seq_len >= 1, window >= 1, sinks >= 0, batch >= 1; got {seq_len}, {window}, {sinks}, "
                          f"{batch}")
@@ -100,6 +111,9 @@ def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, si
         evicted = max(0, N - sinks - window)  # tokens written into the memory = queries that read it
         gates = 2 * N * h * Hq * (channels + 1)  # write gates and the output gate
         mem = mem_layers * (gates + evicted * Hq * D * D * (update + 2 + 2))  # update, read, output projection
+        salience = buffer_slots > 0 or salience_writes
+        mem += mem_layers * 2 * N * h * (Hkv * salience + Hq * (readout == "defer"))  # scorer, deferring logit
+        mem += mem_layers * 4 * Hq * D * attended_keys(evicted, buffer_slots)  # attention to the buffer
     breakdown = {
         "projections_mlp": batch * L * (qkvo + mlp),
         "attention": batch * L * attention,
@@ -116,6 +130,10 @@ def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, si
         channels, _ = MEMORY_COSTS[memory]
         cache["memory_gates"] = batch * mem_layers * min(window, N) * Hq * channels * FLOAT32_BYTES
         cache["memory_state"] = batch * mem_layers * Hq * D * D * FLOAT32_BYTES
+        if buffer_slots or salience_writes:
+            cache["salience"] = batch * mem_layers * Hkv * (
+                2 * min(window, N) * FLOAT32_BYTES  # token part and attention received per window entry
+                + buffer_slots * (2 * D * kv_bytes + INT64_BYTES + FLOAT32_BYTES))  # buffer k / v, slot, score
     return {
         "flops": sum(breakdown.values()),
         "flops_breakdown": breakdown,

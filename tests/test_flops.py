@@ -65,6 +65,34 @@ def test_analytic_cache_bytes_equal_the_real_caches(model, n):
     assert full_bytes == count(shape, n, "full", dtype="float32")["cache_bytes"]
 
 
+@pytest.mark.parametrize("n", [30, T])
+def test_cache_bytes_with_a_priority_buffer(n):
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    options = dict(buffer_slots=5, salience_writes=True, readout="defer")
+    model = ahn.add_memory(Qwen2ForCausalLM(config).eval(), ahn.AHNConfig(window=W, sinks=S, layers=[1], **options))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(torch.randint(0, 500, (1, n)), **cache_kwargs(model, cache))
+    shape = ModelShape.from_config(config)
+    assert cache.nbytes == count(shape, n, "ahn", window=W, sinks=S, dtype="float32", memory_layers=1,
+                                 **options)["cache_bytes"]
+    assert cache.kv_length == S + 5 + min(W, n)
+
+
+def test_buffer_flops():
+    shape = ModelShape(2048, 36, 16, 2, 128, 11008, 151936)  # Qwen2.5-3B-Instruct
+    plain = count(shape, 65536, "ahn", window=8192, sinks=64)
+    buffered = count(shape, 65536, "ahn", window=8192, sinks=64, buffer_slots=32, salience_writes=True, readout="defer")
+    extra = buffered["flops"] - plain["flops"]
+    evicted = 65536 - 8192 - 64
+    buffer_attention = 36 * 4 * 16 * 128 * (32 * 33 // 2 + (evicted - 32) * 32)
+    projections = 36 * 2 * 65536 * 2048 * (2 + 16)
+    assert extra == buffer_attention + projections
+    assert extra < 0.01 * plain["flops"]  # 32 slots beside an 8192-token window
+
+
 def test_savings_grow_with_length():
     shape = ModelShape(2048, 36, 16, 2, 128, 11008, 151936)  # Qwen2.5-3B-Instruct
     short, long = (compare(shape, n, window=32640, sinks=128) for n in (32768, 131072))
