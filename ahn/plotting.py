@@ -24,6 +24,29 @@ def line_panels(path, title: str, panels, figsize=(11, 4)) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
+    _finish(fig, plt, title, path)
+
+
+def scatter_panels(path, title: str, panels, figsize=None) -> None:
+    """Side-by-side scatter plots written to ``path``; ``panels``: ``(xlabel, ylabel, series)`` as in
+    :func:`line_panels`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize or (5.5 * len(panels), 4), squeeze=False)
+    for ax, (xlabel, ylabel, series) in zip(axes[0], panels):
+        for label, (xs, ys) in series.items():
+            ax.scatter(xs, ys, s=12, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _finish(fig, plt, title, path)
+
+
+def _finish(fig, plt, title: str, path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -163,7 +163,7 @@ def test_plot_and_input_errors(shipped, tmp_path):
 
 # ------------------------------------------------------------------ the whole demo, miniature
 def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
-    from ahn.demo.run import PLOT_NAME, RESULTS_NAME, DemoSettings, run_demo
+    from ahn.demo.run import PLOT_NAME, RESULTS_NAME, SALIENCE_PLOT_NAME, DemoSettings, run_demo
 
     lines = []
     tiny = DemoSettings(steps=2, batch_size=4, train_examples=8, eval_examples=4)
@@ -182,16 +182,30 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
         assert row in table
     for mem in saved["memories"]:
         assert (tmp_path / "all" / f"adapter-{mem}" / "ahn_adapter.safetensors").exists()
+    # The recommended configuration's analysis: what the buffer holds at the query, salience by kind, drift.
+    analysis = saved["memories"]["gated_deltanet"]["analysis"]
+    held = analysis["buffer_at_query"]["1"]
+    assert abs(sum(held["entries"].values()) - 1) < 1e-6 and held["filled"] == 1.0
+    assert 0 <= held["asked_values_held"] <= 1
+    assert set(analysis["salience_by_kind"]["1"]) == {"key", "value", "filler", "other"}
+    assert len(analysis["drift"]["ahn"]) == len(analysis["drift"]["window"]) == 2
+    assert (tmp_path / "all" / SALIENCE_PLOT_NAME).stat().st_size > 0
+    assert "buffer at the query" in table
 
 
 def test_demo_retrains_the_teacher_and_rejects_bad_memory(tmp_path, capsys):
     from ahn.cli import main
 
     rc = main(["demo", "--retrain-teacher", "--teacher-steps", "2", "--steps", "1", "--out", str(tmp_path / "d"),
-               "--no-progress"])
+               "--no-progress", "--buffer", "0", "--no-salience-writes", "--readout", "paper"])  # the paper's mechanism
     assert rc == 0
     assert (tmp_path / "d" / "teacher" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "d" / "results.json").read_text())["settings"]["steps"] == 1
+    saved = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert saved["settings"]["steps"] == 1
+    assert (saved["settings"]["buffer_slots"], saved["settings"]["salience_writes"], saved["settings"]["readout"]) == (
+        0, False, "paper")
+    assert saved["memories"]["gated_deltanet"]["analysis"]["buffer_at_query"] == {}
+    assert not (tmp_path / "d" / "salience.png").exists()
     with pytest.raises(SystemExit) as e:
         main(["demo", "--memory", "lstm", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "memory='lstm' is unknown" in capsys.readouterr().err

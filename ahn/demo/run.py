@@ -28,6 +28,7 @@ from ahn.config import READOUTS
 RESULTS_NAME = "results.json"
 DEFAULT_MEMORY = "gated_deltanet"
 PLOT_NAME = "accuracy.png"
+SALIENCE_PLOT_NAME = "salience.png"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class DemoSettings:
         closed in the measured runs).
     train_examples: generated training sequences (seed ``seed``); eval_examples: held-out
         sequences (seed ``eval_seed``).
+    buffer_slots / salience_writes / readout: the memory's :mod:`ahn.salience` options. The demo
+        runs the recommended configuration, 16 buffer slots per layer and kv head (32 tokens per
+        layer: 15% of the ~220 evicted), salience-gated writes and the deferring read-out; the
+        README's ablation gives each one's share. ``--buffer 0 --no-salience-writes --readout
+        paper`` is the paper's mechanism.
+    salience_weight: weight of the scorer's loss against the teacher's attention mass.
     """
 
     num_pairs: int = 4
@@ -55,9 +62,9 @@ class DemoSettings:
     response_weight: float = 10.0
     train_examples: Optional[int] = None  # default steps * batch_size: fresh sequences every step
     eval_examples: int = 256
-    buffer_slots: int = 0
-    salience_writes: bool = False
-    readout: str = "paper"
+    buffer_slots: int = 16
+    salience_writes: bool = True
+    readout: str = "defer"
     salience_weight: float = 1.0
     seed: int = 0
     eval_seed: int = 20261  # never used for training data (train_teacher draws from seed + 1)
@@ -110,6 +117,7 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
     from ahn.distill.synthetic import sample_recall
     from ahn.distill.trainer import distill
 
+    from .analysis import format_analysis
     from .evaluate import evaluate_modes
     from .teacher import DEMO_SINKS, DEMO_TASK, DEMO_WINDOW, WEIGHTS_DIR, load_teacher, train_teacher
 
@@ -152,7 +160,8 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
             results["counts"] = r["counts"]
             results["full"], results["window"] = r["full"], r["window"]
         results["memories"][mem] = {"beyond": r["detail"]["ahn"]["beyond"], "within": r["detail"]["ahn"]["within"],
-                                    "train_seconds": round(seconds, 1), "by_distance": r["detail"]["ahn"]["by_distance"]}
+                                    "train_seconds": round(seconds, 1), "by_distance": r["detail"]["ahn"]["by_distance"],
+                                    "analysis": analyse(model, held_out, held_out_task, out, mem == memories[0])}
     first = memories[0]
     results["ahn"] = results["memories"][first]["beyond"]
     gap = results["full"] - results["window"]
@@ -162,8 +171,24 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_outputs(results, out)
     print_fn(format_table(results))
+    analysis = format_analysis(results["memories"][first]["analysis"])
+    if analysis:
+        print_fn(f"{first}: " + analysis.replace("\n", f"\n{first}: "))
     print_fn(f"ahn demo: {results['seconds']:.0f} s; results in {out / RESULTS_NAME}, plot in {out / PLOT_NAME}")
     return results
+
+
+def analyse(model, held_out: dict, task, out: Path, plot: bool) -> dict:
+    """The analysis of :mod:`ahn.demo.analysis` on the held-out sequences; ``plot``: also write salience.png."""
+    from .analysis import buffer_at_query, drift, plot_salience, salience_by_kind
+    from .teacher import DEMO_WINDOW
+
+    by_kind, scores = salience_by_kind(model, held_out, task)
+    if plot and scores is not None:
+        plot_salience(out / SALIENCE_PLOT_NAME, held_out["input_ids"][0], {k: v[:1] for k, v in scores.items()}, task,
+                      DEMO_WINDOW)
+    return {"salience_by_kind": by_kind, "buffer_at_query": buffer_at_query(model, held_out, task),
+            "drift": drift(model, held_out, DEMO_WINDOW)}
 
 
 def write_outputs(results: dict, out: Path) -> None:
