@@ -387,6 +387,24 @@ def test_flags_only_cli_run_and_adapter_loads(tmp_path, tiny_model, token_data):
     assert any(p.abs().sum() > 0 for n, p in model.named_memory_parameters() if "o_proj" in n)  # it trained
 
 
+def test_salience_run_learns_the_teachers_mass_with_checkpointing(tmp_path, tiny_model, token_data):
+    """A memory with a buffer, salience writes and the deferring read-out: the salience loss is logged and
+    falls, the scorer and the deferring logit train (under gradient checkpointing), and the adapter loads."""
+    out = tmp_path / "sal"
+    rc = cli(["distill", "--model", tiny_model, "--data", token_data, "--window", "16", "--sinks", "4",
+              "--max-steps", "12", "--output", str(out), "--min-length", "20", "--no-progress", "--learning-rate", "0.05",
+              "--buffer-slots", "4", "--salience-writes", "--readout", "defer", "--gradient-checkpointing"])
+    assert rc == 0
+    salience = [r["salience"] for r in read_log(out) if "salience" in r]
+    assert len(salience) >= 2 and salience[-1] < salience[0], salience
+    model = AHNModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    cfg = model.ahn_config
+    assert (cfg.buffer_slots, cfg.salience_writes, cfg.readout) == (4, True, "defer")
+    mass_weights = [p for n, p in model.named_memory_parameters() if n.endswith(".salience.mass_weight")]
+    assert mass_weights and all(p.abs().sum() > 0 for p in mass_weights)  # initialised to zero: it trained
+    assert any(".defer." in n for n, _ in model.named_memory_parameters())
+
+
 def test_two_process_ddp_run_with_gloo(tmp_path, tiny_model, token_data):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
