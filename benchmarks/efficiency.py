@@ -6,7 +6,8 @@
         --prefill 32768 65536 131072 --decode-at 32768 131072         # GPU: a random 3B-shaped model
 
 For each mode (``full``: the base model with a growing KV cache; ``window``: sinks + window;
-``ahn``: window + memory) it prefills N tokens (time, peak RSS growth, cache size) and
+``ahn``: window + memory; ``salient``: window + memory with the :mod:`ahn.salience` options of
+``--buffer`` / ``--salience-writes`` / ``--readout``, on a copy of the same base) it prefills N tokens (time, peak RSS growth, cache size) and
 decodes tokens after contexts of several lengths (ms per token: the median of ``--steps``
 steps, best of ``--rounds`` interleaved rounds), then prints ratios against full attention. A random model: the figures are about cost, not quality.
 """
@@ -14,6 +15,7 @@ steps, best of ``--rounds`` interleaved rounds), then prints ratios against full
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import statistics
 import time
@@ -103,7 +105,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefill", type=int, nargs="+", default=[4096, 16384, 65536], help="prefill lengths")
     p.add_argument("--decode-at", type=int, nargs="+", default=[2048, 4096, 16384, 32768], help="context lengths for decode")
-    p.add_argument("--modes", nargs="+", default=["ahn", "window", "full"], choices=["full", "window", "ahn"])
+    p.add_argument("--modes", nargs="+", default=["ahn", "window", "full"], choices=["full", "window", "ahn", "salient"])
+    p.add_argument("--buffer", type=int, default=16, help="'salient' mode: priority-buffer slots")
+    p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=True,
+                   help="'salient' mode: salience-gated writes")
+    p.add_argument("--readout", default="defer", choices=["paper", "defer"], help="'salient' mode: memory read-out")
     p.add_argument("--memory", default="gated_deltanet")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--sinks", type=int, default=64)
@@ -137,7 +143,18 @@ def main(argv=None):
     else:
         base = tiny_model(a.hidden, a.layers, a.heads, a.kv_heads, longest).to(a.device, dtype)
         what = f"Qwen2 hidden={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads}"
-    model = ahn.add_memory(base, ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks))
+    config = ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks)
+    models = {}
+    if "salient" in a.modes:
+        salient = dict(buffer_slots=a.buffer, salience_writes=a.salience_writes, readout=a.readout)
+        models["salient"] = ahn.add_memory(copy.deepcopy(base), ahn.AHNConfig(**config.to_dict() | salient))
+    model = ahn.add_memory(base, config)
+    models.update({mode: model for mode in ("full", "window", "ahn")})
+
+    def running(mode):
+        """The model and attention mode of a benchmark mode ('salient' is "ahn" on its own model)."""
+        m = models[mode]
+        return m.attention_mode("ahn" if mode == "salient" else mode)
     where = torch.cuda.get_device_name(a.device) if torch.device(a.device).type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {dtype}; {what}; memory={a.memory} window={a.window} sinks={a.sinks}")
@@ -145,13 +162,13 @@ def main(argv=None):
     prefill_best: dict = {}
     for r in range(a.prefill_rounds):  # interleaved rounds, the best kept (as for decode below)
         for mode in a.modes:
-            with model.attention_mode(mode):
+            with running(mode) as m:
                 for n in a.prefill:
                     rss0 = peak_rss_gb()
                     if torch.device(a.device).type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                         rss0 = torch.cuda.memory_allocated() / 1e9
-                    secs, cache = prefill(model, n, a.block)
+                    secs, cache = prefill(m, n, a.block)
                     growth = (peak_gpu_gb(a.device) or peak_rss_gb()) - rss0
                     best = prefill_best.get((mode, n))
                     prefill_best[mode, n] = (min(secs, best[0]) if best else secs, cache_bytes(cache),
@@ -165,14 +182,14 @@ def main(argv=None):
     # the best round kept, so a burst of load from other processes does not bias one row.
     caches = {}
     for mode in a.modes:
-        with model.attention_mode(mode):
+        with running(mode) as m:
             for n in a.decode_at:
-                caches[mode, n] = prefill(model, n, a.block)[1]
+                caches[mode, n] = prefill(m, n, a.block)[1]
     best = {}
     for _ in range(a.rounds):
         for (mode, n), cache in caches.items():
-            with model.attention_mode(mode):
-                ms = decode_ms(model, cache, a.steps)
+            with running(mode) as m:
+                ms = decode_ms(m, cache, a.steps)
             best[mode, n] = min(ms, best.get((mode, n), float("inf")))
     for (mode, n), cache in caches.items():
         rows.append((mode, "decode", n, best[mode, n], cache_bytes(cache), 0.0))

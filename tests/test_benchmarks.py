@@ -15,7 +15,8 @@ def test_kernels_benchmark_prints_its_table(capsys):
 def test_efficiency_benchmark_prints_ratios_and_plots(capsys, tmp_path):
     png = tmp_path / "eff.png"
     efficiency.main(["--prefill", "300", "--decode-at", "200", "300", "--steps", "2", "--window", "64", "--sinks", "4",
-                     "--hidden", "32", "--block", "128", "--plot", str(png)])
+                     "--hidden", "32", "--block", "128", "--plot", str(png), "--modes", "ahn", "salient", "window", "full",
+                     "--buffer", "8"])
     out = capsys.readouterr().out
-    assert "ratios to 'full'" in out and "ahn     decode      300" in out
+    assert "ratios to 'full'" in out and "ahn     decode      300" in out and "salient decode      300" in out
     assert png.stat().st_size > 0
