@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ahn.attention import window_block_mask
 from ahn.memory.base import linear  # normal(INIT_STD) weights, zero bias
@@ -156,6 +157,19 @@ def buffered_block_attention(
     return out, lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
 
 
+def _block_logits(qb, keys, block_mask, scale: float) -> torch.Tensor:
+    """Scaled logits of a query block over sinks + window, ``-inf`` where not visible: ``[B, Hkv, R, bq, N]`` float32."""
+    logits = torch.matmul(qb, keys.unsqueeze(2).transpose(-1, -2)).float() * scale
+    return logits.masked_fill(~block_mask, float("-inf"))
+
+
+def _attend_block(qb, keys, values, block_mask, scale, buffer, evicted, logits=None):
+    """One block of :func:`salient_window_attention` (``logits``: already computed, without autograd)."""
+    if logits is None:
+        logits = _block_logits(qb, keys, block_mask, scale)
+    return buffered_block_attention(qb, logits, values, scale, buffer, evicted)
+
+
 def salient_window_attention(
     q: torch.Tensor,  # [B, Hq, T, D], slots start .. start+T-1
     ctx_k: torch.Tensor,  # [B, Hkv, L, D], slots ctx_start .. ctx_start+L-1 (window context, new tokens last)
@@ -205,11 +219,16 @@ def salient_window_attention(
         keys = torch.cat([sink_k, ctx_k[:, :, lo - ctx_start: hi - ctx_start]], dim=2)
         values = torch.cat([sink_v, ctx_v[:, :, lo - ctx_start: hi - ctx_start]], dim=2)
         qb = qg[:, :, :, a: a + bq]
-        logits = torch.matmul(qb, keys.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B, Hkv, R, bq, S'+L']
-        logits = logits.masked_fill(~mask.view(B, 1, 1, bq, -1), float("-inf"))
+        block_mask = mask.view(B, 1, 1, bq, -1)
+        # With autograd the block runs under activation checkpointing: its [bq, S' + L'] probabilities are
+        # recomputed in the backward instead of kept for every block (SDPA keeps none either).
+        checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (qb, keys, values))
+        logits = None
         if scorer is not None or probe is not None:
             # Each key's mass under the window's own softmax, summed over queries, averaged over the group's heads.
-            received = torch.softmax(logits.detach(), dim=-1)[..., n_sinks:]  # [B, Hkv, R, bq, L']
+            with torch.no_grad():
+                logits = _block_logits(qb, keys, block_mask, scale)
+                received = torch.softmax(logits, dim=-1)[..., n_sinks:]  # [B, Hkv, R, bq, L']
             if scorer is not None:
                 mass[:, :, lo - ctx_start: hi - ctx_start] += received.sum(3).mean(2)
             if probe is not None:
@@ -228,7 +247,11 @@ def salient_window_attention(
             if buffer is not None:
                 eslot = torch.where(valid, e.view(1, 1, bq), -1).expand(B, Hkv, bq)
                 evicted = (ctx_k.index_select(2, idx), ctx_v.index_select(2, idx), eslot, escore)
-        out, lse, new_buffer = buffered_block_attention(qb, logits, values, scale, buffer, evicted)
+        args = (qb, keys, values, block_mask, scale, buffer, evicted)
+        if checkpointed:
+            out, lse, new_buffer = checkpoint(_attend_block, *args, None, use_reentrant=False)
+        else:
+            out, lse, new_buffer = _attend_block(*args, logits)
         if new_buffer is not None:
             buffer = new_buffer
         outs.append(out)

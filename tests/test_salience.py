@@ -283,3 +283,20 @@ def test_salience_loss():
     mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]])
     assert evictable_positions(mask, window=3, sinks=1).tolist() == [
         [False, False, True, True, True, False, False, False], [False, True, True, False, False, False, False, False]]
+
+
+def test_gradients_do_not_depend_on_the_attention_block(model_dirs):
+    """Blocks run under activation checkpointing when training: any block length gives the same gradients,
+    and the scorer (through the gated writes) and the deferring logit receive them."""
+    x = ids(2, 40, seed=7)
+    grads = []
+    for block in (5, 64):
+        torch.manual_seed(0)
+        model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, attention_block=block, **ALL_ON))
+        randomize_memory(model)
+        randomize_salience(model)
+        model(x, use_cache=False).logits.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_memory_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(grads[0][n].abs().sum() > 0 for n in grads[0] if ".salience.proj." in n or ".defer." in n)
