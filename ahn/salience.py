@@ -108,6 +108,13 @@ class SalienceRecord:
     teacher_mass: dict = field(default_factory=dict)
 
 
+def _grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x [B, Hkv, R, n, a] @ y [B, Hkv, a, b]`` -> ``[B, Hkv, R, n, b]``, the R query heads of a kv head stacked
+    into one matmul (broadcasting y over R would copy it R times)."""
+    B, H, R, n, a = x.shape
+    return torch.matmul(x.reshape(B, H, R * n, a), y).view(B, H, R, n, -1)
+
+
 def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """Indices sorting candidates by priority, best first: higher score, then newer slot (empty ones last)."""
     by_slot = torch.sort(slot, dim=-1, descending=True, stable=True).indices
@@ -130,7 +137,7 @@ def buffered_block_attention(
     """
     lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, R, bq]
     if buffer is None:
-        return torch.matmul(torch.exp(logits - lse.unsqueeze(-1)).to(values.dtype), values.unsqueeze(2)), lse, None
+        return _grouped_matmul(torch.exp(logits - lse.unsqueeze(-1)).to(values.dtype), values), lse, None
     bq = q.shape[3]
     M = buffer.slots
     ek, ev, eslot, escore = evicted
@@ -148,18 +155,18 @@ def buffered_block_attention(
     evicted_by = (cslot >= 0).unsqueeze(2) & (evict_at[order].unsqueeze(2) <= query)  # [B, Hkv, bq, M + bq]
     better = torch.cumsum(evicted_by.int(), dim=-1) - evicted_by.int()  # better candidates evicted by query i
     visible = evicted_by & (better < M)
-    blogits = torch.matmul(q, ck.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B, Hkv, R, bq, M + bq]
+    blogits = _grouped_matmul(q, ck.transpose(-1, -2)).float() * scale  # [B, Hkv, R, bq, M + bq]
     blogits = blogits.masked_fill(~visible.unsqueeze(2), float("-inf"))
     lse = torch.logaddexp(lse, torch.logsumexp(blogits, dim=-1))
-    out = (torch.matmul(torch.exp(logits - lse.unsqueeze(-1)).to(values.dtype), values.unsqueeze(2))
-           + torch.matmul(torch.exp(blogits - lse.unsqueeze(-1)).to(cv.dtype), cv.unsqueeze(2)))
+    out = (_grouped_matmul(torch.exp(logits - lse.unsqueeze(-1)).to(values.dtype), values)
+           + _grouped_matmul(torch.exp(blogits - lse.unsqueeze(-1)).to(cv.dtype), cv))
     # Every candidate is evicted by the block's end: the new buffer is the best M (empty ones sort last).
     return out, lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
 
 
 def _block_logits(qb, keys, block_mask, scale: float) -> torch.Tensor:
     """Scaled logits of a query block over sinks + window, ``-inf`` where not visible: ``[B, Hkv, R, bq, N]`` float32."""
-    logits = torch.matmul(qb, keys.unsqueeze(2).transpose(-1, -2)).float() * scale
+    logits = _grouped_matmul(qb, keys.transpose(-1, -2)).float() * scale
     return logits.masked_fill(~block_mask, float("-inf"))
 
 
@@ -406,7 +413,7 @@ def _decode_step(memory, hidden_states, q, k, v, ctx, layer, scale: float) -> to
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t, scorer.token_part(hidden_states) if scorer is not None else None)
     qg = q.view(B, Hkv, Hq // Hkv, 1, D)
-    logits = torch.matmul(qg, layer.keys.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B, Hkv, R, 1, S + M + C]
+    logits = _grouped_matmul(qg, layer.keys.transpose(-1, -2)).float() * scale  # [B, Hkv, R, 1, S + M + C]
     logits = logits.masked_fill(~layer.decode_mask(t, P).view(B, 1, 1, 1, -1), float("-inf"))
     attn, lse, buffer = buffered_block_attention(qg, logits, layer.values, scale, layer.buffer, evicted)
     if buffer is not None:
