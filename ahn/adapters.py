@@ -157,7 +157,14 @@ def read_adapter(path, **overrides) -> tuple[AHNConfig, dict[str, torch.Tensor]]
             f"_ahn_implementation + {OFFICIAL_WEIGHTS_NAME} (official AHN release)"
         )
     if overrides:
-        config = replace(config, **overrides)
+        saved, config = config, replace(config, **overrides)
+        if (saved.uses_salience, saved.readout) != (config.uses_salience, config.readout):
+            raise ValueError(
+                f"adapter {path} was trained with buffer_slots={saved.buffer_slots}, salience_writes="
+                f"{saved.salience_writes}, readout={saved.readout!r}; the overrides {overrides} change which learned "
+                "weights it needs (a salience scorer, the deferring read-out's logit). Keep readout and whether it "
+                "has a scorer; buffer_slots may change when it has one (buffer_slots > 0 or salience_writes)"
+            )
     return config, state
 
 

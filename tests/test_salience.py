@@ -218,6 +218,20 @@ def test_save_and_load_round_trip(model_dirs, tmp_path):
     assert any(".salience.proj." in n for n in names) and any(".defer." in n for n in names)
 
 
+def test_overrides_that_change_the_learned_weights_are_refused(model_dirs, tmp_path):
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, **ALL_ON))
+    model.save_pretrained(tmp_path / "a")
+    resized = ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "a", buffer_slots=6)
+    assert resized.ahn_config.buffer_slots == 6  # a scorer ranks for any M
+    for overrides in (dict(readout="paper"), dict(buffer_slots=0, salience_writes=False)):
+        with pytest.raises(ValueError, match="change which learned weights"):
+            ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "a", **overrides)
+    plain = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    plain.save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match="buffer_slots=0, salience_writes=False, readout='paper'"):
+        ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "p", buffer_slots=4)
+
+
 def test_the_options_off_add_no_parameters(model_dirs):
     model = ahn.add_memory(load_base(model_dirs), AHNConfig())
     assert not [n for n, _ in model.named_memory_parameters() if ".salience." in n or ".defer." in n]
