@@ -309,13 +309,13 @@ def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int
         stream = [memory_write_stream(n, o, start, W) for n, o in zip(new, old)]
 
     Hkv = k.shape[1]
-    mass = None
+    token_part_ctx = mass = None  # [B, Hkv, L] for the context slots (cached window, then the new tokens)
     if layer is None:
         ctx_k, ctx_v, ctx_start = k, v, start
         sink_k, sink_v = gather_sinks(k, P, S), gather_sinks(v, P, S)
         buffer = Buffer.empty(k, v, M) if M else None
         if scorer is not None:
-            mass = torch.zeros(B, Hkv, T, device=q.device)
+            token_part_ctx, mass = token_part, torch.zeros(B, Hkv, T, device=q.device)
     else:
         layer.write_sinks(k, v, P, start)
         old_k, old_v, _ = layer.read_slots(old_lo, start)  # [B, L, Hkv, D]
@@ -326,12 +326,10 @@ def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int
             old_token, old_mass = layer.read_salience(old_lo, start)
             token_part_ctx = torch.cat([old_token, token_part], dim=2)
             mass = torch.cat([old_mass, torch.zeros(B, Hkv, T, device=q.device)], dim=2)
-    if layer is None:
-        token_part_ctx = token_part
     probe_window = ctx.record.probe_window if ctx.record is not None else None
     attn, lse, scores, buffer, probe = salient_window_attention(
         q, ctx_k, ctx_v, ctx_start, sink_k, sink_v, start=start, window=W, sinks=S, pad_offsets=P, scale=scale,
-        block=ctx.attention_block, scorer=scorer, token_part=token_part_ctx if scorer is not None else None, mass=mass,
+        block=ctx.attention_block, scorer=scorer, token_part=token_part_ctx, mass=mass,
         buffer=buffer, probe_window=probe_window,
     )  # [B, T, Hq, D], [B, Hq, T], [B, Hkv, T] or None
     if layer is not None:

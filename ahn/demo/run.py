@@ -230,7 +230,8 @@ def main_args(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     given = (("steps", args.steps), ("seed", args.seed), ("num_pairs", args.pairs), ("buffer_slots", args.buffer),
-             ("salience_writes", args.salience_writes), ("readout", args.readout))
+             ("salience_writes", args.salience_writes), ("readout", args.readout),
+             ("salience_weight", args.salience_weight))
     settings = DemoSettings(**{k: v for k, v in given if v is not None})
     run_demo(memory=args.memory, out=args.out, settings=settings, retrain_teacher=args.retrain_teacher,
              teacher_steps=args.teacher_steps, progress=not args.no_progress)
@@ -255,6 +256,9 @@ def add_arguments(p) -> None:
                    help=f"gate memory writes by salience (default {DemoSettings.salience_writes})")
     p.add_argument("--readout", choices=READOUTS, default=None,
                    help=f"memory read-out (default {DemoSettings.readout})")
+    p.add_argument("--salience-weight", type=float, default=None,
+                   help=f"weight of the scorer's loss against the teacher's attention mass (default "
+                        f"{DemoSettings.salience_weight}; 0: the scorer learns through the gated writes only)")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="train the teacher from scratch first instead of using the shipped one (~6 min on one core)")
     p.add_argument("--teacher-steps", type=int_at_least(1), default=None,
