@@ -122,9 +122,18 @@ def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return by_slot.gather(-1, by_score)
 
 
+def window_softmax(logits: torch.Tensor):
+    """The softmax of ``logits [..., N]`` (float32, -inf where not visible, at least one visible entry per row) in
+    parts: ``(e, m, lse)`` with ``e = exp(logits - m)`` (m the row max, without gradient: it cancels),
+    ``lse [...]`` the log-sum-exp. ``logits`` is overwritten by ``e`` (one pass over the block, no copy)."""
+    m = logits.detach().amax(dim=-1, keepdim=True)
+    e = logits.sub_(m).exp_()
+    return e, m, m.squeeze(-1) + torch.log(e.sum(dim=-1))
+
+
 def buffered_block_attention(
     q: torch.Tensor,  # [B, Hkv, R, bq, D], a block of bq queries (R query heads per kv head)
-    logits: torch.Tensor,  # [B, Hkv, R, bq, N] float32 scaled logits over sinks + window, -inf where not visible
+    window: tuple,  # window_softmax of the scaled logits over sinks + window [B, Hkv, R, bq, N]
     values: torch.Tensor,  # [B, Hkv, N, Dv]
     scale: float,
     buffer: Optional[Buffer],
@@ -133,11 +142,13 @@ def buffered_block_attention(
     """Softmax attention of a block of queries over sinks + window and the priority buffer as it evolves.
 
     Returns ``(out [B, Hkv, R, bq, Dv], lse [B, Hkv, R, bq] over every attended entry, the buffer
-    after the block or None)``.
+    after the block or None)``. The window's weights are scaled per row after the matmul
+    (``(e @ v) * exp(m - lse)``), so the [bq, N] block is read once more, by the matmul only.
     """
-    lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, R, bq]
+    e, m, lse = window
+    window_out = _grouped_matmul(e.to(values.dtype), values).float()  # [B, Hkv, R, bq, Dv], unnormalised
     if buffer is None:
-        return _grouped_matmul(torch.exp(logits - lse.unsqueeze(-1)).to(values.dtype), values), lse, None
+        return (window_out * torch.exp(m - lse.unsqueeze(-1))).to(values.dtype), lse, None
     bq = q.shape[3]
     M = buffer.slots
     ek, ev, eslot, escore = evicted
@@ -156,25 +167,33 @@ def buffered_block_attention(
     better = torch.cumsum(evicted_by.int(), dim=-1) - evicted_by.int()  # better candidates evicted by query i
     visible = evicted_by & (better < M)
     blogits = _grouped_matmul(q, ck.transpose(-1, -2)).float() * scale  # [B, Hkv, R, bq, M + bq]
-    blogits = blogits.masked_fill(~visible.unsqueeze(2), float("-inf"))
+    blogits = blogits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
     lse = torch.logaddexp(lse, torch.logsumexp(blogits, dim=-1))
-    out = (_grouped_matmul(torch.exp(logits - lse.unsqueeze(-1)).to(values.dtype), values)
-           + _grouped_matmul(torch.exp(blogits - lse.unsqueeze(-1)).to(cv.dtype), cv))
+    out = (window_out * torch.exp(m - lse.unsqueeze(-1))
+           + _grouped_matmul(torch.exp(blogits - lse.unsqueeze(-1)).to(cv.dtype), cv).float())
     # Every candidate is evicted by the block's end: the new buffer is the best M (empty ones sort last).
-    return out, lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
+    return out.to(values.dtype), lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
 
 
 def _block_logits(qb, keys, block_mask, scale: float) -> torch.Tensor:
     """Scaled logits of a query block over sinks + window, ``-inf`` where not visible: ``[B, Hkv, R, bq, N]`` float32."""
     logits = _grouped_matmul(qb, keys.transpose(-1, -2)).float() * scale
-    return logits.masked_fill(~block_mask, float("-inf"))
+    return logits.masked_fill_(~block_mask, float("-inf"))
 
 
-def _attend_block(qb, keys, values, block_mask, scale, buffer, evicted, logits=None):
-    """One block of :func:`salient_window_attention` (``logits``: already computed, without autograd)."""
-    if logits is None:
-        logits = _block_logits(qb, keys, block_mask, scale)
-    return buffered_block_attention(qb, logits, values, scale, buffer, evicted)
+def _attend_block(qb, keys, values, block_mask, scale, buffer, evicted, window=None):
+    """One block of :func:`salient_window_attention` (``window``: its window_softmax, already computed)."""
+    if window is None:
+        window = window_softmax(_block_logits(qb, keys, block_mask, scale))
+    return buffered_block_attention(qb, window, values, scale, buffer, evicted)
+
+
+def received_attention(e: torch.Tensor, lse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Each key's attention mass from a block's queries, averaged over the group's heads: ``[B, Hkv, N]``.
+
+    ``sum_q e[q, j] exp(m_q - lse_q)``, as one matmul over the queries."""
+    weight = torch.exp(m.squeeze(-1) - lse).unsqueeze(-2)  # [B, Hkv, R, 1, bq]
+    return torch.matmul(weight, e).squeeze(-2).mean(2)
 
 
 def salient_window_attention(
@@ -230,19 +249,20 @@ def salient_window_attention(
         # With autograd the block runs under activation checkpointing: its [bq, S' + L'] probabilities are
         # recomputed in the backward instead of kept for every block (SDPA keeps none either).
         checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (qb, keys, values))
-        logits = None
+        softmax_parts = None
         if scorer is not None or probe is not None:
-            # Each key's mass under the window's own softmax, summed over queries, averaged over the group's heads.
+            # The window's own softmax gives each key's received mass (summed over queries, averaged over heads).
             with torch.no_grad():
-                logits = _block_logits(qb, keys, block_mask, scale)
-                received = torch.softmax(logits, dim=-1)[..., n_sinks:]  # [B, Hkv, R, bq, L']
-            if scorer is not None:
-                mass[:, :, lo - ctx_start: hi - ctx_start] += received.sum(3).mean(2)
-            if probe is not None:
-                t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
-                j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
-                far = ((t - j >= probe_window) & (j >= P + sinks)).view(B, 1, 1, bq, -1)
-                probe[:, :, lo - ctx_start: hi - ctx_start] += (received * far).sum(3).mean(2)
+                softmax_parts = window_softmax(_block_logits(qb, keys, block_mask, scale))
+                e_w, m_w, lse_w = softmax_parts
+                if scorer is not None:
+                    mass[:, :, lo - ctx_start: hi - ctx_start] += received_attention(e_w, lse_w, m_w)[..., n_sinks:]
+                if probe is not None:
+                    t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
+                    j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
+                    far = ((t - j >= probe_window) & (j >= P + sinks)).view(B, 1, 1, bq, -1)
+                    p_far = e_w[..., n_sinks:] * torch.exp(m_w - lse_w.unsqueeze(-1)) * far
+                    probe[:, :, lo - ctx_start: hi - ctx_start] += p_far.sum(3).mean(2)
         evicted = None
         if scorer is not None:
             e = start + a - window + torch.arange(bq, device=dev)  # [bq] the slot each query evicts
@@ -255,10 +275,10 @@ def salient_window_attention(
                 eslot = torch.where(valid, e.view(1, 1, bq), -1).expand(B, Hkv, bq)
                 evicted = (ctx_k.index_select(2, idx), ctx_v.index_select(2, idx), eslot, escore)
         args = (qb, keys, values, block_mask, scale, buffer, evicted)
-        if checkpointed:
+        if checkpointed:  # the no-grad window softmax above cannot serve the autograd pass: recomputed inside
             out, lse, new_buffer = checkpoint(_attend_block, *args, None, use_reentrant=False)
         else:
-            out, lse, new_buffer = _attend_block(*args, logits)
+            out, lse, new_buffer = _attend_block(*args, softmax_parts)
         if new_buffer is not None:
             buffer = new_buffer
         outs.append(out)
@@ -411,13 +431,14 @@ def _decode_step(memory, hidden_states, q, k, v, ctx, layer, scale: float) -> to
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t, scorer.token_part(hidden_states) if scorer is not None else None)
     qg = q.view(B, Hkv, Hq // Hkv, 1, D)
-    logits = _grouped_matmul(qg, layer.keys.transpose(-1, -2)).float() * scale  # [B, Hkv, R, 1, S + M + C]
-    logits = logits.masked_fill(~layer.decode_mask(t, P).view(B, 1, 1, 1, -1), float("-inf"))
-    attn, lse, buffer = buffered_block_attention(qg, logits, layer.values, scale, layer.buffer, evicted)
+    logits = _block_logits(qg, layer.keys, layer.decode_mask(t, P).view(B, 1, 1, 1, -1), scale)  # [B, Hkv, R, 1, N]
+    window = window_softmax(logits)
+    if scorer is not None:
+        e_w, m_w, lse_w = window
+        layer.sal_mass += received_attention(e_w.detach(), lse_w.detach(), m_w)[..., layer.ring_start:]
+    attn, lse, buffer = buffered_block_attention(qg, window, layer.values, scale, layer.buffer, evicted)
     if buffer is not None:
         layer.set_buffer(buffer)
-    if scorer is not None:
-        layer.sal_mass += torch.softmax(logits.detach(), dim=-1)[..., 0, layer.ring_start:].mean(2)
     attn = attn.reshape(B, Hq, 1, -1).transpose(1, 2)  # [B, 1, Hq, D]
     if mem_out is not None:
         if memory.defer is not None:
