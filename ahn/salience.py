@@ -166,7 +166,7 @@ def buffered_block_attention(
     evicted_by = (cslot >= 0).unsqueeze(2) & (evict_at[order].unsqueeze(2) <= query)  # [B, Hkv, bq, M + bq]
     better = torch.cumsum(evicted_by.int(), dim=-1) - evicted_by.int()  # better candidates evicted by query i
     visible = evicted_by & (better < M)
-    blogits = _grouped_matmul(q, ck.transpose(-1, -2)).float() * scale  # [B, Hkv, R, bq, M + bq]
+    blogits = _grouped_matmul(q * scale, ck.transpose(-1, -2)).float()  # [B, Hkv, R, bq, M + bq]
     blogits = blogits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
     lse = torch.logaddexp(lse, torch.logsumexp(blogits, dim=-1))
     out = (window_out * torch.exp(m - lse.unsqueeze(-1))
@@ -177,7 +177,7 @@ def buffered_block_attention(
 
 def _block_logits(qb, keys, block_mask, scale: float) -> torch.Tensor:
     """Scaled logits of a query block over sinks + window, ``-inf`` where not visible: ``[B, Hkv, R, bq, N]`` float32."""
-    logits = _grouped_matmul(qb, keys.transpose(-1, -2)).float() * scale
+    logits = _grouped_matmul(qb * scale, keys.transpose(-1, -2)).float()  # the scale on q: [bq, D], not [bq, N]
     return logits.masked_fill_(~block_mask, float("-inf"))
 
 
