@@ -119,8 +119,11 @@ def plot_salience(path, ids: torch.Tensor, scores: dict, task: RecallTask, windo
 
 
 def format_analysis(analysis: dict) -> str:
-    """Console lines: the buffer's contents at the query and the drift of the last layer."""
+    """Console lines: salience by token kind, the buffer's contents at the query, the drift per layer."""
     lines = []
+    for layer, kinds in analysis.get("salience_by_kind", {}).items():
+        lines.append(f"layer {layer} mean salience at eviction: "
+                     + ", ".join(f"{name} {x:+.2f}" for name, x in kinds.items() if x is not None))
     for layer, r in analysis.get("buffer_at_query", {}).items():
         entries = ", ".join(f"{name} {100 * share:.0f}%" for name, share in r["entries"].items())
         lines.append(f"layer {layer} buffer at the query: {entries}; asked values held {100 * r['asked_values_held']:.0f}%")
