@@ -314,3 +314,16 @@ def test_gradients_do_not_depend_on_the_attention_block(model_dirs):
     for n, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
     assert all(grads[0][n].abs().sum() > 0 for n in grads[0] if ".salience.proj." in n or ".defer." in n)
+
+
+def test_bfloat16_model_with_the_options(model_dirs):
+    model = ahn.add_memory(load_base(model_dirs).to(torch.bfloat16), AHNConfig(window=8, sinks=2, **ALL_ON))
+    randomize_memory(model)
+    randomize_salience(model)
+    x = ids(2, 40)
+    parallel = logits(model, x)
+    incremental, cache = run_incremental(model, x, [9])
+    assert parallel.dtype == torch.bfloat16 and cache.layers[0].keys.dtype == torch.bfloat16
+    torch.testing.assert_close(incremental.float(), parallel.float(), rtol=0, atol=0.05)
+    model(x, use_cache=False).logits.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in model.named_memory_parameters())
