@@ -1,7 +1,7 @@
 """The GPU check: every part of ahn that only a GPU runs, in one command of at most 8 minutes.
 
     python -m ahn.benchmarks.gpu_check [--out build/gpu-check]    # on a CUDA machine (make gpu-check)
-    python -m ahn.benchmarks.gpu_check --dry-run --out /tmp/gc    # the same code at tiny sizes on CPU (the test suite runs it)
+    python -m ahn.benchmarks.gpu_check --dry-run --out /tmp/gc    # the same code, tiny sizes, CPU (the suite runs it)
 
 Four sections, in this order:
 
@@ -124,7 +124,6 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     sizes: Sizes
-    dry_run: bool
     tests: Optional[Path]
     t0: float  # time.monotonic() at the start
     end: float  # time.monotonic() deadline of the whole run
@@ -217,7 +216,8 @@ def section_cuda_tests(run: Run, sec: Section) -> None:
         return
     files = sorted(p for p in run.tests.glob("test_*.py") if CUDA_MARK in p.read_text())
     xml, log = run.out / "cuda-tests.xml", run.out / "cuda-tests.log"
-    sec.config.update(device=str(run.device), tests=str(run.tests), files=[p.name for p in files], junit=xml.name, log=log.name)
+    sec.config.update(device=str(run.device), tests=str(run.tests), files=[p.name for p in files], junit=xml.name,
+                      log=log.name)
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}",
            *map(str, files)]
     timeout = max(sec.deadline - time.monotonic(), 30.0)
@@ -315,7 +315,8 @@ def section_decode_step(run: Run, sec: Section) -> None:
     fused = unavailable("triton", dev)
     if fused:
         sec.notes.append(f"triton column left empty: {fused}")
-    sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), batches=list(s.decode_batches), repeats=s.step_repeats,
+    sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), batches=list(s.decode_batches),
+                      repeats=s.step_repeats,
                       shapes={n: {"H": sh["H"], "Hk": sh["Hk"], "K=V": sh["D"]} for n, sh in shapes.items()},
                       tolerance={"output": TOL, "state (float32)": TOL_STEP_STATE})
     for name, sh in shapes.items():
@@ -466,10 +467,12 @@ def markdown(results: dict) -> str:
     for sec in results["sections"]:
         skipped = sum("skipped" in r for r in sec["rows"])
         failed = sum(r.get("ok") is False for r in sec["rows"])
-        lines.append(f"| {sec['name']} | {sec['status']} | {sec['seconds']} | {len(sec['rows'])} | {skipped} | {failed} |")
+        lines.append(f"| {sec['name']} | {sec['status']} | {sec['seconds']} | {len(sec['rows'])} | {skipped} "
+                     f"| {failed} |")
     for sec in results["sections"]:
         lines += ["", f"## {sec['name']}: {sec['title']}", "", f"status **{sec['status']}**, {sec['seconds']} s", ""]
-        lines += [f"- {k}: {fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v)}" for k, v in sec["config"].items()]
+        lines += [f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else fmt(v)}"
+                  for k, v in sec["config"].items()]
         if sec["error"]:
             lines += ["", "```", sec["error"], "```"]
         if sec["rows"]:
@@ -520,10 +523,10 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if a.dry_run else "cuda")
     t0 = time.monotonic()
     run = Run(out=out, device=device, dtype=torch.bfloat16, sizes=DRY_SIZES if a.dry_run else GPU_SIZES,
-              dry_run=a.dry_run, tests=find_tests(a.tests), t0=t0, end=t0 + a.budget - RESERVE_S)
+              tests=find_tests(a.tests), t0=t0, end=t0 + a.budget - RESERVE_S)
     run.results = {"environment": environment(device), "dry_run": a.dry_run, "dtype": dtype_name(run.dtype),
-                   "sizes": dataclasses.asdict(run.sizes), "budget_s": a.budget, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                   "sections": []}
+                   "sizes": dataclasses.asdict(run.sizes), "budget_s": a.budget,
+                   "started": datetime.datetime.now().isoformat(timespec="seconds"), "sections": []}
     run.log(f"gpu-check on {run.results['environment']['device']}, budget {a.budget:.0f} s, results in {out}")
     for i, name in enumerate(a.sections):
         shares_left = sum(SHARES[n] for n in a.sections[i:])
