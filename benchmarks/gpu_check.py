@@ -485,11 +485,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finite(value):
+    """``value`` with NaN / inf floats (a kernel that overflowed) as strings: JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write(run: Run) -> None:
     r = run.results
     r["wall_s"] = round(time.monotonic() - run.t0, 1)
     r["status"] = "pass" if all(s["status"] in ("pass", "skipped") for s in r["sections"]) else "fail"
-    (run.out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
+    (run.out / "results.json").write_text(json.dumps(finite(r), indent=2) + "\n")
     (run.out / "results.md").write_text(markdown(r))
 
 
