@@ -14,7 +14,7 @@ CONSTRAINTS := constraints.txt
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 TORCH_PIN := $(if $(HAVE_TORCH),,$(shell grep '^torch==' $(CONSTRAINTS)))
 
-.PHONY: setup demo test bench compat clean
+.PHONY: setup demo test bench gpu-check compat clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	PYTHONSAFEPATH=1 $(BIN)/python -m ahn.benchmarks.kernels
+
+# The GPU check (docs/gpu.md): on a CUDA machine, at most 8 minutes; writes results.json and results.md
+# to GPU_CHECK_OUT. GPU_CHECK_ARGS=--dry-run runs the same code at tiny sizes on CPU (the suite does too).
+# On a machine that cannot download (its CUDA torch preinstalled), GPU_PYTHON=python3 runs it with that
+# Python once ahn and the wheels of docs/gpu.md are installed there, without building .venv.
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_PYTHON ?= $(BIN)/python
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(STAMP))
+	PYTHONSAFEPATH=1 $(GPU_PYTHON) -m ahn.benchmarks.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 # The model, distill and demo tests against several transformers releases, each in a throwaway
 # venv under build/compat (docs/compat.md): make compat [VERSIONS="5.23.0 5.24.0"] [COMPAT_ARGS="--keep --jobs 2"]

@@ -38,14 +38,18 @@ def tiny_model(hidden: int, layers: int, heads: int, kv_heads: int, max_len: int
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def shaped_model(name: str, max_len: int, device: str, dtype: torch.dtype, seed: int = 0):
+def shaped_model(name: str, max_len: int, device: str, dtype: torch.dtype, seed: int = 0,
+                 overrides: Optional[dict] = None):
     """A randomly initialised model with the architecture of a real one (a config shipped in
-    ``configs/models``, a config.json, a model directory or a Hub id), built on ``device``."""
+    ``configs/models``, a config.json, a model directory or a Hub id), built on ``device``;
+    ``overrides`` replaces config fields (e.g. fewer layers for a dry run of a GPU benchmark)."""
     from transformers import AutoModelForCausalLM
 
     from ahn.configs import load_model_config
 
     cfg = load_model_config(name)
+    for key, value in (overrides or {}).items():
+        setattr(cfg, key, value)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_len + 1024)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -73,18 +77,22 @@ def peak_rss_gb() -> float:
 
 
 @torch.no_grad()
-def prefill(model, n: int, block: int):
-    """Prefill n tokens in chunks of ``block`` (full attention would need an n x n mask otherwise)."""
+def prefill(model, n: int, block: int, **window_and_sinks):
+    """Prefill n tokens in chunks of ``block`` (full attention would need an n x n mask otherwise);
+    ``window=`` / ``sinks=`` override the config's (window / ahn modes).
+
+    Returns ``(seconds, cache, logits [1, 1, vocab] of the last token)``."""
     device = model.device
     x = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
-    cache = model.new_cache() if model.mode != "full" else None
+    cache = model.new_cache(**window_and_sinks) if model.mode != "full" else None
     sync(device)
     t0 = time.perf_counter()
     for a in range(0, n, block):
-        out = model(x[:, a : a + block], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+        out = model(x[:, a : a + block], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
+                    **window_and_sinks)
         cache = output_cache(out)
     sync(device)
-    return time.perf_counter() - t0, cache
+    return time.perf_counter() - t0, cache, out.logits
 
 
 @torch.no_grad()
@@ -168,7 +176,7 @@ def main(argv=None):
                     if torch.device(a.device).type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                         rss0 = torch.cuda.memory_allocated() / 1e9
-                    secs, cache = prefill(m, n, a.block)
+                    secs, cache, _ = prefill(m, n, a.block)
                     growth = (peak_gpu_gb(a.device) or peak_rss_gb()) - rss0
                     best = prefill_best.get((mode, n))
                     prefill_best[mode, n] = (min(secs, best[0]) if best else secs, cache_bytes(cache),

@@ -47,8 +47,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_call(fn, device, repeats):
-    fn()  # warm-up
+def timed(fn, device, repeats):
+    """``(median seconds of `repeats` timed calls of fn, the result of an untimed warm-up call before them)``."""
+    result = fn()  # warm-up: compilation, autotuning, lazy imports
     times = []
     for _ in range(repeats):
         sync(device)
@@ -56,29 +57,41 @@ def time_call(fn, device, repeats):
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
-def bench(rule, T, backend, args, device, repeats, backward):
+def rule_fn(rule, args, backend, backward):
+    """A function that runs ``rule`` once on ``args`` with ``backend`` and returns ``(o, final_state, grads)``:
+    with ``backward``, the gradients of every argument under the loss ``o.sum() + final_state.sum()``
+    (the leaves are made here, outside the timed call); without, ``grads`` is None and no graph is built."""
     f = RULES[rule]
-    if backward:
-        leaves = [a.detach().clone().requires_grad_(True) for a in args]
+    if not backward:
 
-        def fn():
-            o, s = f(*leaves, backend=backend, output_final_state=True)
-            (o.float().sum() + s.sum()).backward()
-
-    else:
-
-        def fn():
+        def forward():
             with torch.no_grad():
-                f(*args, backend=backend, output_final_state=True)
+                o, s = f(*args, backend=backend, output_final_state=True)
+            return o, s, None
 
-    return time_call(fn, device, repeats)
+        return forward
+    leaves = [a.detach().clone().requires_grad_(True) for a in args]
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        o, s = f(*leaves, backend=backend, output_final_state=True)
+        (o.float().sum() + s.sum()).backward()
+        return o.detach(), s.detach(), [t.grad for t in leaves]
+
+    return forward_backward
 
 
-def bench_step(rule, B, H, Hk, D, backend, device, dtype, repeats):
-    """Median time of one decode step: q [B, H, D], k / v [B, Hk, D] (GQA), state [B, H, D, D] float32."""
+def bench(rule, backend, args, device, repeats, backward):
+    return timed(rule_fn(rule, args, backend, backward), device, repeats)[0]
+
+
+def step_args(rule, B, H, Hk, D, device, dtype):
+    """Inputs of one decode step: ``(q [B, H, D], k / v [B, Hk, D] (GQA), gates (the rule's g [B, H] and / or
+    beta [B, H], in its argument order), state [B, H, D, D] float32)``."""
     q = torch.randn(B, H, D, device=device, dtype=dtype)
     k = F.normalize(torch.randn(B, Hk, D, device=device), dim=-1).to(dtype)
     v = torch.randn(B, Hk, D, device=device, dtype=dtype)
@@ -86,13 +99,25 @@ def bench_step(rule, B, H, Hk, D, backend, device, dtype, repeats):
     beta = torch.rand(B, H, device=device, dtype=dtype)
     state = torch.randn(B, H, D, D, device=device)
     gates = {"gated_delta_rule": (g, beta), "delta_rule": (beta,), "ssd": (g,)}[rule]
+    return q, k, v, gates, state
+
+
+def step_fn(rule, inputs, backend):
+    """A function that runs one decode step of ``rule`` on ``inputs`` (:func:`step_args`) without autograd
+    and returns ``(o [B, H, D], state [B, H, D, D])``."""
+    q, k, v, gates, state = inputs
     f = STEPS[rule]
 
-    def fn():
+    def step():
         with torch.no_grad():
-            f(q, k, v, *gates, state, backend=backend)
+            return f(q, k, v, *gates, state, backend=backend)
 
-    return time_call(fn, device, repeats)
+    return step
+
+
+def bench_step(rule, B, H, Hk, D, backend, device, dtype, repeats):
+    """Median time of one decode step (:func:`step_args`)."""
+    return timed(step_fn(rule, step_args(rule, B, H, Hk, D, device, dtype), backend), device, repeats)[0]
 
 
 def main(argv=None):
@@ -125,7 +150,7 @@ def main(argv=None):
         print(f"note: backend 'triton' is timed on CUDA only (device={device}: its column is left out)")
     for rule in a.rules:  # one untimed call per rule and backend: thread pools, lazy imports
         for b in backends:
-            bench(rule, 64, b, make_args(rule, 1, 64, a.heads, a.head_dim, a.head_dim, device, dtype), device, 1, True)
+            bench(rule, b, make_args(rule, 1, 64, a.heads, a.head_dim, a.head_dim, device, dtype), device, 1, True)
     print(f"device={device} dtype={dtype} B={a.batch} H={a.heads} K=V={a.head_dim} repeats={a.repeats} (median seconds)")
     header = f"{'rule':<17}{'T':>7} {'pass':<8}" + "".join(f"{b:>12}" for b in backends)
     header += "".join(f"{'x ' + b:>11}" for b in backends if b != "recurrent" and "recurrent" in backends)
@@ -137,7 +162,7 @@ def main(argv=None):
         for T in a.lengths:
             args = make_args(rule, a.batch, T, a.heads, a.head_dim, a.head_dim, device, dtype)
             for backward in (False, True):
-                t = {b: bench(rule, T, b, args, device, a.repeats, backward) for b in backends}
+                t = {b: bench(rule, b, args, device, a.repeats, backward) for b in backends}
                 row = f"{rule:<17}{T:>7} {'fwd+bwd' if backward else 'fwd':<8}" + "".join(f"{t[b]:>12.4f}" for b in backends)
                 if "recurrent" in t:
                     row += "".join(f"{t['recurrent'] / t[b]:>10.1f}x" for b in backends if b != "recurrent")

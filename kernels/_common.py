@@ -179,13 +179,43 @@ def run_rule(
     check_inputs(rule, q, k, v, g, beta, initial_state, cu_seqlens)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    backend = resolve_backend(backend, q.device, q.dtype)
+    return run_rule_unchecked(
+        rule, q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, backend=resolve_backend(backend, q.device, q.dtype),
+        chunk_size=chunk_size,
+    )
+
+
+def run_rule_unchecked(
+    rule: Rule,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    *,
+    scale: Optional[float],
+    initial_state: Optional[torch.Tensor],
+    output_final_state: bool,
+    cu_seqlens: Optional[torch.Tensor],
+    use_qk_l2norm: bool,
+    backend: str,
+    chunk_size: int,
+):
+    """:func:`run_rule` after its checks, on a resolved ``backend`` (``"recurrent"``, ``"torch"``,
+    ``"fla"`` or ``"triton"``): fills in the default scale and hands the arguments to the backend.
+
+    It does not check where the backend can run: tests/test_fla_glue.py calls it with ``"fla"`` on
+    CPU tensors to run flash-linear-attention's kernels, through this glue, in Triton's interpreter.
+    """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "fla":
+        # fla's kernels read the boundaries on q's device (a CPU tensor there is an invalid pointer to
+        # Triton) and document them as a LongTensor; ahn takes int32 / int64 on any device.
         return rule.fla(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+            cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.long), use_qk_l2norm=use_qk_l2norm,
         )
     if backend == "triton":
         from ._triton.chunk import chunk_rule

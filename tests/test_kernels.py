@@ -26,8 +26,8 @@ def outputs_and_grads(rule, x, **kw):
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
     o, s = call(rule, leaves, **kw)
     gen = torch.Generator().manual_seed(1)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
-    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)  # o's device and dtype
+    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s)
     ((o * do).sum() + (s * ds).sum()).backward()
     return o.detach(), s.detach(), {n: t.grad for n, t in leaves.items()}
 
@@ -234,3 +234,22 @@ def test_fla_matches_torch_on_cuda(rule):
     assert_close(s1, s2, TOL[torch.bfloat16], "fla state")
     for n in g1:
         assert_close(g1[n], g2[n], 0.1, f"fla grad of {n}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule", RULES)
+def test_fla_varlen_on_cuda_with_boundaries_on_the_cpu(rule):
+    # Boundaries built on the CPU (as the varlen tests above build them) with CUDA inputs: fla's kernels
+    # read them on the GPU, so the glue moves them there. An empty and a one-token sequence included.
+    pytest.importorskip("fla")
+    lengths = [1, 300, 64, 0, 77]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    x = make_inputs(rule, B=1, T=int(cu[-1]), H=4, K=64, V=64, dtype=torch.bfloat16, n_states=len(lengths))
+    x = {n: t.cuda() for n, t in x.items()}
+    x["initial_state"] = x["initial_state"].float()
+    o1, s1, g1 = outputs_and_grads(rule, x, backend="fla", cu_seqlens=cu)
+    o2, s2, g2 = outputs_and_grads(rule, x, backend="torch", cu_seqlens=cu)
+    assert_close(o1, o2, TOL[torch.bfloat16], "fla varlen output")
+    assert_close(s1, s2, TOL[torch.bfloat16], "fla varlen states")
+    for n in g1:
+        assert_close(g1[n], g2[n], 0.1, f"fla varlen grad of {n}")

@@ -36,8 +36,8 @@ def run(rule, x, backend, **kw):
     args = [leaves["q"], leaves["k"], leaves["v"]] + [leaves[n] for n in GATES[rule]]
     o, s = FUNCS[rule](*args, initial_state=leaves.get("initial_state"), output_final_state=True, backend=backend, **kw)
     gen = torch.Generator().manual_seed(1)
-    do = torch.randn(o.shape, generator=gen).to(o.dtype)
-    ds = torch.randn(s.shape, generator=gen)
+    do = torch.randn(o.shape, generator=gen).to(o)  # o's device and dtype
+    ds = torch.randn(s.shape, generator=gen).to(s)
     ((o.float() * do.float()).sum() + (s * ds).sum()).backward()
     return o.detach(), s.detach(), {n: t.grad for n, t in leaves.items()}
 

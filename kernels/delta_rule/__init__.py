@@ -16,9 +16,17 @@ from ..gated_delta_rule.chunk import chunk_gated_delta_rule
 from ..gated_delta_rule.recurrent import recurrent_gated_delta_rule
 
 
+# fla's chunk_delta_rule asserts that q, k and v share one dtype and that it is not float32.
+FLA_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
     from fla.ops.delta_rule import chunk_delta_rule as fla_chunk_delta_rule
 
+    if q.dtype not in FLA_DTYPES or not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"backend='fla' runs the delta rule on bfloat16 or float16 q, k, v of one dtype (fla's "
+                         f"chunk_delta_rule), got {q.dtype}, {k.dtype}, {v.dtype}; cast them, or use "
+                         "backend='triton' / 'torch'")
     return fla_chunk_delta_rule(
         q, k, v, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm,

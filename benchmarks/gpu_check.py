@@ -1,0 +1,565 @@
+"""The GPU check: every part of ahn that only a GPU runs, in one command of at most 8 minutes.
+
+    python -m ahn.benchmarks.gpu_check [--out build/gpu-check]    # on a CUDA machine (make gpu-check)
+    python -m ahn.benchmarks.gpu_check --dry-run --out /tmp/gc    # the same code, tiny sizes, CPU (the suite runs it)
+
+Four sections, in this order:
+
+1. ``cuda_tests``: the ``cuda``-marked tests (``pytest -m cuda`` on the test files that carry
+   the mark): fla and ahn's Triton kernels against torch in bfloat16, the fused decode step.
+2. ``kernels``: ahn's Triton kernels vs fla vs the torch chunkwise path, forward and
+   forward+backward, bfloat16, T = 4k, 16k and 64k, with the query heads and head size of
+   Qwen2.5-3B and 7B (the memory runs on the query heads): median seconds and each backend's
+   relative max error against torch (output and final state; gradients for forward+backward).
+3. ``decode_step``: the fused Triton decode step vs the unfused torch step, same shapes,
+   batch 1 and 8, the k / v heads of the model (GQA): median seconds and the error.
+4. ``end_to_end``: a random-weight Qwen2.5-3B-shaped model in bfloat16 prefills 32k and 128k
+   tokens, then decodes tokens after them: full attention (sdpa) vs sinks + window vs ahn
+   (window + gated DeltaNet memory), with time, cache size and peak GPU memory. Two logits
+   checks of DESIGN.md's invariants: ahn equals sinks + window (zero-initialised memory
+   output), and sinks + window equals full attention when n <= sinks + window.
+
+Each section gets a share of the time budget (``--budget``; what one leaves, the next ones
+get); inside a section the cases run from small to large, and a case predicted (from the last
+smaller one) to overrun the section's time is recorded as skipped instead of run. A case
+that raises (out of memory, say) is recorded with its error and the next runs; so is a
+section. ``results.json`` and ``results.md`` in ``--out`` are rewritten after every section.
+The exit status is 1 if a check failed or anything raised. Setting up an offline GPU
+machine and reading the results: docs/gpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ahn.benchmarks.efficiency import cache_bytes, decode_ms, peak_gpu_gb, prefill, shaped_model
+from ahn.benchmarks.kernels import RULES, make_args, rule_fn, step_args, step_fn, timed
+
+# ----------------------------------------------------------------------------- sizes
+# Issue 16: <= 8 minutes on one GPU, all sections together; 15 s of it are kept for start-up and writing.
+BUDGET_S = 480
+RESERVE_S = 15
+# Relative shares of the budget, in run order. Compiling the Triton kernels (ahn's and every config fla
+# autotunes) falls in the tests, which run first; the compiled kernels are cached on disk for the rest.
+SHARES = {"cuda_tests": 2.5, "kernels": 2.0, "decode_step": 0.5, "end_to_end": 3.0}
+# Model shapes of configs/models/ (the memory runs on the query heads; head size = hidden / heads).
+KERNEL_SHAPES = ("Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct")
+E2E_SHAPE = "Qwen2.5-3B-Instruct"
+# ahn's documented GPU set-up (ahn/__init__.py, efficiency.py): 128 sinks + a 32640-token window =
+# 32768, Qwen2.5-3B's max_position_embeddings, the context its attention was trained on.
+SINKS, WINDOW = 128, 32640
+MEMORY = "gated_deltanet"
+MODES = ("full", "window", "ahn")
+# Tolerances, relative to max(1, |reference| max), from the tests: bf16 outputs and states
+# (tests/test_kernels.py TOL), bf16 gradients (TOL_BF16_GRAD of tests/test_triton_kernels.py),
+# the decode step's float32 state (test_fused_step_bfloat16_on_cuda).
+TOL = 5e-2
+TOL_GRAD = 0.1
+TOL_STEP_STATE = 1e-5
+# How a case's time grows with its size, to predict the next one: linear for the kernels, the window and
+# the memory. Full attention's blocked prefill is a linear part (the weights: 2 x 3e9 FLOPs a token for a
+# 3B model) plus a quadratic one (masked sdpa over [block, n]: 4 n^2 x hidden x layers FLOPs in all),
+# about equal at 32k, so 32k -> 128k costs ~11x = 4^1.75.
+GROWTH_POWER = {"full": 1.75}
+# Before timing, each mode runs a short prefill with a small window (so that ahn's memory writes and its
+# kernels compile / autotune outside the timed prefill).
+WARMUP_TOKENS, WARMUP_BLOCK, WARMUP_WINDOW, WARMUP_SINKS = 256, 128, 64, 4
+CUDA_MARK = "pytest.mark.cuda"
+# JUnit XML element of a test case that did not pass -> its outcome.
+OUTCOMES = {"failure": "failed", "error": "errored", "skipped": "skipped"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    kernel_lengths: tuple
+    head_divisor: int  # query / k-v heads and head size divided by this (1 on the GPU)
+    decode_batches: tuple
+    e2e_lengths: tuple
+    sinks: int
+    window: int
+    block: int  # prefill chunk (efficiency.prefill)
+    decode_steps: int
+    kernel_repeats: int
+    step_repeats: int
+    model_overrides: dict = field(default_factory=dict)
+
+
+GPU_SIZES = Sizes(
+    kernel_lengths=(4096, 16384, 65536), head_divisor=1, decode_batches=(1, 8), e2e_lengths=(32768, 131072),
+    sinks=SINKS, window=WINDOW,
+    block=4096,  # efficiency.py's --block default: a full-attention mask is then [4096, n], not [n, n]
+    decode_steps=10, kernel_repeats=3, step_repeats=50,
+)
+# --dry-run: the same sections at sizes a CPU runs in seconds (lengths / 256 for the model, heads / 16).
+DRY_SIZES = Sizes(
+    kernel_lengths=(64,), head_divisor=16, decode_batches=(1, 8), e2e_lengths=(128, 512), sinks=4, window=124,
+    block=128, decode_steps=2, kernel_repeats=1, step_repeats=2,
+    model_overrides=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1024),
+)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+@dataclass
+class Run:
+    """One gpu-check run: where it runs, its sizes, its deadline and its results (written as it goes)."""
+
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    sizes: Sizes
+    tests: Optional[Path]
+    t0: float  # time.monotonic() at the start
+    end: float  # time.monotonic() deadline of the whole run
+    results: dict = field(default_factory=dict)
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    deadline: float
+    config: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    status: str = "pass"
+    error: Optional[str] = None
+    seconds: float = 0.0
+    _last: dict = field(default_factory=dict)  # key -> (size, seconds) of the last case run
+
+    def fits(self, key, size, power: float = 1.0) -> Optional[str]:
+        """None if a case of ``size`` is predicted to end before the deadline, else why it is skipped."""
+        left = self.deadline - time.monotonic()
+        if key not in self._last:
+            return None if left > 0 else f"time budget: the section's time ran out ({left:.0f} s left)"
+        last_size, last_s = self._last[key]
+        predicted = last_s * (size / last_size) ** power
+        return None if predicted < left else f"time budget: predicted {predicted:.0f} s, {max(left, 0):.0f} s left"
+
+    def ran(self, key, size, seconds: float) -> None:
+        self._last[key] = (size, seconds)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "title": self.title, "status": self.status, "seconds": round(self.seconds, 1),
+                "config": self.config, "rows": self.rows, "notes": self.notes, "error": self.error}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(1, max |b|), in float64 (the tests' assert_close measure)."""
+    a, b = a.double(), b.double()
+    return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` here, or None if it can."""
+    from ahn.kernels._common import fla_available
+    from ahn.kernels._triton import interpreting
+
+    if backend == "fla":
+        if device.type != "cuda":
+            return "fla needs CUDA"
+        return None if fla_available() else "flash-linear-attention is not installed (docs/gpu.md)"
+    if backend == "triton":
+        if version("triton") is None:
+            return "triton is not installed"
+        if device.type != "cuda" and not interpreting():
+            return "triton needs CUDA (or TRITON_INTERPRET=1 set before triton is imported)"
+    return None
+
+
+def shape_of(name: str, divisor: int) -> dict:
+    """Query heads, k / v heads and head size of a shipped model config, divided by ``divisor``."""
+    from ahn.configs import load_model_config
+
+    cfg = load_model_config(name)
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"H": max(1, cfg.num_attention_heads // divisor), "Hk": max(1, cfg.num_key_value_heads // divisor),
+            "D": D // divisor}
+
+
+# ----------------------------------------------------------------------------- sections
+def section_cuda_tests(run: Run, sec: Section) -> None:
+    """``pytest -m cuda`` on the test files that carry the mark; one row per test from its JUnit XML."""
+    if run.tests is None:
+        sec.status = "skipped"
+        sec.notes.append("no tests/ folder found (next to the package or in the working directory): pass --tests DIR")
+        return
+    files = sorted(p for p in run.tests.glob("test_*.py") if CUDA_MARK in p.read_text())
+    xml, log = run.out / "cuda-tests.xml", run.out / "cuda-tests.log"
+    sec.config.update(device=str(run.device), tests=str(run.tests), files=[p.name for p in files], junit=xml.name,
+                      log=log.name)
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}",
+           *map(str, files)]
+    timeout = max(sec.deadline - time.monotonic(), 30.0)
+    # PYTHONSAFEPATH: the repository's top-level kernels/ must not shadow ahn.kernels (Makefile, `make test`).
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    try:
+        proc = subprocess.run(cmd, cwd=run.tests.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        log.write_text(text)
+        # -v prints one line per finished test: keep those (the JUnit XML is written only at the end).
+        for line in text.splitlines():
+            test, _, outcome = line.partition(" ")
+            if "::" in test and outcome.split(" ")[0] in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
+                outcome = outcome.split(" ")[0].lower().replace("error", "errored")
+                sec.rows.append({"test": test, "outcome": outcome, "ok": outcome in ("passed", "skipped")})
+        raise TimeoutError(f"pytest ran past the section's {timeout:.0f} s and was stopped; the tests that "
+                           f"finished are listed, the rest did not run (see {log.name})") from None
+    log.write_text(proc.stdout + proc.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    sec.notes.append(f"pytest exit status {proc.returncode}: {lines[-1] if lines else '(no output)'}")
+    for case in ET.parse(xml).getroot().iter("testcase") if xml.exists() else []:
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in OUTCOMES:
+                outcome, message = OUTCOMES[child.tag], (child.get("message") or "").strip()[:200]
+        sec.rows.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
+                         "seconds": round(float(case.get("time") or 0.0), 2), "message": message,
+                         "ok": outcome in ("passed", "skipped")})
+    if proc.returncode not in (0, 5):  # 5: no test collected
+        sec.status = "fail"
+
+
+def section_kernels(run: Run, sec: Section) -> None:
+    """Triton vs fla vs torch chunkwise, per length (small first), model shape, rule, forward / forward+backward."""
+    s, dev = run.sizes, run.device
+    shapes = {name: shape_of(name, s.head_divisor) for name in KERNEL_SHAPES}
+    others = [b for b in ("triton", "fla") if not unavailable(b, dev)]
+    for b in ("triton", "fla"):
+        if unavailable(b, dev):
+            sec.notes.append(f"{b} column left empty: {unavailable(b, dev)}")
+    sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), B=1, lengths=list(s.kernel_lengths),
+                      shapes={n: {"H": sh["H"], "K=V": sh["D"]} for n, sh in shapes.items()}, repeats=s.kernel_repeats,
+                      reference="torch", tolerance={"output, state": TOL, "gradients": TOL_GRAD})
+    sec.notes.append("times: median seconds of the repeats after a warm-up call (compilation, autotuning); "
+                     "errors: relative max error against torch (the warm-up call's results)")
+    for T in s.kernel_lengths:
+        for name, sh in shapes.items():
+            for rule in RULES:
+                args = make_args(rule, 1, T, sh["H"], sh["D"], sh["D"], dev, run.dtype)
+                for backward in (False, True):
+                    direction = "fwd+bwd" if backward else "fwd"
+                    row = {"T": T, "shape": name, "H": sh["H"], "D": sh["D"], "rule": rule, "direction": direction}
+                    sec.rows.append(row)
+                    key = (name, rule, direction)
+                    why = sec.fits(key, T)
+                    if why:
+                        row["skipped"] = why
+                        continue
+                    try:
+                        kernel_case(run, row, rule, args, backward, others)
+                    except Exception as e:  # noqa: BLE001 (recorded, the next case runs)
+                        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+                    finally:
+                        free(dev)
+                    # The next, longer case's cost: its timed calls, the warm-up's compilation being done.
+                    times = [v for k, v in row.items() if k.endswith("_s")]
+                    sec.ran(key, T, (1 + s.kernel_repeats) * sum(times))
+                    run.log(f"kernels T={T} {name} {rule} {direction}: {brief(row, 'T', 'shape', 'rule', 'direction')}")
+                del args
+
+
+def kernel_case(run: Run, row: dict, rule: str, args, backward: bool, others: list) -> None:
+    t_ref, (o_ref, s_ref, g_ref) = timed(rule_fn(rule, args, "torch", backward), run.device, run.sizes.kernel_repeats)
+    row["torch_s"] = t_ref
+    ok = True
+    for b in others:
+        t, (o, st, grads) = timed(rule_fn(rule, args, b, backward), run.device, run.sizes.kernel_repeats)
+        row[f"{b}_s"] = t
+        row[f"{b}_err"] = max(rel_err(o, o_ref), rel_err(st, s_ref))
+        ok &= row[f"{b}_err"] <= TOL
+        if backward:
+            row[f"{b}_grad_err"] = max(rel_err(g, r) for g, r in zip(grads, g_ref))
+            ok &= row[f"{b}_grad_err"] <= TOL_GRAD
+        del o, st, grads
+    if "triton_s" in row and "fla_s" in row:
+        row["fla/triton"] = row["fla_s"] / row["triton_s"]
+    row["ok"] = bool(ok)
+
+
+def section_decode_step(run: Run, sec: Section) -> None:
+    """The fused Triton step vs the unfused torch step, per model shape, batch and rule."""
+    s, dev = run.sizes, run.device
+    shapes = {name: shape_of(name, s.head_divisor) for name in KERNEL_SHAPES}
+    fused = unavailable("triton", dev)
+    if fused:
+        sec.notes.append(f"triton column left empty: {fused}")
+    sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), batches=list(s.decode_batches),
+                      repeats=s.step_repeats,
+                      shapes={n: {"H": sh["H"], "Hk": sh["Hk"], "K=V": sh["D"]} for n, sh in shapes.items()},
+                      tolerance={"output": TOL, "state (float32)": TOL_STEP_STATE})
+    for name, sh in shapes.items():
+        for B in s.decode_batches:
+            for rule in RULES:
+                row = {"shape": name, "B": B, "H": sh["H"], "Hk": sh["Hk"], "D": sh["D"], "rule": rule}
+                sec.rows.append(row)
+                why = sec.fits("step", 1)
+                if why:
+                    row["skipped"] = why
+                    continue
+                t0 = time.monotonic()
+                try:
+                    inputs = step_args(rule, B, sh["H"], sh["Hk"], sh["D"], dev, run.dtype)
+                    row["torch_ms"], (o_ref, s_ref) = timed(step_fn(rule, inputs, "torch"), dev, s.step_repeats)
+                    row["torch_ms"] *= 1e3
+                    if not fused:
+                        t, (o, st) = timed(step_fn(rule, inputs, "triton"), dev, s.step_repeats)
+                        row.update(triton_ms=1e3 * t, speedup=row["torch_ms"] / (1e3 * t),
+                                   out_err=rel_err(o, o_ref), state_err=rel_err(st, s_ref))
+                        row["ok"] = row["out_err"] <= TOL and row["state_err"] <= TOL_STEP_STATE
+                except Exception as e:  # noqa: BLE001 (recorded, the next case runs)
+                    row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+                sec.ran("step", 1, time.monotonic() - t0)
+                run.log(f"decode_step {name} B={B} {rule}: {brief(row, 'shape', 'B', 'H', 'Hk', 'D', 'rule')}")
+
+
+def section_end_to_end(run: Run, sec: Section) -> None:
+    """Prefill n tokens and decode after them, per n (small first) and mode, on one random-weight model."""
+    import ahn
+
+    s, dev = run.sizes, run.device
+    base = shaped_model(E2E_SHAPE, max(s.e2e_lengths), str(dev), run.dtype, overrides=s.model_overrides)
+    cfg = base.config
+    model = ahn.add_memory(base, ahn.AHNConfig(memory=MEMORY, window=s.window, sinks=s.sinks))
+    sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), shape=E2E_SHAPE, overrides=s.model_overrides,
+                      layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+                      kv_heads=cfg.num_key_value_heads, memory=MEMORY, sinks=s.sinks, window=s.window,
+                      prefill_block=s.block, decode_steps=s.decode_steps, logits_tolerance=TOL,
+                      memory_backend=model.ahn_config.backend)
+    sec.notes.append("prefill_s: n tokens in blocks of prefill_block; decode_ms: median of decode_steps tokens "
+                     "after them; peak_GB: peak GPU memory of prefill + decode (weights included; CUDA only)")
+    sec.notes.append("vs_window: ahn's last-token logits against sinks + window (equal: the memory output starts at "
+                     "zero); vs_full: sinks + window against full attention, checked while n <= sinks + window")
+    run.log(f"end_to_end: model built ({sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters)")
+    for mode in MODES:
+        with model.attention_mode(mode) as m:
+            small = {} if mode == "full" else {"window": WARMUP_WINDOW, "sinks": WARMUP_SINKS}
+            prefill(m, WARMUP_TOKENS, WARMUP_BLOCK, **small)
+    free(dev)
+    run.log("end_to_end: warmed up")
+    for n in s.e2e_lengths:
+        logits = {}
+        for mode in MODES:
+            row = {"n": n, "mode": mode}
+            sec.rows.append(row)
+            why = sec.fits(mode, n, GROWTH_POWER.get(mode, 1.0))
+            if why:
+                row["skipped"] = why
+                continue
+            t0 = time.monotonic()
+            try:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                with model.attention_mode(mode) as m:
+                    secs, cache, last = prefill(m, n, s.block)
+                    row.update(prefill_s=secs, prefill_tok_per_s=n / secs, cache_MiB=cache_bytes(cache) / 2**20)
+                    row["decode_ms"] = decode_ms(m, cache, s.decode_steps)
+                row["peak_GB"] = peak_gpu_gb(dev)
+                logits[mode] = last.float()
+                row["ok"] = bool(torch.isfinite(logits[mode]).all())
+                del cache, last
+            except Exception as e:  # noqa: BLE001 (recorded, the next case runs)
+                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+            finally:
+                free(dev)
+            sec.ran(mode, n, time.monotonic() - t0)
+            run.log(f"end_to_end n={n} {mode}: {brief(row, 'n', 'mode')}")
+        rows = {r["mode"]: r for r in sec.rows if r["n"] == n}
+        if "ahn" in logits and "window" in logits:
+            rows["ahn"]["vs_window"] = rel_err(logits["ahn"], logits["window"])
+            rows["ahn"]["ok"] &= rows["ahn"]["vs_window"] <= TOL
+        if "window" in logits and "full" in logits and n <= s.sinks + s.window:
+            rows["window"]["vs_full"] = rel_err(logits["window"], logits["full"])
+            rows["window"]["ok"] &= rows["window"]["vs_full"] <= TOL
+        for mode in ("window", "ahn"):
+            if all("decode_ms" in rows[m] for m in (mode, "full")):
+                rows[mode]["prefill_x_full"] = rows[mode]["prefill_s"] / rows["full"]["prefill_s"]
+                rows[mode]["decode_x_full"] = rows[mode]["decode_ms"] / rows["full"]["decode_ms"]
+    del model, base
+
+
+SECTIONS: dict[str, tuple[str, Callable[[Run, Section], None]]] = {
+    "cuda_tests": ("The cuda-marked tests", section_cuda_tests),
+    "kernels": ("Memory kernels: ahn's Triton vs fla vs torch chunkwise", section_kernels),
+    "decode_step": ("Decode step: fused Triton vs unfused torch", section_decode_step),
+    "end_to_end": ("End to end: full attention vs sinks + window vs ahn", section_end_to_end),
+}
+
+
+def free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def brief(row: dict, *leave_out: str) -> str:
+    """A row for the progress log, without the keys that name its case."""
+    return ", ".join(("ok" if v else "FAIL") if k == "ok" else f"{k} {fmt(v)}" for k, v in row.items()
+                     if k not in leave_out)
+
+
+# ----------------------------------------------------------------------------- results
+def environment(device: torch.device) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": version("triton"), "fla-core": version("fla-core"),
+        "flash-linear-attention": version("flash-linear-attention"), "transformers": version("transformers"),
+        "ahn": version("ahn"),
+    }
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "ok" if value else "**FAIL**"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value).replace("|", "\\|")
+
+
+# Row fields shown after the figures in results.md: whether the case passed, or why it did not run.
+LAST_COLUMNS = ("ok", "skipped", "error")
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        "# ahn gpu-check", "",
+        " · ".join(f"{k} {v}" for k, v in env.items() if v is not None),
+        "",
+        f"{'dry run (tiny sizes, CPU)' if results['dry_run'] else 'full run'}, {results['dtype']}; "
+        f"status **{results['status']}**; {results['wall_s']:.0f} s of a {results['budget_s']} s budget; "
+        f"started {results['started']}",
+        "", "| section | status | seconds | cases | skipped | failed |", "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for sec in results["sections"]:
+        skipped = sum("skipped" in r for r in sec["rows"])
+        failed = sum(r.get("ok") is False for r in sec["rows"])
+        lines.append(f"| {sec['name']} | {sec['status']} | {sec['seconds']} | {len(sec['rows'])} | {skipped} "
+                     f"| {failed} |")
+    for sec in results["sections"]:
+        lines += ["", f"## {sec['name']}: {sec['title']}", "", f"status **{sec['status']}**, {sec['seconds']} s", ""]
+        lines += [f"- {k}: {json.dumps(v) if isinstance(v, (dict, list)) else fmt(v)}"
+                  for k, v in sec["config"].items()]
+        if sec["error"]:
+            lines += ["", "```", sec["error"], "```"]
+        if sec["rows"]:
+            columns = list(dict.fromkeys(k for row in sec["rows"] for k in row))
+            columns = [c for c in columns if c not in LAST_COLUMNS] + [c for c in LAST_COLUMNS if c in columns]
+            lines += ["", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in sec["rows"]]
+        if sec["notes"]:
+            lines += [""] + [f"- {note}" for note in sec["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def finite(value):
+    """``value`` with NaN / inf floats (a kernel that overflowed) as strings: JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write(run: Run) -> None:
+    r = run.results
+    r["wall_s"] = round(time.monotonic() - run.t0, 1)
+    r["status"] = "pass" if all(s["status"] in ("pass", "skipped") for s in r["sections"]) else "fail"
+    (run.out / "results.json").write_text(json.dumps(finite(r), indent=2) + "\n")
+    (run.out / "results.md").write_text(markdown(r))
+
+
+def find_tests(given: Optional[str]) -> Optional[Path]:
+    """The repository's tests/ folder: ``given``, next to the package (a source checkout), or in the cwd."""
+    if given:
+        path = Path(given)
+        if not (path / "conftest.py").is_file():
+            raise SystemExit(f"--tests {given}: no conftest.py there; pass the repository's tests/ folder")
+        return path.resolve()
+    for path in (Path(__file__).resolve().parents[1] / "tests", Path.cwd() / "tests"):
+        if (path / "conftest.py").is_file() and (path / "test_kernels.py").is_file():
+            return path
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="build/gpu-check", help="folder for results.json, results.md and the test log")
+    p.add_argument("--dry-run", action="store_true", help="the same code at tiny sizes on CPU (no GPU needed)")
+    p.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for the whole run (default {BUDGET_S})")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="sections to run")
+    p.add_argument("--tests", default=None, help="the repository's tests/ folder (default: found next to the package "
+                                                 "or in the working directory)")
+    a = p.parse_args(argv)
+    if not a.dry_run and not torch.cuda.is_available():
+        raise SystemExit("gpu-check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU "
+                         "machine (docs/gpu.md), or pass --dry-run to run the same code at tiny sizes on CPU")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if a.dry_run else "cuda")
+    t0 = time.monotonic()
+    run = Run(out=out, device=device, dtype=torch.bfloat16, sizes=DRY_SIZES if a.dry_run else GPU_SIZES,
+              tests=find_tests(a.tests), t0=t0, end=t0 + a.budget - RESERVE_S)
+    run.results = {"environment": environment(device), "dry_run": a.dry_run, "dtype": dtype_name(run.dtype),
+                   "sizes": dataclasses.asdict(run.sizes), "budget_s": a.budget,
+                   "started": datetime.datetime.now().isoformat(timespec="seconds"), "sections": []}
+    run.log(f"gpu-check on {run.results['environment']['device']}, budget {a.budget:.0f} s, results in {out}")
+    for i, name in enumerate(a.sections):
+        shares_left = sum(SHARES[n] for n in a.sections[i:])
+        now = time.monotonic()
+        sec = Section(name=name, title=SECTIONS[name][0],
+                      deadline=now + max(run.end - now, 0.0) * SHARES[name] / shares_left)
+        run.log(f"{name}: {sec.deadline - now:.0f} s")
+        try:
+            SECTIONS[name][1](run, sec)
+        except Exception as e:  # noqa: BLE001 (recorded; the next section runs)
+            sec.status, sec.error = "error", "".join(traceback.format_exception_only(e)).strip()[:2000]
+            run.log(f"{name} raised: {sec.error}")
+            traceback.print_exc()
+        finally:
+            free(device)
+        if sec.status == "pass" and any(row.get("ok") is False for row in sec.rows):
+            sec.status = "fail"
+        sec.seconds = time.monotonic() - now
+        run.results["sections"].append(sec.as_dict())
+        write(run)
+        run.log(f"{name}: {sec.status} in {sec.seconds:.0f} s")
+    run.log(f"status {run.results['status']}: {out / 'results.md'}")
+    return 0 if run.results["status"] == "pass" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
