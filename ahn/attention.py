@@ -191,17 +191,10 @@ def hybrid_attention(
 
     if layer is not None and T == 1 and layer.is_initialized:
         return _decode_step(memory if use_memory else None, hidden_states, q, k, v, ctx, layer, scale)
-    stream = None
     gates = memory.write_gates(hidden_states) if use_memory else None  # [B, T, Hq, G]
     if layer is not None and not layer.is_initialized:
         layer.lazy_initialization(k, v, gates)
-    if use_memory:
-        new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
-        # Cached slots that leave the window during these T tokens (read before append
-        # overwrites them), then the new ones.
-        mem_hi = max(old_lo, min(start, start + T - W))
-        old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
-        stream = [memory_write_stream(n, o, start, W) for n, o in zip(new, old)]
+    stream = memory_stream(layer, k, v, gates, start, W) if use_memory else None
 
     if layer is None:
         attn = sink_window_attention(
@@ -220,17 +213,36 @@ def hybrid_attention(
 
     if not use_memory:
         return attn.reshape(B, T, Hq * D)
+    mem_out = read_memory(memory, q, stream, hidden_states, ctx, layer)  # [B, T, Hq, D]
+    return (attn + mem_out.to(attn.dtype)).reshape(B, T, Hq * D)
+
+
+def memory_stream(layer, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, start: int, window: int) -> list:
+    """The (k, v, gates) written into the memory while processing the new slots, time-major and aligned with
+    the queries (:func:`memory_write_stream`): cached slots that leave the window during these T tokens
+    (read before ``append`` overwrites them), then the new ones. ``k, v [B, Hkv, T, D]``, ``gates [B, T, Hq, G]``."""
+    T = k.shape[2]
+    old_lo = max(0, start - window)
+    new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
+    mem_hi = max(old_lo, min(start, start + T - window))
+    old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
+    return [memory_write_stream(n, o, start, window) for n, o in zip(new, old)]
+
+
+def read_memory(memory, q: torch.Tensor, stream: list, hidden_states: torch.Tensor, ctx: AHNContext, layer):
+    """Write ``stream`` (:func:`memory_stream`) and read with ``q [B, Hq, T, D]``, through the read-out:
+    ``[B, T, Hq, D]``; the final state goes to the cache ``layer`` (if any)."""
     wk, wv, wg = stream  # [B, T, Hkv, D], [B, T, Hkv, D], [B, T, Hq, G]
+    Hq, T = q.shape[1], q.shape[2]
     n_rep = Hq // wk.shape[2]
     read, state = memory.read(
         q.transpose(1, 2), repeat_heads(wk, n_rep, 2), repeat_heads(wv, n_rep, 2), wg,
-        memory_write_mask(start, T, W, S, P), initial_state=_state_for_autograd(layer),
+        memory_write_mask(ctx.start, T, ctx.window, ctx.sinks, ctx.pad_offsets), initial_state=_state_for_autograd(layer),
         backend=ctx.backend,
     )
     if layer is not None:
         layer.memory_state = state
-    mem_out = memory.output(read, hidden_states)  # [B, T, Hq, D]
-    return (attn + mem_out.to(attn.dtype)).reshape(B, T, Hq * D)
+    return memory.output(read, hidden_states)
 
 
 def _decode_step(memory, hidden_states, q, k, v, ctx: AHNContext, layer, scale: float) -> torch.Tensor:

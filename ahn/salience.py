@@ -307,7 +307,7 @@ def defer(attn: torch.Tensor, mem_out: torch.Tensor, logit: torch.Tensor, lse: t
 def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int, scale: float) -> torch.Tensor:
     """:func:`ahn.attention.hybrid_attention` with salience, the priority buffer and the deferring read-out
     (whichever the memory has), or the teacher's probe (``ctx.record.probe_window``). ``[B, T, Hq * D]``."""
-    from ahn.attention import gather_sinks, memory_write_mask, memory_write_stream, repeat_heads, _state_for_autograd
+    from ahn.attention import gather_sinks, memory_stream, read_memory
 
     B, Hq, T, D = q.shape
     W, S, start, P = ctx.window, ctx.sinks, ctx.start, ctx.pad_offsets
@@ -321,12 +321,7 @@ def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int
     token_part = scorer.token_part(hidden_states) if scorer is not None else None  # [B, Hkv, T]
     if layer is not None and not layer.is_initialized:
         layer.lazy_initialization(k, v, gates, salience=scorer is not None)
-    stream = None
-    if memory is not None:
-        mem_hi = max(old_lo, min(start, start + T - W))
-        old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
-        new = (k.transpose(1, 2), v.transpose(1, 2), gates)
-        stream = [memory_write_stream(n, o, start, W) for n, o in zip(new, old)]
+    stream = memory_stream(layer, k, v, gates, start, W) if memory is not None else None
 
     Hkv = k.shape[1]
     token_part_ctx = mass = None  # [B, Hkv, L] for the context slots (cached window, then the new tokens)
@@ -366,17 +361,9 @@ def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int
                 [scores[:, :, W:], scores.new_full((B, Hkv, min(W, T)), float("-inf"))], dim=2)
     if memory is None:
         return attn.reshape(B, T, Hq * D)
-    wk, wv, wg = stream
     if scores is not None and memory.salience_gates_writes:
-        wg = gate_writes(wg, scores, memory.step_spec.strength)
-    n_rep = Hq // Hkv
-    read, state = memory.read(
-        q.transpose(1, 2), repeat_heads(wk, n_rep, 2), repeat_heads(wv, n_rep, 2), wg,
-        memory_write_mask(start, T, W, S, P), initial_state=_state_for_autograd(layer), backend=ctx.backend,
-    )
-    if layer is not None:
-        layer.memory_state = state
-    mem_out = memory.output(read, hidden_states)  # [B, T, Hq, D]
+        stream[2] = gate_writes(stream[2], scores, memory.step_spec.strength)
+    mem_out = read_memory(memory, q, stream, hidden_states, ctx, layer)  # [B, T, Hq, D]
     if memory.defer is not None:
         out = defer(attn, mem_out, memory.defer(hidden_states), lse.transpose(1, 2))
     else:
