@@ -22,8 +22,9 @@ Options of :class:`ahn.AHNConfig` (all off by default: the paper's mechanism, un
   priority, a candidate is visible to query i iff it has been evicted by i and fewer than M
   candidates before it in that order have been. One exclusive cumulative sum gives that count
   for every (query, candidate), so a block costs O(bq * (M + bq)) beside its attention, the
-  whole prefill O(T * (W + M)), and the same rule with one query is the decode step: parallel
-  forward, chunked prefill and token-by-token decode compute the same buffer.
+  whole prefill O(T * (W + M)). A decode step evicts one token: it replaces the entry of lowest
+  priority if it ranks above it (:func:`offer_to_buffer`), which is the same top-M rule; parallel
+  forward, chunked prefill and token-by-token decode compute the same buffer (tested).
 * **The deferring read-out** (``readout="defer"``): the memory is one more entry in the
   attention softmax with a learned logit ``l_t = defer(x_t)`` per query head, and its read-out
   is weighted by that entry's share ``sigmoid(l_t - lse_t)``, where ``lse_t`` is the
@@ -371,38 +372,73 @@ def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int
     return out.reshape(B, T, Hq * D)
 
 
+def offer_to_buffer(layer, ek: torch.Tensor, ev: torch.Tensor, eslot: torch.Tensor, escore: torch.Tensor) -> None:
+    """The buffer rule for one evicted token, in place: it replaces the entry of lowest priority (score, then
+    slot; empty entries are lowest) when it ranks above it, which keeps the buffer the top M of the evicted
+    tokens, as :func:`buffered_block_attention` does for a block. ``ek, ev [B, Hkv, 1, D]``, ``eslot [B, 1, 1]``
+    (-1: nothing evicted), ``escore [B, Hkv, 1]``."""
+    slot, score = layer.buf_slot, layer.buf_score  # [B, Hkv, M]
+    low = score.amin(dim=-1, keepdim=True)  # [B, Hkv, 1]
+    oldest = torch.where(score == low, slot, torch.iinfo(slot.dtype).max).argmin(dim=-1, keepdim=True)
+    low_slot = slot.gather(-1, oldest)
+    replace = (eslot >= 0) & ((escore > low) | ((escore == low) & (eslot > low_slot)))  # [B, Hkv, 1]
+    at = replace & (torch.arange(layer.buffer_slots, device=slot.device) == oldest)  # [B, Hkv, M]
+    region = slice(layer.sinks, layer.ring_start)
+    layer.keys[:, :, region] = torch.where(at.unsqueeze(-1), ek.to(layer.keys.dtype), layer.keys[:, :, region])
+    layer.values[:, :, region] = torch.where(at.unsqueeze(-1), ev.to(layer.values.dtype), layer.values[:, :, region])
+    layer.buf_slot = torch.where(at, eslot, slot)
+    layer.buf_score = torch.where(at, escore, score)
+
+
+def _decode_attention(layer, q: torch.Tensor, t: int, P: torch.Tensor, scale: float, with_mass: bool):
+    """One query (slot t, appended) over sinks, buffer and ring in place, one softmax.
+
+    Returns ``(out [B, Hkv, R, 1, D], lse [B, Hkv, R, 1], received [B, Hkv, C] or None)``: ``received``
+    is the ring entries' share of the window's own softmax (the buffer left out), averaged over heads.
+    """
+    B, Hq, _, D = q.shape
+    Hkv = layer.keys.shape[1]
+    mask = layer.decode_mask(t, P).view(B, 1, -1)  # [B, 1, N]: sinks and ring
+    if layer.buffer_slots:
+        mask = mask.expand(B, Hkv, -1).clone()
+        mask[:, :, layer.sinks: layer.ring_start] = layer.buf_slot >= 0
+    qg = q.view(B, Hkv, Hq // Hkv, 1, D)
+    e, m, lse = window_softmax(_block_logits(qg, layer.keys, mask.view(B, -1, 1, 1, mask.shape[-1]), scale))
+    out = _grouped_matmul(e.to(layer.values.dtype), layer.values).float() * torch.exp(m - lse.unsqueeze(-1))
+    received = None
+    if with_mass:
+        ring = e.detach()[..., layer.ring_start:]  # [B, Hkv, R, 1, C]
+        window_sum = e.detach()[..., : layer.sinks].sum(-1, keepdim=True) + ring.sum(-1, keepdim=True)
+        received = (ring / window_sum).squeeze(3).mean(2)
+    return out.to(layer.values.dtype), lse, received
+
+
 def _decode_step(memory, hidden_states, q, k, v, ctx, layer, scale: float) -> torch.Tensor:
     """One new token (slot t) with a filled cache: :func:`salient_hybrid_attention`'s decode form.
 
-    The token at slot t - W leaves the window: it is scored, written into the memory (its write
-    strength gated by the score) and offered to the buffer; the new token enters the ring; the
-    query attends over sinks, buffer and ring in place; the ring's received attention grows.
+    The token at slot t - W leaves the window: it is scored, offered to the buffer
+    (:func:`offer_to_buffer`, the one-token case of the block rule) and written into the memory (its
+    write strength gated by the score); the new token enters the ring; the query attends over
+    sinks, buffer and ring in place, in one softmax; the ring's received attention grows.
     """
     from ahn.attention import _state_for_autograd
 
     B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
     t, W, S, P = ctx.start, ctx.window, ctx.sinks, ctx.pad_offsets
     scorer = memory.salience if memory is not None else None
     e = t - W  # the slot leaving the window
     first, last = layer.sink_ends(P)  # rows evict a real token iff e >= P_r + S
     in_ring = e >= 0 and e >= layer.seen - W
-    score = evicted = None
+    score = None
     if scorer is not None:
         valid = (e >= P + S).view(B, 1, 1)  # [B, 1, 1]
         if in_ring:
             i = e % W
             score = scorer.score(layer.sal_token[:, :, i: i + 1], layer.sal_mass[:, :, i: i + 1])  # [B, Hkv, 1]
-        else:
-            score = torch.zeros(B, Hkv, 1, device=q.device)
-        score = score.masked_fill(~valid, float("-inf"))
-        if layer.buffer_slots:
-            if in_ring:
+            score = score.masked_fill(~valid, float("-inf"))
+            if layer.buffer_slots:  # before the new token overwrites the evicted one's ring entry
                 ek, ev, _ = layer.read_slot(e)
-                ek, ev = ek.unsqueeze(2).clone(), ev.unsqueeze(2).clone()
-            else:
-                ek, ev = k.new_zeros(B, Hkv, 1, D), v.new_zeros(B, Hkv, 1, v.shape[-1])
-            evicted = (ek, ev, torch.where(valid, e, -1).expand(B, Hkv, 1), score)
+                offer_to_buffer(layer, ek.unsqueeze(2), ev.unsqueeze(2), torch.where(valid, e, -1), score)
     mem_out = gates = None
     if memory is not None:
         k_e = v_e = g_e = mask = None
@@ -417,15 +453,9 @@ def _decode_step(memory, hidden_states, q, k, v, ctx, layer, scale: float) -> to
             )  # [B, Hq, D] or None, [B, Hq, G]
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t, scorer.token_part(hidden_states) if scorer is not None else None)
-    qg = q.view(B, Hkv, Hq // Hkv, 1, D)
-    logits = _block_logits(qg, layer.keys, layer.decode_mask(t, P).view(B, 1, 1, 1, -1), scale)  # [B, Hkv, R, 1, N]
-    window = window_softmax(logits)
-    if scorer is not None:
-        e_w, m_w, lse_w = window
-        layer.sal_mass += received_attention(e_w.detach(), lse_w.detach(), m_w)[..., layer.ring_start:]
-    attn, lse, buffer = buffered_block_attention(qg, window, layer.values, scale, layer.buffer, evicted)
-    if buffer is not None:
-        layer.set_buffer(buffer)
+    attn, lse, received = _decode_attention(layer, q, t, P, scale, with_mass=scorer is not None)
+    if received is not None:
+        layer.sal_mass += received
     attn = attn.reshape(B, Hq, 1, -1).transpose(1, 2)  # [B, 1, Hq, D]
     if mem_out is not None:
         if memory.defer is not None:
