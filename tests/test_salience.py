@@ -327,3 +327,23 @@ def test_bfloat16_model_with_the_options(model_dirs):
     torch.testing.assert_close(incremental.float(), parallel.float(), rtol=0, atol=0.05)
     model(x, use_cache=False).logits.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in model.named_memory_parameters())
+
+
+def test_ties_go_to_the_newer_token(model_dirs):
+    """All scores equal (a zero scorer): the buffer holds the M most recently evicted tokens, in every form."""
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=2, buffer_slots=3, attention_block=4))
+    with torch.no_grad():
+        for name, p in model.named_memory_parameters():
+            if ".salience." in name:
+                p.zero_()
+    x = ids(2, 30, seed=9)
+    parallel = logits(model, x)
+    incremental, cache = run_incremental(model, x, [7, 5])
+    torch.testing.assert_close(incremental, parallel, rtol=0, atol=ATOL)
+    newest = [30 - 1 - 6 - i for i in range(3)]  # the last three tokens to leave the window
+    for layer in cache.layers:
+        assert all(sorted(row.tolist()) == sorted(newest) for row in layer.buf_slot.flatten(0, 1))
+    with torch.no_grad():  # a prefill of the whole sequence keeps the same three
+        cache = model.new_cache()
+        model(x, **cache_kwargs(model, cache))
+    assert all(sorted(row.tolist()) == sorted(newest) for row in cache.layers[0].buf_slot.flatten(0, 1))
