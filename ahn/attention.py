@@ -248,34 +248,48 @@ def read_memory(memory, q: torch.Tensor, stream: list, hidden_states: torch.Tens
 def _decode_step(memory, hidden_states, q, k, v, ctx: AHNContext, layer, scale: float) -> torch.Tensor:
     """One new token (slot t) with a filled cache: the decode form of :func:`hybrid_attention`.
 
-    The token at slot t - W leaves the window: it is written into the memory state with one
-    recurrent step (k / v heads broadcast over the query heads, no repeat) before the new
-    token's k / v overwrite its ring entry; the step's read with q_t is the memory output.
-    Attention then reads the sinks and the ring buffer in place. Returns ``[B, 1, Hq * D]``.
+    The token at slot t - W leaves the window: it is written into the memory state
+    (:func:`decode_memory`) before the new token's k / v overwrite its ring entry; the step's read
+    with q_t is the memory output. Attention then reads the sinks and the ring buffer in place.
+    Returns ``[B, 1, Hq * D]``.
     """
     B, Hq, _, D = q.shape
-    t, W, S, P = ctx.start, ctx.window, ctx.sinks, ctx.pad_offsets
-    mem_out = gates = None
-    if memory is not None:
-        e = t - W  # the slot leaving the window
-        first, last = layer.sink_ends(P)  # rows write slot e iff e >= P_r + S
-        k_e = v_e = g_e = mask = None
-        if e >= first:
-            k_e, v_e, g_e = layer.read_slot(e)
-            mask = None if e >= last else e >= P + S  # [B]
-        # Without autograd (generation), the memory's ~50 small ops run in inference mode, which
-        # skips version counting and view tracking: about a fifth of their cost on CPU. Its
-        # outputs are only read afterwards (the state is replaced, never updated in place).
-        with torch.inference_mode(not torch.is_grad_enabled()):
-            mem_out, gates, layer.memory_state = memory.decode(
-                hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, _state_for_autograd(layer), backend=ctx.backend
-            )  # [B, Hq, D] or None, [B, Hq, G]
+    t, P = ctx.start, ctx.pad_offsets
+    mem_out, gates = decode_memory(memory, hidden_states, q, ctx, layer) if memory is not None else (None, None)
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t)
     attn = layer.decode_attention(q, t, P, scale)  # [B, 1, Hq, D]
     if mem_out is not None:
         attn = attn + mem_out.unsqueeze(1).to(attn.dtype)
     return attn.reshape(B, 1, Hq * D)
+
+
+def decode_memory(memory, hidden_states: torch.Tensor, q: torch.Tensor, ctx: AHNContext, layer, gate_evicted=None):
+    """The memory's part of a decode step, before the new token enters the ring: the token at slot t - W
+    (leaving the window) is written into the state with one recurrent step (k / v heads broadcast over the
+    query heads, no repeat), and the step's read with q_t goes through the read-out.
+
+    ``gate_evicted``: a function of the evicted token's gates ``[B, Hq, G]`` returning the gates to write
+    with (salience-gated writes), or None. Returns ``(out [B, Hq, D] or None, the new token's gates
+    [B, Hq, G])``; the state goes to ``layer``.
+    """
+    P, S = ctx.pad_offsets, ctx.sinks
+    e = ctx.start - ctx.window  # the slot leaving the window
+    first, last = layer.sink_ends(P)  # rows write slot e iff e >= P_r + S
+    k_e = v_e = g_e = mask = None
+    if e >= first:
+        k_e, v_e, g_e = layer.read_slot(e)
+        mask = None if e >= last else e >= P + S  # [B]
+        if gate_evicted is not None:
+            g_e = gate_evicted(g_e)
+    # Without autograd (generation), the memory's ~50 small ops run in inference mode, which
+    # skips version counting and view tracking: about a fifth of their cost on CPU. Its
+    # outputs are only read afterwards (the state is replaced, never updated in place).
+    with torch.inference_mode(not torch.is_grad_enabled()):
+        mem_out, gates, layer.memory_state = memory.decode(
+            hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, _state_for_autograd(layer), backend=ctx.backend
+        )  # [B, Hq, D] or None, [B, Hq, G]
+    return mem_out, gates
 
 
 def _state_for_autograd(layer) -> Optional[torch.Tensor]:

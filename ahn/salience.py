@@ -41,6 +41,7 @@ forward passes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -83,8 +84,13 @@ class Buffer:
     def empty(cls, like_k: torch.Tensor, like_v: torch.Tensor, slots: int) -> "Buffer":
         B, H, _, D = like_k.shape
         return cls(like_k.new_zeros(B, H, slots, D), like_v.new_zeros(B, H, slots, like_v.shape[-1]),
-                   torch.full((B, H, slots), -1, dtype=torch.long, device=like_k.device),
-                   torch.full((B, H, slots), float("-inf"), dtype=torch.float32, device=like_k.device))
+                   *cls.empty_entries(B, H, slots, like_k.device))
+
+    @staticmethod
+    def empty_entries(batch: int, heads: int, slots: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slot, score)`` of a buffer with no entry: slot -1 and score -inf, which sort below every token."""
+        return (torch.full((batch, heads, slots), -1, dtype=torch.long, device=device),
+                torch.full((batch, heads, slots), float("-inf"), dtype=torch.float32, device=device))
 
     @property
     def slots(self) -> int:
@@ -298,10 +304,19 @@ def gate_writes(gates: torch.Tensor, scores: torch.Tensor, strength: int) -> tor
     return torch.stack(channels, dim=-1)
 
 
-def defer(attn: torch.Tensor, mem_out: torch.Tensor, logit: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """The deferring read-out: ``attn + sigmoid(logit - lse) * mem_out``; ``attn, mem_out [..., Hq, D]``,
-    ``logit, lse [..., Hq]`` (the memory's logit and the attention's log-sum-exp)."""
-    share = torch.sigmoid(logit.float() - lse)
+def _gate_one(gates: torch.Tensor, score: torch.Tensor, strength: int) -> torch.Tensor:
+    """:func:`gate_writes` of one token: ``gates [B, Hq, G]``, ``score [B, Hkv, 1]``."""
+    return gate_writes(gates.unsqueeze(1), score, strength).squeeze(1)
+
+
+def add_read_out(memory, attn: torch.Tensor, mem_out: torch.Tensor, hidden_states: torch.Tensor,
+                 lse: torch.Tensor) -> torch.Tensor:
+    """The attention output plus the memory's read-out: added as it is (the paper's read-out), or, with the
+    deferring read-out, weighted by its softmax share ``sigmoid(defer(x) - lse)``. ``attn, mem_out
+    [B, T, Hq, D]``, ``hidden_states [B, T, hidden]``, ``lse [B, T, Hq]`` the attention's log-sum-exp."""
+    if memory.defer is None:
+        return attn + mem_out.to(attn.dtype)
+    share = torch.sigmoid(memory.defer(hidden_states).float() - lse)
     return attn + (share.unsqueeze(-1) * mem_out.float()).to(attn.dtype)
 
 
@@ -365,11 +380,7 @@ def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int
     if scores is not None and memory.salience_gates_writes:
         stream[2] = gate_writes(stream[2], scores, memory.step_spec.strength)
     mem_out = read_memory(memory, q, stream, hidden_states, ctx, layer)  # [B, T, Hq, D]
-    if memory.defer is not None:
-        out = defer(attn, mem_out, memory.defer(hidden_states), lse.transpose(1, 2))
-    else:
-        out = attn + mem_out.to(attn.dtype)
-    return out.reshape(B, T, Hq * D)
+    return add_read_out(memory, attn, mem_out, hidden_states, lse.transpose(1, 2)).reshape(B, T, Hq * D)
 
 
 def offer_to_buffer(layer, ek: torch.Tensor, ev: torch.Tensor, eslot: torch.Tensor, escore: torch.Tensor) -> None:
@@ -421,36 +432,26 @@ def _decode_step(memory, hidden_states, q, k, v, ctx, layer, scale: float) -> to
     write strength gated by the score); the new token enters the ring; the query attends over
     sinks, buffer and ring in place, in one softmax; the ring's received attention grows.
     """
-    from ahn.attention import _state_for_autograd
+    from ahn.attention import decode_memory
 
     B, Hq, _, D = q.shape
     t, W, S, P = ctx.start, ctx.window, ctx.sinks, ctx.pad_offsets
     scorer = memory.salience if memory is not None else None
     e = t - W  # the slot leaving the window
-    first, last = layer.sink_ends(P)  # rows evict a real token iff e >= P_r + S
-    in_ring = e >= 0 and e >= layer.seen - W
     score = None
-    if scorer is not None:
-        valid = (e >= P + S).view(B, 1, 1)  # [B, 1, 1]
-        if in_ring:
-            i = e % W
-            score = scorer.score(layer.sal_token[:, :, i: i + 1], layer.sal_mass[:, :, i: i + 1])  # [B, Hkv, 1]
-            score = score.masked_fill(~valid, float("-inf"))
-            if layer.buffer_slots:  # before the new token overwrites the evicted one's ring entry
-                ek, ev, _ = layer.read_slot(e)
-                offer_to_buffer(layer, ek.unsqueeze(2), ev.unsqueeze(2), torch.where(valid, e, -1), score)
+    if scorer is not None and e >= 0:  # slot e is still in the ring (the cache holds slots t - W .. t - 1)
+        i = e % W
+        valid = (e >= P + S).view(B, 1, 1)  # [B, 1, 1] rows evicting a real, non-sink token
+        score = scorer.score(layer.sal_token[:, :, i: i + 1], layer.sal_mass[:, :, i: i + 1])  # [B, Hkv, 1]
+        score = score.masked_fill(~valid, float("-inf"))
+        if layer.buffer_slots:  # before the new token overwrites the evicted one's ring entry
+            ek, ev, _ = layer.read_slot(e)
+            offer_to_buffer(layer, ek.unsqueeze(2), ev.unsqueeze(2), torch.where(valid, e, -1), score)
     mem_out = gates = None
     if memory is not None:
-        k_e = v_e = g_e = mask = None
-        if e >= first:
-            k_e, v_e, g_e = layer.read_slot(e)
-            mask = None if e >= last else e >= P + S  # [B]
-            if score is not None and memory.salience_gates_writes:
-                g_e = gate_writes(g_e.unsqueeze(1), score, memory.step_spec.strength).squeeze(1)
-        with torch.inference_mode(not torch.is_grad_enabled()):
-            mem_out, gates, layer.memory_state = memory.decode(
-                hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, _state_for_autograd(layer), backend=ctx.backend
-            )  # [B, Hq, D] or None, [B, Hq, G]
+        gated = score is not None and memory.salience_gates_writes
+        gate = functools.partial(_gate_one, score=score, strength=memory.step_spec.strength) if gated else None
+        mem_out, gates = decode_memory(memory, hidden_states, q, ctx, layer, gate)
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t, scorer.token_part(hidden_states) if scorer is not None else None)
     attn, lse, received = _decode_attention(layer, q, t, P, scale, with_mass=scorer is not None)
@@ -458,8 +459,5 @@ def _decode_step(memory, hidden_states, q, k, v, ctx, layer, scale: float) -> to
         layer.sal_mass += received
     attn = attn.reshape(B, Hq, 1, -1).transpose(1, 2)  # [B, 1, Hq, D]
     if mem_out is not None:
-        if memory.defer is not None:
-            attn = defer(attn, mem_out.unsqueeze(1), memory.defer(hidden_states), lse.reshape(B, 1, Hq))
-        else:
-            attn = attn + mem_out.unsqueeze(1).to(attn.dtype)
+        attn = add_read_out(memory, attn, mem_out.unsqueeze(1), hidden_states, lse.reshape(B, 1, Hq))
     return attn.reshape(B, 1, Hq * D)
