@@ -54,8 +54,9 @@ class AHNCacheLayer(CacheLayerMixin):
             self.sal_token = torch.zeros(B, H, 0, device=self.device)
             self.sal_mass = torch.zeros(B, H, 0, device=self.device)
         if self.buffer_slots:
-            self.buf_slot = torch.full((B, H, self.buffer_slots), -1, dtype=torch.long, device=self.device)
-            self.buf_score = torch.full((B, H, self.buffer_slots), float("-inf"), device=self.device)
+            from ahn.salience import Buffer
+
+            self.buf_slot, self.buf_score = Buffer.empty_entries(B, H, self.buffer_slots, self.device)
         self.is_initialized = True
 
     @property
@@ -183,6 +184,8 @@ class AHNCacheLayer(CacheLayerMixin):
         i = torch.arange(self.capacity, device=dev)
         slot = t - torch.remainder(t - i, self.window)  # slot held by ring index i (negative: never written)
         ring_visible = (slot >= 0).view(1, -1) & (slot.view(1, -1) >= P + self.sinks)  # [B, C]
+        if not self.buffer_slots:
+            return torch.cat([sink_visible, ring_visible], dim=1)
         buffer = torch.zeros(P.shape[0], self.buffer_slots, dtype=torch.bool, device=dev)
         return torch.cat([sink_visible, buffer, ring_visible], dim=1)
 
