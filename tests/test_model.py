@@ -133,15 +133,16 @@ def test_fresh_adapter_equals_sinks_plus_window(model_dirs, memory):
 
 
 def run_incremental(model, x, splits, **kw):
-    """Prefill in uneven chunks, then decode token by token; checks the cache bound throughout."""
+    """Prefill in uneven chunks, then decode token by token; checks the cache bound (sinks + window, plus the
+    priority buffer's slots where the config has one) throughout."""
     cache = model.new_cache(**kw)
-    W, S = cache.window, cache.sinks
+    bound = cache.sinks + max(cache.buffers) + cache.window
     outs, t = [], 0
     with torch.no_grad():
         for n in splits + [1] * (x.shape[1] - sum(splits)):
             outs.append(model(x[:, t : t + n], **cache_kwargs(model, cache)).logits)
             t += n
-            assert cache.kv_length <= S + W
+            assert cache.kv_length <= bound
             assert cache.get_seq_length() == t
     return torch.cat(outs, 1), cache
 
@@ -252,6 +253,11 @@ def test_memory_on_a_subset_of_layers(model_dirs):
 def test_generate_batch_with_left_padding_equals_rows_alone(model_dirs, memory):
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(memory=memory, window=6, sinks=2))
     randomize_memory(model)
+    assert_padded_rows_generate_as_alone(model)
+
+
+def assert_padded_rows_generate_as_alone(model):
+    """A left-padded batch of two rows generates what each row generates alone."""
     long, short = ids(1, 25, seed=5)[0], ids(1, 17, seed=6)[0]
     pad = 0
     batch = torch.stack([long, torch.cat([torch.full((8,), pad), short])])

@@ -17,23 +17,13 @@ from ahn import AHNConfig
 from ahn.distill.losses import evictable_positions, salience_loss
 from ahn.model import cache_kwargs
 from ahn.salience import Buffer, SalienceRecord, SalienceScorer, salient_window_attention
-from test_model import ATOL, MEMORIES, ids, load_base, logits, model_dirs, randomize_memory  # noqa: F401 (fixture)
+from test_model import (  # noqa: F401 (model_dirs: the fixture)
+    ATOL, MEMORIES, assert_padded_rows_generate_as_alone, ids, load_base, logits, model_dirs, randomize_memory,
+    run_incremental,
+)
 
 ALL_ON = dict(buffer_slots=3, salience_writes=True, readout="defer")
 OPTIONS = [ALL_ON, dict(buffer_slots=2), dict(salience_writes=True), dict(readout="defer")]
-
-
-def run_incremental(model, x, splits):
-    """Prefill in uneven chunks, then decode token by token; the cache stays within sinks + buffer + window."""
-    cache = model.new_cache()
-    bound = cache.sinks + max(cache.buffers) + cache.window
-    outs, t = [], 0
-    with torch.no_grad():
-        for n in splits + [1] * (x.shape[1] - sum(splits)):
-            outs.append(model(x[:, t: t + n], **cache_kwargs(model, cache)).logits)
-            t += n
-            assert cache.kv_length <= bound and cache.get_seq_length() == t
-    return torch.cat(outs, 1), cache
 
 
 def randomize_salience(model, seed=0):
@@ -175,16 +165,7 @@ def test_padded_rows_generate_as_alone(model_dirs):
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=2, **ALL_ON))
     randomize_memory(model)
     randomize_salience(model)
-    long, short = ids(1, 25, seed=5)[0], ids(1, 17, seed=6)[0]
-    batch = torch.stack([long, torch.cat([torch.zeros(8, dtype=torch.long), short])])
-    mask = torch.stack([torch.ones(25, dtype=torch.long), torch.cat([torch.zeros(8, dtype=torch.long),
-                                                                     torch.ones(17, dtype=torch.long)])])
-    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        both = model.generate(batch, attention_mask=mask, **gen)
-        alone = [model.generate(row[None], attention_mask=torch.ones_like(row[None]), **gen)[0] for row in (long, short)]
-    assert torch.equal(both[0], alone[0])
-    assert torch.equal(both[1, 8:], alone[1])
+    assert_padded_rows_generate_as_alone(model)
 
 
 def test_generate_greedy_sampling_and_beam(model_dirs):
