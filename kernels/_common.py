@@ -49,10 +49,16 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map ``backend`` to a concrete one; ``auto`` is fla on CUDA (half precision) else torch."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rule: str = "") -> str:
+    """Map ``backend`` to a concrete one; ``auto`` is fla on CUDA (half precision) else torch.
+
+    ``rule``: the name of a rule that has no Triton kernel of ahn's own (``backend="triton"`` is
+    refused for it), empty for the rules that have one."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "triton" and rule:
+        raise ValueError(f"backend='triton': ahn has no Triton kernel for {rule} (only for the gated delta rule, the "
+                         "delta rule and SSD); use backend='fla' on CUDA or 'torch'")
     if backend == "auto":
         if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and fla_available():
             return "fla"
@@ -102,23 +108,48 @@ def _check_tensor(name: str, x, ndim: int) -> None:
 
 def check_inputs(rule: Rule, q, k, v, g, beta, initial_state, cu_seqlens) -> None:
     """Validate shapes, dtypes and values; raise ValueError/TypeError naming the argument."""
+    check_qk(q, k)
+    B, T, H, _ = q.shape
+    check_gate("g", g, (B, T, H), "[B, T, H]", log_decay=True, needed=rule.has_g)
+    check_gate("beta", beta, (B, T, H), "[B, T, H]", needed=rule.has_beta)
+    check_common(q, v, initial_state, cu_seqlens, k=k, g=g, beta=beta)
+
+
+def check_qk(q, k, steps: int = 1) -> None:
+    """q ``[B, T, H, K]`` and k of its shape (``[B, T * steps, H, K]`` with ``steps`` writes per token)."""
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T * steps, H, K):
+        time = "T" if steps == 1 else f"T * {steps}"
+        raise ValueError(f"k must be [B, {time}, H, K] = [{B}, {T * steps}, {H}, {K}] (q is {list(q.shape)}), "
+                         f"got {tuple(k.shape)}")
+
+
+def check_gate(name: str, x, shape: tuple, layout: str, *, log_decay: bool = False, needed: bool = True) -> None:
+    """Check one gate tensor of a rule against its expected ``shape`` (named ``layout``, e.g. ``[B, T, H, K]``);
+    a log decay must be <= 0. Nothing is checked when the rule takes no such gate (``needed`` False)."""
+    if not needed:
+        return
+    _check_tensor(name, x, len(shape))
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {layout} = {list(shape)}, got {tuple(x.shape)}")
+    if log_decay and bool((x > 0).any()):
+        raise ValueError(f"{name} is a log decay and must be <= 0; got max {x.max().item():.4g} "
+                         "(pass e.g. -softplus(x) or logsigmoid(x))")
+
+
+def check_common(q, v, initial_state, cu_seqlens, steps: int = 1, **tensors) -> None:
+    """The checks every rule shares: q ``[B, T, H, K]``, v ``[B, T * steps, H, V]`` (``steps`` writes per
+    token: Gated DeltaProduct's Householder steps), the devices of ``tensors`` (name -> tensor or None),
+    ``cu_seqlens`` and the initial state ``[N, H, K, V]``."""
+    _check_tensor("q", q, 4)
     _check_tensor("v", v, 4)
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)} [B, T, H, K], got {tuple(k.shape)}")
     B, T, H, _ = q.shape
-    if v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
-    for name, x, needed in (("g", g, rule.has_g), ("beta", beta, rule.has_beta)):
-        if not needed:
-            continue
-        _check_tensor(name, x, 3)
-        if x.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
-    if rule.has_g and bool((g > 0).any()):
-        raise ValueError(f"g is a log decay and must be <= 0; got max {g.max().item():.4g} (pass e.g. -softplus(x) or logsigmoid(x))")
-    for name, x in (("k", k), ("v", v), ("g", g), ("beta", beta)):
+    if v.shape[:3] != (B, T * steps, H):
+        time = "T" if steps == 1 else f"T * {steps}"
+        raise ValueError(f"v must be [B, {time}, H, V] = [{B}, {T * steps}, {H}, V], got {tuple(v.shape)}")
+    for name, x in (("v", v), *tensors.items()):
         if x is not None and x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     if cu_seqlens is not None:
@@ -227,24 +258,69 @@ def run_rule_unchecked(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, chunk_size=chunk_size,
         )
+    return run_torch(
+        rule.recurrent, rule.chunk, q, k, v, (g, beta), scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, backend=backend,
+        chunk_size=chunk_size,
+    )
+
+
+def run_with_backend(name: str, recurrent: Callable, chunk: Callable, fla: Callable, q, k, v, gates: tuple, *,
+                     scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm, backend, chunk_size):
+    """Run a rule that has no Triton kernel of ahn's own (``name`` is its name in errors), checked inputs:
+    pick the backend, fill in the default scale, then ``fla(scale=..., initial_state=..., output_final_state=...,
+    cu_seqlens=..., use_qk_l2norm=...)`` (the public arguments bound by the caller) or :func:`run_torch`."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    backend = resolve_backend(backend, q.device, q.dtype, rule=name)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "fla":
+        return fla(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                   cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device, torch.long),
+                   use_qk_l2norm=use_qk_l2norm)
+    return run_torch(recurrent, chunk, q, k, v, gates, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+                     backend=backend, chunk_size=chunk_size)
+
+
+def run_torch(
+    recurrent: Callable,
+    chunk: Callable,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: tuple,
+    *,
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    output_final_state: bool,
+    cu_seqlens: Optional[torch.Tensor],
+    use_qk_l2norm: bool,
+    backend: str,
+    chunk_size: int,
+):
+    """The torch backends (``"recurrent"`` or ``"torch"``, the chunkwise form) of any rule, checked inputs:
+    computes in float32 (float64 for float64 inputs), L2-normalises q and k when asked, and runs
+    ``cu_seqlens`` as zero-padded rows. ``recurrent`` / ``chunk`` take ``(q, k, v, *gates, scale,
+    initial_state)`` (``chunk`` also ``chunk_size``); ``gates`` are ``[B, T, ...]`` tensors or None."""
     dt, out_dtype = compute_dtype(q.dtype), v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    g = g.to(dt) if g is not None else None
-    beta = beta.to(dt) if beta is not None else None
+    gates = tuple(x.to(dt) if x is not None else None for x in gates)
     h0 = initial_state.to(dt) if initial_state is not None else None
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if backend == "recurrent" or (q.shape[1] == 1 and cu_seqlens is None):
-        impl = rule.recurrent  # one token (a decode step): the chunkwise form would only add padding
+        impl = recurrent  # one token (a decode step): the chunkwise form would only add padding
     else:
-        impl = lambda *a: rule.chunk(*a, chunk_size=chunk_size)  # noqa: E731
+        impl = lambda *a: chunk(*a, chunk_size=chunk_size)  # noqa: E731
     if cu_seqlens is None:
-        o, ht = impl(q, k, v, g, beta, scale, h0)
+        o, ht = impl(q, k, v, *gates, scale, h0)
     else:
         cs = cu_seqlens.tolist()
         # Zero padding is inert for every rule here: k = 0 and beta = 0 write nothing, g = 0
         # does not decay, so each padded row's final state is its sequence's final state.
-        o, ht = impl(*(pad_sequences(x, cs) for x in (q, k, v, g, beta)), scale, h0)
+        o, ht = impl(*(pad_sequences(x, cs) for x in (q, k, v, *gates)), scale, h0)
         o = unpad_sequences(o, cs)
     return o.to(out_dtype), (ht if output_final_state else None)
 

@@ -67,6 +67,33 @@ def step_ref(
     return o, S.view(B, H, K, V)
 
 
+def channel_step_ref(
+    q: torch.Tensor,  # [B, H, K]
+    k: Optional[torch.Tensor],  # [B, Hk, K], H a multiple of Hk; None: read only
+    v: Optional[torch.Tensor],  # [B, Hk, V]
+    g: Optional[torch.Tensor],  # [B, H, K] log decay per key channel
+    b: Optional[torch.Tensor],  # [B, H, K] erase gate (or [B, H, 1])
+    w: Optional[torch.Tensor],  # [B, H, V] write gate (or [B, H, 1])
+    scale: float,
+    state: torch.Tensor,  # [B, H, K, V]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of GDN-2 (KDA: ``b = w = beta``): ``S <- Diag(exp g) S``; ``u = w * v - S^T (b * k)``;
+    ``S <- S + k u^T``; ``o = scale S^T q``. Returns ``(o [B, H, V], state [B, H, K, V])``.
+
+    The channel-wise counterpart of :func:`step_ref` (whose decay and strength are one scalar per
+    head); each k / v head serves H / Hk consecutive query heads (GQA).
+    """
+    B, H, K = q.shape
+    S = state
+    if k is not None:
+        k_t, v_t = expand_heads(k, H), expand_heads(v, H)  # [B, H, K], [B, H, V]
+        S = S * g.exp().unsqueeze(-1)
+        u = v_t * w - torch.einsum("bhk,bhkv->bhv", k_t * b, S)
+        S = S + k_t.unsqueeze(-1) * u.unsqueeze(-2)
+    o = torch.einsum("bhk,bhkv->bhv", q, S) * scale
+    return o, S
+
+
 def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, Hk, D]`` -> ``[B, heads, D]``: k / v head j serves query heads j*R .. j*R+R-1 (GQA, R = heads / Hk)."""
     Hk = x.shape[1]
@@ -232,3 +259,64 @@ def step_unchecked(
         state = state.to(dt)
     o, state = step_ref(q, k, v, g, beta, scale, state, delta=rule.has_beta)
     return (o if o.dtype == out_dtype else o.to(out_dtype)), state
+
+
+def run_channel_step(
+    name: str,
+    ref,
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    gates: tuple,
+    state: Optional[torch.Tensor],
+    *,
+    scale: Optional[float],
+    use_qk_l2norm: bool,
+    mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One checked decode step of a rule whose step exists as torch ops only (KDA, GDN-2, Gated DeltaProduct;
+    ``name`` names it in errors): ``ref(q, k, v, *gates, scale, state)`` with ``gates[0]`` the log decay
+    (or None). ``k [B, Hk, ..., K]`` and ``v [B, Hk, ..., V]`` (the middle axes: several writes per token),
+    each k / v head serving H / Hk query heads; the gates' shapes are the caller's to check. A masked row
+    (``mask [B]`` False) writes nothing: its k and log decay are zeroed. Computes in float32 (float64 for
+    float64 q); returns ``(o [B, H, V]`` in v's dtype (q's when read only), ``state [B, H, K, V])``."""
+    if backend not in STEP_BACKENDS and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {STEP_BACKENDS} for a decode step "
+                         f"(nor a prefill backend {BACKENDS})")
+    if backend in ("cpp", "triton"):
+        raise ValueError(f"backend={backend!r}: {name}'s decode step has no compiled C++ or Triton form (those cover "
+                         "the scalar-gated rules); use backend='torch' or 'auto'")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, K] (one token), got shape {tuple(q.shape)}")
+    B, H, K = q.shape
+    if k is not None:
+        if k.dim() < 3 or k.shape[0] != B or k.shape[-1] != K or H % k.shape[1]:
+            raise ValueError(f"k must be [B, Hk, K] with H = {H} a multiple of Hk, got shape {tuple(k.shape)}")
+        if v is None or v.shape[:-1] != k.shape[:-1]:
+            raise ValueError(f"v must be [B, Hk, V] with k's leading axes {list(k.shape[:-1])}, "
+                             f"got {None if v is None else tuple(v.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (B,)):
+            raise ValueError(f"mask must be a bool [B] = [{B}] tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if state is not None and (state.dim() != 4 or state.shape[:3] != (B, H, K)):
+        raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, V], got shape {tuple(state.shape)}")
+    if state is None and k is None:
+        raise ValueError("a read-only step (k=None) needs a state")
+    if scale is None:
+        scale = K ** -0.5
+    dt = compute_dtype(q.dtype)
+    out_dtype = v.dtype if v is not None else q.dtype
+    q = l2norm(q.to(dt)) if use_qk_l2norm else q.to(dt)
+    if k is not None:
+        k, v = k.to(dt), v.to(dt)
+        gates = tuple(x.to(dt) if x is not None else None for x in gates)
+        if use_qk_l2norm:
+            k = l2norm(k)
+        if mask is not None:  # k = 0 writes nothing, log decay 0 keeps the state
+            m = mask.to(dt)
+            k = k * m.view(B, *[1] * (k.dim() - 1))
+            if gates[0] is not None:
+                gates = (gates[0] * m.view(B, *[1] * (gates[0].dim() - 1)), *gates[1:])
+    state = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.to(dt)
+    o, state = ref(q, k, v, *gates, scale, state)
+    return o.to(out_dtype), state

@@ -156,7 +156,7 @@ def _gdr_args(**over):
 @pytest.mark.parametrize(
     "over, match",
     [
-        ({"k": torch.randn(2, 8, 2, 5, dtype=torch.float64)}, "k must have the shape of q"),
+        ({"k": torch.randn(2, 8, 2, 5, dtype=torch.float64)}, r"k must be \[B, T, H, K\]"),
         ({"v": torch.randn(2, 7, 2, 3, dtype=torch.float64)}, r"v must be \[B, T, H, V\]"),
         ({"g": torch.zeros(2, 8, 3, dtype=torch.float64)}, r"g must be \[B, T, H\]"),
         ({"beta": torch.zeros(2, 8, dtype=torch.float64)}, "beta must have 3 dimensions"),

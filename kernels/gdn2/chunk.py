@@ -1,0 +1,73 @@
+"""Chunkwise GDN-2 (and KDA) in plain torch: the CPU path, differentiable by autograd.
+
+One head, one chunk of C tokens with state S0 at its start. G_i = g_1 + ... + g_i is the
+in-chunk cumulative log decay, now a vector over the K key channels, and
+``Gamma_ij = exp(G_i - G_j)`` (per channel, j <= i). Write the update as
+``S_i = Diag(exp g_i) S_{i-1} + k_i u_i^T`` with the pseudo-value
+``u_i = w_i * v_i - (Diag(exp g_i) S_{i-1})^T (b_i * k_i)``. Unrolling
+``S_{i-1}`` gives a unit lower triangular system (the WY representation):
+
+    (I + A) u = (w * V) - (b * K * exp(G)) S0,    A_ij = sum_c b_ic k_ic k_jc Gamma_ijc   (i > j)
+    o_i  = scale ((q_i * exp(G_i))^T S0 + sum_{j <= i} (sum_c q_ic k_jc Gamma_ijc) u_j)
+    S_C  = Diag(exp G_C) S0 + sum_j (k_j * exp(G_C - G_j)) u_j^T
+
+The per-channel decay does not factor out of the key products as a scalar one does: the
+scores need ``Gamma [C, C, K]``, masked above the diagonal *before* the exp (there
+``G_i - G_j >= 0`` can overflow), so every factor is at most 1 whatever the gates. Writing
+``exp(G_i) exp(-G_j)`` instead would overflow once a chunk's decay passes ~88 in float32.
+Each chunk's ``[C, C, K]`` tensor is built inside the chunk loop, so without autograd the
+transient memory is one chunk's; the default chunk is shorter than the scalar rules' for the
+same reason (``CHANNEL_CHUNK_SIZE``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from einops import rearrange
+
+from .._common import to_chunks
+
+
+def chunk_gdn2(
+    q: torch.Tensor,  # [B, T, H, K]
+    k: torch.Tensor,  # [B, T, H, K]
+    v: torch.Tensor,  # [B, T, H, V]
+    g: torch.Tensor,  # [B, T, H, K] log decay
+    b: torch.Tensor,  # [B, T, H, K] erase gate (or [B, T, H, 1], broadcast)
+    w: torch.Tensor,  # [B, T, H, V] write gate (or [B, T, H, 1], broadcast)
+    scale: float,
+    initial_state: Optional[torch.Tensor],  # [B, H, K, V]
+    chunk_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    # Padding rows (k = v = g = gates = 0) write nothing and do not decay.
+    qc, kc, vc, gc, bc, wc = (to_chunks(x, C) for x in (q * scale, k, v, g, b, w))  # [B, H, N, C, *]
+    N = qc.shape[2]
+    G = gc.cumsum(-2)  # [B, H, N, C, K]
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    outs = []
+    for n in range(N):
+        Gn, qn, kn = G[:, :, n], qc[:, :, n], kc[:, :, n]  # [B, H, C, K]
+        diff = Gn[..., :, None, :] - Gn[..., None, :, :]  # [B, H, C, C, K]: G_i - G_j
+        gamma = diff.masked_fill(~causal[:, :, None], float("-inf")).exp()  # 0 above the diagonal
+        kb = kn * bc[:, :, n]  # b * k, [B, H, C, K]
+        A = torch.einsum("bhic,bhjc,bhijc->bhij", kb, kn, gamma).masked_fill(~strict, 0.0)  # [B, H, C, C]
+        rhs = torch.cat([vc[:, :, n] * wc[:, :, n], kb * Gn.exp()], dim=-1)  # [B, H, C, V + K]
+        UW = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        U, W = UW.split([V, K], dim=-1)
+        u = U - W @ S  # [B, H, C, V]
+        scores = torch.einsum("bhic,bhjc,bhijc->bhij", qn, kn, gamma)  # causal incl. the diagonal
+        outs.append((qn * Gn.exp()) @ S + scores @ u)
+        G_end = Gn[..., -1, :]  # [B, H, K]
+        S = S * G_end.exp()[..., None] + (kn * (G_end[..., None, :] - Gn).exp()).transpose(-1, -2) @ u
+    o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
+    o = rearrange(o, "b h n c v -> b (n c) h v")[:, :T]
+    return o, S
