@@ -33,6 +33,7 @@ import torch.nn.functional as F
 GATE_ACTIVATIONS = {
     "sigmoid": (torch.sigmoid, "1.f / (1.f + std::exp(-x))"),
     "softplus": (F.softplus, "x > 20.f ? x : std::log1p(std::exp(x))"),
+    "identity": (torch.nn.Identity(), "x"),  # a low-rank code the rule expands itself (KDA, GDN-2)
 }
 
 _TEMPLATE = r"""

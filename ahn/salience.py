@@ -295,16 +295,17 @@ def salient_window_attention(
     return out, lse, (torch.cat(scores, dim=2) if scores else None), buffer, probe
 
 
-def gate_writes(gates: torch.Tensor, scores: torch.Tensor, strength: int) -> torch.Tensor:
-    """Salience-gated writes: ``gates [B, T, Hq, G]`` with channel ``strength`` times sigmoid(``scores [B, Hkv, T]``)."""
+def gate_writes(gates: torch.Tensor, scores: torch.Tensor, strength: tuple[int, ...]) -> torch.Tensor:
+    """Salience-gated writes: ``gates [B, T, Hq, G]`` with the ``strength`` channels times sigmoid(``scores [B, Hkv, T]``)."""
     Hq, Hkv = gates.shape[2], scores.shape[1]
     factor = torch.sigmoid(scores).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=2)  # [B, T, Hq]
     channels = list(gates.unbind(-1))
-    channels[strength] = channels[strength] * factor
+    for c in strength:
+        channels[c] = channels[c] * factor
     return torch.stack(channels, dim=-1)
 
 
-def _gate_one(gates: torch.Tensor, score: torch.Tensor, strength: int) -> torch.Tensor:
+def _gate_one(gates: torch.Tensor, score: torch.Tensor, strength: tuple[int, ...]) -> torch.Tensor:
     """:func:`gate_writes` of one token: ``gates [B, Hq, G]``, ``score [B, Hkv, 1]``."""
     return gate_writes(gates.unsqueeze(1), score, strength).squeeze(1)
 
@@ -378,7 +379,7 @@ def salient_hybrid_attention(memory, hidden_states, q, k, v, ctx, layer_idx: int
     if memory is None:
         return attn.reshape(B, T, Hq * D)
     if scores is not None and memory.salience_gates_writes:
-        stream[2] = gate_writes(stream[2], scores, memory.step_spec.strength)
+        stream[2] = gate_writes(stream[2], scores, memory.step_spec.strength_channels)
     mem_out = read_memory(memory, q, stream, hidden_states, ctx, layer)  # [B, T, Hq, D]
     return add_read_out(memory, attn, mem_out, hidden_states, lse.transpose(1, 2)).reshape(B, T, Hq * D)
 
@@ -450,7 +451,7 @@ def _decode_step(memory, hidden_states, q, k, v, ctx, layer, scale: float) -> to
     mem_out = gates = None
     if memory is not None:
         gated = score is not None and memory.salience_gates_writes
-        gate = functools.partial(_gate_one, score=score, strength=memory.step_spec.strength) if gated else None
+        gate = functools.partial(_gate_one, score=score, strength=memory.step_spec.strength_channels) if gated else None
         mem_out, gates = decode_memory(memory, hidden_states, q, ctx, layer, gate)
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t, scorer.token_part(hidden_states) if scorer is not None else None)

@@ -16,7 +16,7 @@ import ahn
 from ahn import AHNCache, AHNConfig, AHNModel
 from ahn.model import cache_kwargs
 
-MEMORIES = ["gated_deltanet", "deltanet", "mamba2"]
+MEMORIES = list(ahn.available_memories())
 ATOL = 2e-5  # float32 logits; SDPA over different key blocks agrees to ~1e-7
 VOCAB = 97
 
@@ -356,7 +356,7 @@ def test_loads_the_official_release_format(model_dirs, tmp_path, memory, impl):
     [
         ({"window": 0}, "window=0 must be an int >= 1"),
         ({"sinks": -1}, "sinks=-1 must be an int >= 0"),
-        ({"memory": "lstm"}, r"memory='lstm' is unknown; choose one of \('deltanet', 'gated_deltanet', 'mamba2'\)"),
+        ({"memory": "lstm"}, r"memory='lstm' is unknown; choose one of \('deltanet', 'gated_deltanet', 'gated_deltaproduct'"),
         ({"layers": [0, 0]}, "distinct non-negative"),
         ({"backend": "cuda"}, "backend='cuda' must be one of"),
         ({"memory_kwargs": {"state_size": 3}}, r"does not take options \['state_size'\]"),

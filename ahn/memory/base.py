@@ -21,6 +21,8 @@ from ahn.kernels._common import DEFAULT_CHUNK_SIZE, L2NORM_EPS, Rule, constant, 
 from ahn.kernels.step import resolve_step_backend, step_unchecked
 
 _REGISTRY: dict[str, type["Memory"]] = {}
+# Decode backends that mean "whatever runs" for a rule with no compiled step (``StepSpec.fused`` False).
+_UNFUSED_STEP = ("auto", "recurrent", "fla")
 
 # Output RMSNorm epsilon of the official release (fla's FusedRMSNormSwishGate / RMSNormGated, eps=1e-5).
 NORM_EPS = 1e-5
@@ -37,14 +39,16 @@ INIT_STD = 0.02
 class Gate:
     """One channel of a rule's write gates: ``activation(projection(x) + bias)`` per head, float32.
 
-    ``projection``: the ``nn.Linear`` attribute (hidden -> H) that reads the token; ``activation``:
-    a key of ``ahn._cpu_decode.GATE_ACTIVATIONS`` (one table of its torch and C++ forms);
-    ``bias``: a per-head parameter attribute ``[H]`` added before the activation, or None.
+    ``projection``: the ``nn.Linear`` attribute (hidden -> H * channels) that reads the token;
+    ``activation``: a key of ``ahn._cpu_decode.GATE_ACTIVATIONS`` (one table of its torch and C++
+    forms); ``bias``: a parameter attribute ``[H * channels]`` added before the activation, or None;
+    ``channels``: values per head (the compiled decode steps take one).
     """
 
     projection: str
     activation: str
     bias: Optional[str] = None
+    channels: int = 1
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,15 @@ class StepSpec:
     reads this declaration.
 
     Attributes:
-        rule: the ``ahn.kernels`` rule of the state update (``has_beta``: a delta rule; ``has_g``: decays).
-        gates: the write gates kept per token, ``[..., H, len(gates)]``.
-        decay: the channel c of the log decay ``g = -exp(A_log) * gates[..., c]`` (the module's
-            ``A_log [H]``), or None (no decay).
-        strength: the channel of the write strength ``beta`` (delta rules: ``beta (v - S^T k)``;
-            SSD: ``beta v``, Mamba2's dt), or None (1).
+        rule: the ``ahn.kernels`` rule of the state update (``has_beta``: a delta rule; ``has_g``: decays),
+            or None for a rule that writes through its own :meth:`Memory.read` / :meth:`Memory.step` (KDA,
+            GDN-2, Gated DeltaProduct: per-channel or several writes per token); only a rule given here runs
+            in the compiled C++ and Triton decode steps (``fused``).
+        gates: the write gates kept per token, ``[..., H, G]`` with G the sum of their ``channels``.
+        decay: the gate whose channel is the log decay ``g = -exp(A_log) * gate`` (the module's
+            ``A_log [H]``), or None (no decay, or the rule computes its own).
+        strength: the gate of the write strength (delta rules: ``beta (v - S^T k)``; SSD: ``beta v``,
+            Mamba2's dt; Gated DeltaProduct: one per write), or None (1). Salience-gated writes scale it.
         norm: attribute of the read-out's RMSNorm weight.
         joint_norm: False: RMSNorm per head over D, then the SiLU output gate; True: the gate, then
             RMSNorm over all H * D channels of the token (Mamba2).
@@ -79,11 +86,29 @@ class StepSpec:
         if unknown:
             raise ValueError(f"gate activations {unknown} are unknown; "
                              f"choose from {list(_cpu_decode.GATE_ACTIVATIONS)}")
+        if self.rule is None:
+            return
+        if any(gate.channels != 1 for gate in self.gates):
+            raise ValueError("the compiled decode steps take one channel per gate; declare rule=None and write "
+                             "through the memory's own read / step for multi-channel gates")
         if self.rule.has_beta and self.strength is None:
             raise ValueError(f"rule {self.rule.name!r} is a delta rule and needs a strength channel")
         if (self.decay is not None) != self.rule.has_g:
             raise ValueError(f"rule {self.rule.name!r} {'needs' if self.rule.has_g else 'takes no'} a decay channel, "
                              f"got decay={self.decay!r}")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the compiled C++ and Triton decode steps can run this rule (else torch ops)."""
+        return self.rule is not None
+
+    @functools.cached_property
+    def strength_channels(self) -> tuple[int, ...]:
+        """The channels of ``gates [..., H, G]`` holding the write strength (none without a strength gate)."""
+        if self.strength is None:
+            return ()
+        start = sum(gate.channels for gate in self.gates[: self.strength])
+        return tuple(range(start, start + self.gates[self.strength].channels))
 
     @functools.cached_property
     def cpp_constants(self) -> tuple[list[int], int, int]:
@@ -212,19 +237,20 @@ class Memory(nn.Module):
 
     @property
     def gate_channels(self) -> int:
-        return len(self.step_spec.gates)
+        """G: the write-gate values kept per token and head."""
+        return sum(gate.channels for gate in self.step_spec.gates)
 
     def write_gates(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., H, G] float32
         return self.gates_from(*(getattr(self, gate.projection)(x).float() for gate in self.step_spec.gates))
 
     def gates_from(self, *projections: torch.Tensor) -> torch.Tensor:
-        """The write gates ``[..., H, G]`` from the gate projections' outputs (``[..., H]`` float32 each)."""
+        """The write gates ``[..., H, G]`` from the gate projections' outputs (``[..., H * channels]`` float32 each)."""
         channels = []
-        for gate, p in zip(self.step_spec.gates, projections):
+        for gate, p in zip(self.step_spec.gates, projections):  # p [..., H * channels]
             if gate.bias is not None:
                 p = p + getattr(self, gate.bias).float()
-            channels.append(_cpu_decode.GATE_ACTIVATIONS[gate.activation][0](p))
-        return torch.stack(channels, dim=-1)
+            channels.append(_cpu_decode.GATE_ACTIVATIONS[gate.activation][0](p).unflatten(-1, (self.num_heads, -1)))
+        return torch.cat(channels, dim=-1)
 
     def decay_and_strength(self, gates: torch.Tensor):
         """``gates [..., H, G]`` -> the log decay ``g`` and strength ``beta`` ``[..., H]`` (None where absent)."""
@@ -302,6 +328,11 @@ class Memory(nn.Module):
         g_proj = self.g_proj
         # The parameters share a device and dtype (module.to moves them together) and so do the cached k / v
         # with q, and gates are float32: q, x, state and g_proj's weight stand for every tensor here.
+        if not spec.fused:  # torch ops: the compiled C++ and Triton steps cover the scalar-gated rules
+            if backend not in (*_UNFUSED_STEP, "torch"):
+                raise ValueError(f"backend={backend!r}: memory {self.name!r} decodes with torch ops only (the compiled "
+                                 "C++ and Triton steps cover gated_deltanet, deltanet and mamba2); use 'auto' or 'torch'")
+            backend = "torch"
         backend = resolve_step_backend(backend, q, x, state, g_proj.weight, head_dim=self.head_dim)
         if backend == "cpp":
             none = _cpu_decode.EMPTY
@@ -321,7 +352,8 @@ class Memory(nn.Module):
             k, v, gates = k.clone(), v.clone(), gates.clone()
         layers.append(g_proj)
         weight, bias = _concat_linears(layers)
-        *projections, z = F.linear(x, weight, bias).float().view(x.shape[0], len(layers), self.num_heads).unbind(1)
+        sizes = [self.num_heads * gate.channels for gate in spec.gates] + [self.num_heads]
+        *projections, z = F.linear(x, weight, bias).float().split(sizes, dim=-1)
         new_gates = self.gates_from(*projections)
         if k is None and state is None:
             return None, new_gates, None
@@ -332,13 +364,14 @@ class Memory(nn.Module):
     def masked(k: torch.Tensor, decay, mask: Optional[torch.Tensor]):
         """Make masked writes inert: k = 0 writes nothing, log decay 0 keeps the state.
 
-        ``k [B, T, H, D]`` with ``mask [B, T]``; ``decay`` has k's shape without D. ``mask=None``
-        keeps every write.
+        ``k [B, T, H, ..., D]`` with ``mask [B, T]``; ``decay [B, T, H, ...]`` (one per head, or per key
+        channel). ``mask=None`` keeps every write.
         """
         if mask is None:
             return k, decay
-        m = mask.view(*mask.shape, 1).to(k.dtype)  # [B, T, 1]
-        return k * m[..., None], (decay * m if decay is not None else None)
+        m = mask.to(k.dtype)
+        k = k * m.view(*mask.shape, *[1] * (k.dim() - 2))
+        return k, (decay * m.view(*mask.shape, *[1] * (decay.dim() - 2)) if decay is not None else None)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, qk_l2norm={self.use_qk_l2norm}"
