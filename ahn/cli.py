@@ -47,6 +47,17 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def json_object(text: str) -> dict:
+    """An argparse ``type``: a JSON object (argparse names the flag in the error, exit 2)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"decay_rank\": 8}}'")
+    return value
+
+
 def _add_flops(sub) -> None:
     p = sub.add_parser(
         "flops",
@@ -68,7 +79,10 @@ def _add_flops(sub) -> None:
     p.add_argument("--seq-len", type=int_at_least(1), required=True, help="tokens processed (prefill length)")
     p.add_argument("--window", type=int_at_least(1), default=32640, help="sliding-window tokens (excluding sinks)")
     p.add_argument("--sinks", type=int_at_least(0), default=128, help="attention-sink tokens")
-    p.add_argument("--memory", default="gated_deltanet", help="memory rule: gated_deltanet, deltanet or mamba2")
+    p.add_argument("--memory", default="gated_deltanet",
+                   help="memory rule: gated_deltanet, deltanet, mamba2, kda, gdn2 or gated_deltaproduct")
+    p.add_argument("--memory-kwargs", type=json_object, default=None, metavar="JSON",
+                   help='the rule\'s options (AHNConfig.memory_kwargs), e.g. \'{"decay_rank": 8}\'')
     p.add_argument("--buffer", type=int_at_least(0), default=0,
                    help="priority-buffer slots per memory layer and kv head (AHNConfig.buffer_slots)")
     p.add_argument("--salience-writes", action="store_true", help="salience-gated writes (AHNConfig.salience_writes)")
@@ -93,7 +107,8 @@ def _run_flops(args) -> int:
                          "or choose another path")
     shape = ModelShape.from_config(load_model_config(args.model))
     kw = dict(window=args.window, sinks=args.sinks, memory=args.memory, dtype=args.dtype, batch=args.batch,
-              buffer_slots=args.buffer, salience_writes=args.salience_writes, readout=args.readout)
+              buffer_slots=args.buffer, salience_writes=args.salience_writes, readout=args.readout,
+              memory_kwargs=args.memory_kwargs)
     result = compare(shape, args.seq_len, **kw)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -28,15 +28,11 @@ from typing import Optional
 import torch
 
 from ahn.config import READOUTS
-from ahn.memory import available_memories
+from ahn.memory import memory_class
 
 MODES = ("full", "window", "ahn")
 FLOAT32_BYTES = 4  # AHNCache keeps memory gates and states in float32
 INT64_BYTES = 8  # the priority buffer's slot indices
-# Per memory rule: (write-gate channels cached per token and head, state-update FLOPs per
-# written token and head in units of D^2). Delta rules: k^T S and the rank-1 update (2 + 2);
-# SSD: the rank-1 update only.
-MEMORY_COSTS = {"gated_deltanet": (2, 4), "deltanet": (1, 4), "mamba2": (1, 2)}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -79,18 +75,22 @@ def attended_keys(n: int, limit: Optional[int]) -> int:
 def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, sinks: int = 128,
           memory: str = "gated_deltanet", dtype: str = "bfloat16", batch: int = 1,
           memory_layers: Optional[int] = None, buffer_slots: int = 0, salience_writes: bool = False,
-          readout: str = "paper") -> dict:
+          readout: str = "paper", memory_kwargs: Optional[dict] = None) -> dict:
     """FLOPs of a prefill of ``seq_len`` tokens and the cache left behind, for one mode.
 
     Returns ``{"flops": int, "flops_breakdown": {...}, "cache_bytes": int, "cache_breakdown": {...}}``.
     ``memory_layers`` (default all) is the number of layers with a memory; ``buffer_slots``,
-    ``salience_writes`` and ``readout`` are the :class:`ahn.AHNConfig` options of :mod:`ahn.salience`.
+    ``salience_writes`` and ``readout`` are the :class:`ahn.AHNConfig` options of :mod:`ahn.salience`;
+    ``memory_kwargs`` the rule's options (e.g. ``{"decay_rank": 8}``).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
-    if memory not in MEMORY_COSTS:
-        raise ValueError(f"memory={memory!r} has no cost model; choose one of {sorted(MEMORY_COSTS)} "
-                         f"(registered memories: {available_memories()})")
+    rule = memory_class(memory)
+    unknown = sorted(set(memory_kwargs or {}) - set(rule.allowed_options))
+    if unknown:
+        raise ValueError(f"memory {memory!r} does not take options {unknown}; allowed: "
+                         f"{list(rule.allowed_options) or 'none'}")
+    cost = rule.cost(memory_kwargs)  # each rule declares its own (ahn.memory.MemoryCost)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPE_BYTES)}")
     if buffer_slots < 0 or readout not in READOUTS:
@@ -107,10 +107,10 @@ def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, si
     attention = 4 * Hq * D * attended_keys(N, limit)  # QK^T and AV, 2 FLOPs per multiply-add each
     mem = 0
     if mode == "ahn":
-        channels, update = MEMORY_COSTS[memory]
         evicted = max(0, N - sinks - window)  # tokens written into the memory = queries that read it
-        gates = 2 * N * h * Hq * (channels + 1)  # write gates and the output gate
-        mem = mem_layers * (gates + evicted * Hq * D * D * (update + 2 + 2))  # update, read, output projection
+        gates = 2 * N * h * Hq * (cost.channels + 1)  # write gates and the output gate
+        # per written token: the gates' expansion, the update, the read and the output projection
+        mem = mem_layers * (gates + evicted * Hq * D * (cost.expansion + D * (cost.update + 2 + 2)))
         salience = buffer_slots > 0 or salience_writes
         mem += mem_layers * 2 * N * h * (Hkv * salience + Hq * (readout == "defer"))  # scorer, deferring logit
         mem += mem_layers * 4 * Hq * D * attended_keys(evicted, buffer_slots)  # attention to the buffer
@@ -127,8 +127,7 @@ def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, si
         kv_entries = sinks + min(window, N)  # AHNCache: sink entries + ring buffer grown to min(W, N)
     cache = {"kv": batch * L * 2 * Hkv * D * kv_entries * kv_bytes, "memory_gates": 0, "memory_state": 0}
     if mode == "ahn":
-        channels, _ = MEMORY_COSTS[memory]
-        cache["memory_gates"] = batch * mem_layers * min(window, N) * Hq * channels * FLOAT32_BYTES
+        cache["memory_gates"] = batch * mem_layers * min(window, N) * Hq * cost.channels * FLOAT32_BYTES
         cache["memory_state"] = batch * mem_layers * Hq * D * D * FLOAT32_BYTES
         if buffer_slots or salience_writes:
             cache["salience"] = batch * mem_layers * Hkv * (

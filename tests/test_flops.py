@@ -81,6 +81,28 @@ def test_cache_bytes_with_a_priority_buffer(n):
     assert cache.kv_length == S + 5 + min(W, n)
 
 
+@pytest.mark.parametrize("memory, options", [(m, {}) for m in ahn.available_memories()]
+                         + [("kda", {"decay_rank": 3}), ("gated_deltaproduct", {"householder": 3})])
+def test_every_rule_declares_its_cache_and_update(memory, options):
+    """Each rule's MemoryCost: its cached gates equal the real cache's, byte for byte (options included), and the
+    memory FLOPs grow with the declared update."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = ahn.add_memory(Qwen2ForCausalLM(config).eval(),
+                           ahn.AHNConfig(memory=memory, memory_kwargs=options, window=W, sinks=S))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(torch.randint(0, 500, (1, T)), **cache_kwargs(model, cache))
+    shape = ModelShape.from_config(config)
+    counted = count(shape, T, "ahn", window=W, sinks=S, dtype="float32", memory=memory, memory_kwargs=options)
+    assert cache.nbytes == counted["cache_bytes"]
+    plain = count(shape, T, "ahn", window=W, sinks=S, memory="gated_deltanet")["flops_breakdown"]["memory"]
+    assert (counted["flops_breakdown"]["memory"] > plain) == (memory in ("kda", "gdn2", "gated_deltaproduct"))
+    with pytest.raises(ValueError, match=f"memory '{memory}' does not take options \\['nope'\\]"):
+        count(shape, T, "ahn", memory=memory, memory_kwargs={"nope": 1})
+
+
 def test_buffer_flops():
     shape = ModelShape(2048, 36, 16, 2, 128, 11008, 151936)  # Qwen2.5-3B-Instruct
     plain = count(shape, 65536, "ahn", window=8192, sinks=64)
@@ -118,7 +140,7 @@ def test_cli_json_and_plot(tmp_path):
     assert png.stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "ahn", "flops", "--model", str(tmp_path / "config.json"), "--seq-len", "8",
                           "--memory", "lstm"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert bad.returncode == 2 and "memory='lstm' has no cost model" in bad.stderr
+    assert bad.returncode == 2 and "memory='lstm' is unknown; choose one of" in bad.stderr
 
 
 def test_shipped_model_configs_load():

@@ -242,7 +242,8 @@ def add_arguments(p) -> None:
     from ahn.cli import int_at_least
 
     p.add_argument("--memory", default=DEFAULT_MEMORY,
-                   help="memory rule to distil: gated_deltanet, deltanet, mamba2 (ahn.available_memories()), or all "
+                   help="memory rule to distil: gated_deltanet, deltanet, mamba2, kda, gdn2, gated_deltaproduct "
+                        "(ahn.available_memories()), or all "
                         "(side by side)")
     p.add_argument("--out", "--output", dest="out", type=Path, default=None, help="output folder (default: a fresh ./ahn-demo-<date>-<time>)")
     p.add_argument("--steps", type=int_at_least(1), default=None,

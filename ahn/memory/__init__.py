@@ -25,7 +25,7 @@ A new rule is one file: subclass :class:`Memory`, declare its ``step_spec``, dec
 
 from __future__ import annotations
 
-from .base import Gate, Memory, StepSpec, available_memories, build_memory, register_memory
+from .base import Gate, Memory, MemoryCost, StepSpec, available_memories, build_memory, memory_class, register_memory
 from . import deltanet, gated_deltanet, gated_deltaproduct, gdn2, kda, mamba2  # noqa: E402,F401  (registration)
 
-__all__ = ["Gate", "Memory", "StepSpec", "available_memories", "build_memory", "register_memory"]
+__all__ = ["Gate", "Memory", "MemoryCost", "StepSpec", "available_memories", "build_memory", "memory_class", "register_memory"]

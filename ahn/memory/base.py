@@ -117,6 +117,23 @@ class StepSpec:
                 -1 if self.decay is None else self.decay, -1 if self.strength is None else self.strength)
 
 
+@dataclass(frozen=True)
+class MemoryCost:
+    """What one memory head costs, for :mod:`ahn.flops` (declared by each rule, :meth:`Memory.cost`).
+
+    Attributes:
+        channels: write-gate values cached (float32) per window token and head, until the token is written.
+        update: state-update FLOPs per written token, in units of D^2 (delta rule: ``k^T S`` and the
+            rank-1 update, 2 + 2; SSD: the rank-1 update, 2).
+        expansion: FLOPs per written token, in units of D, to expand the cached gates into the write
+            (KDA / GDN-2: a rank-r code through r x D maps, 2 r each).
+    """
+
+    channels: int
+    update: int
+    expansion: int = 0
+
+
 def register_memory(name: str):
     """Class decorator: make a :class:`Memory` subclass available as ``AHNConfig(memory=name)``."""
 
@@ -134,10 +151,14 @@ def available_memories() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def build_memory(name: str, **kwargs) -> "Memory":
+def memory_class(name: str) -> type["Memory"]:
     if name not in _REGISTRY:
         raise ValueError(f"memory={name!r} is unknown; choose one of {available_memories()}")
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def build_memory(name: str, **kwargs) -> "Memory":
+    return memory_class(name)(**kwargs)
 
 
 def init_dt_bias(n: int) -> torch.Tensor:
@@ -239,6 +260,13 @@ class Memory(nn.Module):
     def gate_channels(self) -> int:
         """G: the write-gate values kept per token and head."""
         return sum(gate.channels for gate in self.step_spec.gates)
+
+    @classmethod
+    def cost(cls, options: Optional[dict] = None) -> MemoryCost:
+        """The rule's :class:`MemoryCost` with ``options`` (``AHNConfig.memory_kwargs``); from its ``step_spec``
+        (one gate channel each; delta rules 4 D^2 per write, SSD 2 D^2)."""
+        spec = cls.step_spec
+        return MemoryCost(channels=sum(gate.channels for gate in spec.gates), update=4 if spec.rule.has_beta else 2)
 
     def write_gates(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., H, G] float32
         return self.gates_from(*(getattr(self, gate.projection)(x).float() for gate in self.step_spec.gates))

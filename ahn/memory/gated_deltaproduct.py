@@ -22,10 +22,18 @@ from einops import rearrange
 from ahn.kernels.gated_delta_product import gated_delta_product, gated_delta_product_step
 from ahn.kernels.step import expand_heads
 
-from .base import A_INIT_RANGE, Gate, Memory, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
+from .base import A_INIT_RANGE, Gate, Memory, MemoryCost, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
 
 # Writes per token: fla's GatedDeltaProduct default num_householder.
 DEFAULT_HOUSEHOLDER = 2
+
+
+def householder(options: dict) -> int:
+    n = options.get("householder", DEFAULT_HOUSEHOLDER)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"memory 'gated_deltaproduct': householder={n!r} must be an int >= 1 (writes per token; "
+                         f"default {DEFAULT_HOUSEHOLDER})")
+    return n
 
 
 @register_memory("gated_deltaproduct")
@@ -35,11 +43,7 @@ class GatedDeltaProductMemory(Memory):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         H, D = self.num_heads, self.head_dim
-        n = self.options.get("householder", DEFAULT_HOUSEHOLDER)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"memory 'gated_deltaproduct': householder={n!r} must be an int >= 1 (writes per token; "
-                             f"default {DEFAULT_HOUSEHOLDER})")
-        self.householder = n
+        self.householder = n = householder(self.options)
         self.step_spec = StepSpec(
             rule=None, gates=(Gate("a_proj", "softplus", bias="dt_bias"), Gate("b_proj", "sigmoid", channels=n)),
             decay=None, strength=1, norm="o_norm",
@@ -52,6 +56,12 @@ class GatedDeltaProductMemory(Memory):
         self.key_maps = nn.Parameter(eye.clone())  # P_2 .. P_n
         self.value_maps = nn.Parameter(eye.clone())  # Q_2 .. Q_n
         self.o_norm = RMSNormWeight(D)
+
+    @classmethod
+    def cost(cls, options=None) -> MemoryCost:
+        n = householder(options or {})
+        # n delta writes (4 D^2 each) and the maps of the n - 1 extra keys and values (2 D^2 each).
+        return MemoryCost(channels=1 + n, update=4 * n + 4 * (n - 1))
 
     def writes(self, k: torch.Tensor, v: torch.Tensor):
         """The token's n writes: ``k, v [..., H, D]`` -> ``[..., n, H, D]`` (the first is the token's own)."""

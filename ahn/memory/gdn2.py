@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ahn.kernels.gdn2 import gdn2, gdn2_step
 
-from .base import INIT_STD, Gate, Memory, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
+from .base import INIT_STD, Gate, Memory, MemoryCost, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
 from .kda import KDA_A_INIT_RANGE, decay_rank, expand_code
 
 
@@ -44,6 +44,11 @@ class GDN2Memory(Memory):
         self.b_bias = nn.Parameter(torch.zeros(H, D))  # fla's b / w projections have no bias: sigmoid(0) = 1/2
         self.w_bias = nn.Parameter(torch.zeros(H, D))
         self.o_norm = RMSNormWeight(D)
+
+    @classmethod
+    def cost(cls, options=None) -> MemoryCost:
+        r = decay_rank(cls.name, options or {})
+        return MemoryCost(channels=r + 1, update=4, expansion=3 * 2 * r)  # the code, s; three r x D maps
 
     def channel_gates(self, gates: torch.Tensor):
         """``gates [..., H, r + 1]`` -> log decay ``g``, erase ``b`` and write ``w`` gates, ``[..., H, D]`` float32."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ahn.kernels.kda import kda, kda_step
 
-from .base import INIT_STD, Gate, Memory, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
+from .base import INIT_STD, Gate, Memory, MemoryCost, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
 
 # Rank of the per-head decay code (cached per window token and head): KDA's decay bottleneck.
 DEFAULT_DECAY_RANK = 4
@@ -59,6 +59,11 @@ class KDAMemory(Memory):
         self.A_log = nn.Parameter(torch.empty(H).uniform_(*KDA_A_INIT_RANGE).log())
         self.dt_bias = nn.Parameter(init_dt_bias(H * D).view(H, D))
         self.o_norm = RMSNormWeight(D)
+
+    @classmethod
+    def cost(cls, options=None) -> MemoryCost:
+        r = decay_rank(cls.name, options or {})
+        return MemoryCost(channels=r + 1, update=4, expansion=2 * r)  # the code, beta; one r x D map
 
     def decay(self, gates: torch.Tensor) -> torch.Tensor:
         """``gates [..., H, r + 1]`` -> the log decay ``[..., H, D]`` (float32, <= 0)."""
