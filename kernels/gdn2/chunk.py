@@ -15,9 +15,10 @@ The per-channel decay does not factor out of the key products as a scalar one do
 scores need ``Gamma [C, C, K]``, masked above the diagonal *before* the exp (there
 ``G_i - G_j >= 0`` can overflow), so every factor is at most 1 whatever the gates. Writing
 ``exp(G_i) exp(-G_j)`` instead would overflow once a chunk's decay passes ~88 in float32.
-Each chunk's ``[C, C, K]`` tensor is built inside the chunk loop, so without autograd the
-transient memory is one chunk's; the default chunk is shorter than the scalar rules' for the
-same reason (``CHANNEL_CHUNK_SIZE``).
+The state-independent work (the decay tensor, the triangular solve, the scores) is batched over
+a group of chunks whose ``[C, C, K]`` tensors together stay under ``GROUP_ELEMENTS``, so a long
+prefill's transient memory is bounded; the default chunk is shorter than the scalar rules' for
+the same reason (``CHANNEL_CHUNK_SIZE``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ import torch
 from einops import rearrange
 
 from .._common import to_chunks
+
+
+# Elements of the [B, H, n, C, C, K] decay tensor built at once: chunks are processed in groups of this
+# size (all of a group's state-independent work batched), which bounds the transient memory of a long
+# prefill while keeping the per-chunk Python overhead off short sequences (a training batch is one group).
+GROUP_ELEMENTS = 1 << 25
 
 
 def chunk_gdn2(
@@ -51,23 +58,30 @@ def chunk_gdn2(
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    group = max(1, GROUP_ELEMENTS // max(1, B * H * C * C * K))
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     outs = []
-    for n in range(N):
-        Gn, qn, kn = G[:, :, n], qc[:, :, n], kc[:, :, n]  # [B, H, C, K]
-        diff = Gn[..., :, None, :] - Gn[..., None, :, :]  # [B, H, C, C, K]: G_i - G_j
+    for n0 in range(0, N, group):
+        sl = slice(n0, min(N, n0 + group))
+        Gn, qn, kn = G[:, :, sl], qc[:, :, sl], kc[:, :, sl]  # [B, H, n, C, K]
+        diff = Gn[..., :, None, :] - Gn[..., None, :, :]  # [B, H, n, C, C, K]: G_i - G_j
         gamma = diff.masked_fill(~causal[:, :, None], float("-inf")).exp()  # 0 above the diagonal
-        kb = kn * bc[:, :, n]  # b * k, [B, H, C, K]
-        A = torch.einsum("bhic,bhjc,bhijc->bhij", kb, kn, gamma).masked_fill(~strict, 0.0)  # [B, H, C, C]
-        rhs = torch.cat([vc[:, :, n] * wc[:, :, n], kb * Gn.exp()], dim=-1)  # [B, H, C, V + K]
-        UW = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-        U, W = UW.split([V, K], dim=-1)
-        u = U - W @ S  # [B, H, C, V]
-        scores = torch.einsum("bhic,bhjc,bhijc->bhij", qn, kn, gamma)  # causal incl. the diagonal
-        outs.append((qn * Gn.exp()) @ S + scores @ u)
-        G_end = Gn[..., -1, :]  # [B, H, K]
-        S = S * G_end.exp()[..., None] + (kn * (G_end[..., None, :] - Gn).exp()).transpose(-1, -2) @ u
+        kb = kn * bc[:, :, sl]  # b * k
+        # A_ij = sum_c kb_ic k_jc gamma_ijc and scores_ij = sum_c q_ic k_jc gamma_ijc share k_j gamma_ij: one
+        # [C, C, K] product, then a batched mat-vec per row i for both.
+        kg = gamma * kn[..., None, :, :]  # [B, H, n, C, C, K]
+        A, scores = (kg @ torch.stack([kb, qn], dim=-1)).unbind(-1)  # [B, H, n, C, C] each; scores causal
+        A = A.masked_fill(~strict, 0.0)
+        rhs = torch.cat([vc[:, :, sl] * wc[:, :, sl], kb * Gn.exp()], dim=-1)  # [B, H, n, C, V + K]
+        U, W = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
+        q_decay = qn * Gn.exp()  # reads S0 decayed to position i
+        G_end = Gn[..., -1, :]  # [B, H, n, K]
+        k_decay = kn * (G_end[..., None, :] - Gn).exp()  # k_j decayed to the chunk end
+        for i in range(Gn.shape[2]):  # the state passing: the only sequential part
+            u = U[:, :, i] - W[:, :, i] @ S  # [B, H, C, V]
+            outs.append(q_decay[:, :, i] @ S + scores[:, :, i] @ u)
+            S = S * G_end[:, :, i].exp()[..., None] + k_decay[:, :, i].transpose(-1, -2) @ u
     o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
     o = rearrange(o, "b h n c v -> b (n c) h v")[:, :T]
     return o, S
