@@ -27,7 +27,7 @@ class AHNConfig:
 
     Args:
         memory: memory rule, one of :func:`ahn.memory.available_memories`
-            (``"gated_deltanet"``, ``"deltanet"``, ``"mamba2"``).
+            (``"gated_deltanet"``, ``"deltanet"``, ``"mamba2"``, ``"kda"``, ``"gdn2"``, ``"gated_deltaproduct"``).
         window: tokens kept losslessly in the sliding window (>= 1).
         sinks: first tokens always kept (attention sinks, >= 0).
         layers: decoder layer indices that get a memory; ``None`` means all layers.
@@ -68,7 +68,7 @@ class AHNConfig:
 
     def __post_init__(self):
         from ahn.kernels import BACKENDS
-        from ahn.memory import available_memories
+        from ahn.memory import available_memories, memory_class
 
         if self.memory not in available_memories():
             raise ValueError(f"memory={self.memory!r} is unknown; choose one of {available_memories()}")
@@ -80,6 +80,9 @@ class AHNConfig:
                 raise ValueError(f"{name}={value!r} must be an int >= {lo}" + (" or None" if name == "attention_block" else ""))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        if self.backend == "triton" and not memory_class(self.memory).fused:
+            raise ValueError(f"backend='triton': memory {self.memory!r} has no Triton kernel of ahn's own (gated_deltanet, "
+                             "deltanet and mamba2 do); use backend='auto' (fla on CUDA) or 'torch'")
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
                 raise ValueError(f"layers={self.layers!r} must be a list of layer indices or None (all layers)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,7 +44,7 @@ def run_cell(memory: str, pairs: int, out: str, settings: dict, threads: Optiona
 
     from ahn.demo.run import DemoSettings, run_demo
 
-    if threads:
+    if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     folder = cell_dir(Path(out), memory, pairs)
     results = run_demo(memory, out=folder, settings=DemoSettings(num_pairs=pairs, **settings), progress=False,
@@ -155,15 +156,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plot(a.out / "capacity.png", cells, done, a.pairs, f"demo recall, {a.configuration} configuration")
         return table
 
-    with concurrent.futures.ProcessPoolExecutor(max_workers=a.jobs) as pool:
-        futures = {pool.submit(run_cell, m, n, str(a.out), settings, a.threads): (m, n) for m, n in todo}
-        for future in concurrent.futures.as_completed(futures):
-            m, n = futures[future]
-            cells[(m, n)] = future.result()
-            c = cells[(m, n)]
-            print(f"capacity: {m} at {n} pairs: gap closed {c['gap_closed']:.3f} (beyond {100 * c['beyond']:.1f}%, "
-                  f"within {100 * c['within']:.1f}%), {c['train_seconds']:.0f} s", flush=True)
-            save()
+    def finished(cell: dict) -> None:
+        cells[(cell["memory"], cell["pairs"])] = cell
+        print(f"capacity: {cell['memory']} at {cell['pairs']} pairs: gap closed {cell['gap_closed']:.3f} (beyond "
+              f"{100 * cell['beyond']:.1f}%, within {100 * cell['within']:.1f}%), {cell['train_seconds']:.0f} s",
+              flush=True)
+        save()
+
+    if a.jobs == 1:
+        for m, n in todo:
+            finished(run_cell(m, n, str(a.out), settings, a.threads))
+    else:
+        # Fresh interpreters ("spawn"): a forked child of a process whose torch thread pools are running can hang.
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=a.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(run_cell, m, n, str(a.out), settings, a.threads) for m, n in todo]
+            for future in concurrent.futures.as_completed(futures):
+                finished(future.result())
     print(save())
     return 0
 

@@ -80,7 +80,7 @@ class DistillConfig:
     # ---------------------------------------------------------------- model and memory
     model: Optional[str] = _f(None, "base model: a local directory, a Hub id, or demo-teacher (the shipped demo "
                                     "model)", required=True)
-    memory: str = _f("gated_deltanet", "memory rule: gated_deltanet, deltanet or mamba2")
+    memory: str = _f("gated_deltanet", "memory rule: gated_deltanet, deltanet, mamba2, kda, gdn2 or gated_deltaproduct")
     memory_kwargs: dict = _f({}, "rule-specific memory options (YAML mapping or JSON string)")
     layers: Optional[list] = _f(None, "decoder layers that get a memory (default: all)")
     backend: str = _f("auto", "ahn.kernels backend of the memory (auto, torch, fla, ...)")

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from ahn.benchmarks import efficiency, kernels
+import json
+
+from ahn.benchmarks import capacity, efficiency, kernels
 
 
 def test_kernels_benchmark_prints_its_table(capsys):
     kernels.main(["--lengths", "64", "--repeats", "1", "--heads", "2", "--head-dim", "8"])
     out = capsys.readouterr().out
-    for rule in ("gated_delta_rule", "delta_rule", "ssd"):
-        assert f"{rule:<17}{64:>7} fwd+bwd" in out
+    for rule in kernels.RULES:  # every rule, the newer ones included
+        assert f"{rule:<21}{64:>7} fwd+bwd" in out
+        assert f"\n{rule:<21}" in out.split("decode step")[1]
+
+
+def test_capacity_study_runs_every_cell_once_and_resumes(tmp_path, capsys):
+    """Tiny settings (2 steps): the cells, the summary files, the sizes from the real cache, and a rerun that
+    reuses every finished cell."""
+    args = ["--memories", "kda", "deltanet", "--pairs", "2", "3", "--steps", "2", "--eval-examples", "4",
+            "--batch-size", "4", "--out", str(tmp_path)]
+    capacity.main(args)
+    data = json.loads((tmp_path / capacity.SUMMARY_NAME).read_text())
+    cells = {(c["memory"], c["pairs"]): c for c in data["cells"]}
+    assert set(cells) == {("kda", 2), ("kda", 3), ("deltanet", 2), ("deltanet", 3)}
+    assert data["settings"]["buffer_slots"] == 0 and data["settings"]["readout"] == "paper"  # the memory alone
+    # Same state size (H D x D float32 per layer), more cached gate bytes for KDA (its decay code).
+    assert cells[("kda", 2)]["state_bytes"] == cells[("deltanet", 2)]["state_bytes"] > 0
+    assert cells[("kda", 2)]["gate_bytes_per_window_token"] == 5 * cells[("deltanet", 2)]["gate_bytes_per_window_token"]
+    table = (tmp_path / "capacity.md").read_text()
+    assert "| kda |" in table and "| 2 pairs | 3 pairs |" in table
+    assert (tmp_path / "capacity.png").stat().st_size > 0
+    capsys.readouterr()
+    capacity.main(args)
+    assert "0 runs to do, 4 reused" in capsys.readouterr().out
 
 
 def test_efficiency_benchmark_prints_ratios_and_plots(capsys, tmp_path):

@@ -114,7 +114,7 @@ def test_memory_decode_backends_match_the_parallel_reference(memory, backend):
     state = torch.randn(B, H, K, K, generator=gen) * 0.5
     with torch.no_grad():
         gates = m.write_gates(torch.randn(B, HIDDEN, generator=gen))
-        if not m.step_spec.fused and backend != "torch":  # KDA, GDN-2, Gated DeltaProduct: torch ops only
+        if not m.fused and backend != "torch":  # KDA, GDN-2, Gated DeltaProduct: torch ops only
             with pytest.raises(ValueError, match=f"memory '{memory}' decodes with torch ops only"):
                 m.decode(x, q, k, v, gates, None, state, backend=backend)
             return

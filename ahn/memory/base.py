@@ -21,7 +21,7 @@ from ahn.kernels._common import DEFAULT_CHUNK_SIZE, L2NORM_EPS, Rule, constant, 
 from ahn.kernels.step import resolve_step_backend, step_unchecked
 
 _REGISTRY: dict[str, type["Memory"]] = {}
-# Decode backends that mean "whatever runs" for a rule with no compiled step (``StepSpec.fused`` False).
+# Decode backends that mean "whatever runs" for a rule with no compiled step (``Memory.fused`` False).
 _UNFUSED_STEP = ("auto", "recurrent", "fla")
 
 # Output RMSNorm epsilon of the official release (fla's FusedRMSNormSwishGate / RMSNormGated, eps=1e-5).
@@ -61,7 +61,7 @@ class StepSpec:
         rule: the ``ahn.kernels`` rule of the state update (``has_beta``: a delta rule; ``has_g``: decays),
             or None for a rule that writes through its own :meth:`Memory.read` / :meth:`Memory.step` (KDA,
             GDN-2, Gated DeltaProduct: per-channel or several writes per token); only a rule given here runs
-            in the compiled C++ and Triton decode steps (``fused``).
+            in the compiled C++ and Triton decode steps (:attr:`Memory.fused`).
         gates: the write gates kept per token, ``[..., H, G]`` with G the sum of their ``channels``.
         decay: the gate whose channel is the log decay ``g = -exp(A_log) * gate`` (the module's
             ``A_log [H]``), or None (no decay, or the rule computes its own).
@@ -96,11 +96,6 @@ class StepSpec:
         if (self.decay is not None) != self.rule.has_g:
             raise ValueError(f"rule {self.rule.name!r} {'needs' if self.rule.has_g else 'takes no'} a decay channel, "
                              f"got decay={self.decay!r}")
-
-    @property
-    def fused(self) -> bool:
-        """Whether the compiled C++ and Triton decode steps can run this rule (else torch ops)."""
-        return self.rule is not None
 
     @functools.cached_property
     def strength_channels(self) -> tuple[int, ...]:
@@ -233,6 +228,9 @@ class Memory(nn.Module):
 
     name: str = ""
     step_spec: StepSpec
+    # Whether ahn's Triton prefill kernels and its compiled C++ / Triton decode steps cover the rule (a rule whose
+    # ``step_spec.rule`` is an ahn.kernels Rule); False: torch ops (and fla on CUDA) only.
+    fused: bool = True
     output_gate_bias: bool = False
     allowed_options: tuple[str, ...] = ()
 
@@ -356,7 +354,7 @@ class Memory(nn.Module):
         g_proj = self.g_proj
         # The parameters share a device and dtype (module.to moves them together) and so do the cached k / v
         # with q, and gates are float32: q, x, state and g_proj's weight stand for every tensor here.
-        if not spec.fused:  # torch ops: the compiled C++ and Triton steps cover the scalar-gated rules
+        if not self.fused:  # torch ops: the compiled C++ and Triton steps cover the scalar-gated rules
             if backend not in (*_UNFUSED_STEP, "torch"):
                 raise ValueError(f"backend={backend!r}: memory {self.name!r} decodes with torch ops only (the compiled "
                                  "C++ and Triton steps cover gated_deltanet, deltanet and mamba2); use 'auto' or 'torch'")

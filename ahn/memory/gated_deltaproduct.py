@@ -39,6 +39,7 @@ def householder(options: dict) -> int:
 @register_memory("gated_deltaproduct")
 class GatedDeltaProductMemory(Memory):
     allowed_options = ("householder",)
+    fused = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -29,6 +29,7 @@ from .kda import KDA_A_INIT_RANGE, decay_rank, expand_code
 @register_memory("gdn2")
 class GDN2Memory(Memory):
     allowed_options = ("decay_rank",)
+    fused = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

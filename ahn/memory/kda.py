@@ -46,6 +46,7 @@ def expand_code(code: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> tor
 @register_memory("kda")
 class KDAMemory(Memory):
     allowed_options = ("decay_rank",)
+    fused = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
