@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ahn._io import remove_stale_temporaries, replace_file
+from ahn._io import make_readable, remove_stale_temporaries, replace_file
 
 if TYPE_CHECKING:
     from ahn.cache import AHNCache
@@ -151,8 +151,13 @@ def save_state(cache: "AHNCache", model: "AHNModel", path) -> None:
                   "pad_offsets": cache.pad_offsets is not None},
         "layers": layers,
     }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+        make_readable(tmp)  # safetensors creates its file readable by its owner only
+
     remove_stale_temporaries(path.parent)
-    replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)}))
+    replace_file(path, write)
 
 
 def read_metadata(path) -> dict:

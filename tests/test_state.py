@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 
 import pytest
 import torch
@@ -200,6 +201,9 @@ def test_save_needs_its_model_writes_atomically_and_refuses_what_it_cannot_hold(
         cache.save(tmp_path / "s.state")
     cache.save(tmp_path / "s.state", model)
     assert AHNCache.load(tmp_path / "s.state", model).get_seq_length() == 30
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "s.state").stat().st_mode) == 0o666 & ~umask  # as any file the user writes
     with pytest.raises(ValueError, match="the folder .* does not exist"):
         cache.save(tmp_path / "nowhere" / "s.state", model)
 
