@@ -6,8 +6,8 @@
 Each length runs in a fresh process, so that its peak RSS (``ru_maxrss``) is its own. The process
 builds the demo-sized model: the demo's shipped teacher (a Qwen2 of hidden size 64, 2 layers,
 ``ahn/demo/weights``) with a GatedDeltaNet memory in the demo's recommended configuration (window
-32, sinks 4, 16 buffer slots per kv head, salience-gated writes, the deferring read-out; ``--window``
-... change it). It reads N random token ids through :func:`ahn.generate.read`, the path of ``ahn
+32, sinks 4, 16 buffer slots per kv head, salience-gated writes, the deferring read-out; the flags
+below change each). It reads N random token ids through :func:`ahn.generate.read`, the path of ``ahn
 generate``, in forward calls of ``--chunk`` tokens, drawing the ids chunk by chunk, then saves the
 state (:meth:`ahn.AHNCache.save`). A fresh memory computes exactly as much as a trained one, so the
 figures are the cost of any memory of this shape.
