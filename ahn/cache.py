@@ -11,10 +11,15 @@ copies nothing of size W. Tokens leaving the window are written into the memory 
 
 ``get_seq_length()`` counts every token seen (RoPE positions stay correct after
 eviction); ``kv_length`` is the number of KV entries held per layer (never above S + M + W).
+
+``cache.save(path)`` writes the whole cache to a file and ``AHNCache.load(path, model)`` reads it
+back into the model it belongs to (:mod:`ahn.state`): reading a text once and continuing from it
+later computes exactly what one continuous read computes.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -268,15 +273,39 @@ class AHNCache(Cache):
         mode: ``"window"`` or ``"ahn"``; a cache is filled in one mode only.
         buffers: priority-buffer slots M per layer (``AHNModel.new_cache`` sets them from the
             config); None: none.
+        model: the :class:`ahn.AHNModel` that fills it (``AHNModel.new_cache`` sets it; held by a weak
+            reference), which :meth:`save` fingerprints.
     """
 
-    def __init__(self, num_layers: int, window: int, sinks: int, mode: str = "ahn", buffers=None):
+    def __init__(self, num_layers: int, window: int, sinks: int, mode: str = "ahn", buffers=None, model=None):
         buffers = tuple(buffers) if buffers is not None else (0,) * num_layers
         if len(buffers) != num_layers:
             raise ValueError(f"buffers={buffers!r} must give one slot count per layer ({num_layers})")
         super().__init__(layers=[AHNCacheLayer(window, sinks, m) for m in buffers])
         self.window, self.sinks, self.mode, self.buffers = window, sinks, mode, buffers
         self.pad_offsets: Optional[torch.Tensor] = None  # [B], set by the first forward
+        self._model = weakref.ref(model) if model is not None else None
+
+    def save(self, path, model=None) -> None:
+        """Write this cache to ``path`` (safetensors, atomically; :mod:`ahn.state`) with the fingerprint of
+        ``model``, by default the model whose ``new_cache()`` made it. The file's size does not grow with the
+        tokens read."""
+        from ahn.state import save_state
+
+        if model is None:
+            model = self._model() if self._model is not None else None
+            if model is None:
+                raise ValueError("this cache does not know its model (it was not made by model.new_cache(), or the "
+                                 "model is gone): call cache.save(path, model)")
+        save_state(self, model, path)
+
+    @classmethod
+    def load(cls, path, model) -> "AHNCache":
+        """The cache saved at ``path``, on ``model``'s device; ValueError when ``path`` was saved with another base
+        model, memory weights, AHN config or attention mode (naming what differs) or is not a readable state."""
+        from ahn.state import load_state
+
+        return load_state(path, model)
 
     def check_call(self, window: int, sinks: int, mode: str, batch: int, buffers=None) -> None:
         """Refuse a forward that does not match what this cache holds."""

@@ -197,6 +197,59 @@ def _run_distill(args) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="read a text of any length through sinks + window + memory, then generate (greedy)",
+        description=(
+            "Reads --input (a UTF-8 file, or - for standard input; any length) in chunks of --chunk tokens with "
+            "constant memory: the model keeps only sinks + window KV and its memory state. A progress bar shows "
+            "tokens/s and the cache size. Then it generates up to --max-new-tokens tokens greedily to standard "
+            "output. --save-state writes the state after reading the input (before generating); --state continues "
+            "from one: reading A, saving, then reading B with --state computes exactly what reading A then B in one "
+            "run computes (each input is cut into chunks from its own first token)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  ahn generate --model Qwen/Qwen2.5-3B-Instruct --adapter ADAPTER_DIR --input book.txt --chat\n"
+            "  ahn generate --model MODEL_DIR --adapter ADAPTER_DIR --input book.txt --save-state book.state "
+            "--max-new-tokens 0\n"
+            "  ahn generate --model MODEL_DIR --adapter ADAPTER_DIR --state book.state --input question.txt\n"
+            "  cat notes.txt | ahn generate --model MODEL_DIR --input - --max-new-tokens 64"
+        ),
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="base model: local directory or Hub id, with its tokenizer")
+    p.add_argument("--adapter", help="trained memory adapter directory (default: a fresh memory, i.e. sinks + window)")
+    p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text file to read, or - for standard input")
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=256,
+                   help="tokens to generate after the input (0: only read, e.g. with --save-state)")
+    p.add_argument("--chat", action="store_true",
+                   help="read the input as one user turn of the tokenizer's chat template (with its generation prompt)")
+    p.add_argument("--state", metavar="FILE",
+                   help="continue from a state written by --save-state (same model and adapter; its window and sinks "
+                        "are the default)")
+    p.add_argument("--save-state", metavar="FILE",
+                   help="write the state after reading the input, before generating (atomically; its size does not "
+                        "grow with the text)")
+    p.add_argument("--window", type=int_at_least(1),
+                   help="sliding-window tokens (default: the state's, else the adapter's, else 32640)")
+    p.add_argument("--sinks", type=int_at_least(0),
+                   help="attention-sink tokens (default: the state's, else the adapter's, else 128)")
+    p.add_argument("--chunk", type=int_at_least(1), default=4096, help="tokens per forward call while reading")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="model dtype")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from ahn.generate import run
+
+    return run(args)
+
+
 def _add_demo(sub) -> None:
     from ahn.demo.run import add_arguments
 
@@ -240,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_eval(sub)
     _add_flops(sub)
+    _add_generate(sub)
     for p in (parser, *sub.choices.values()):
         p.allow_abbrev = False  # a flag is what the user typed: --lr is not --lr-scheduler
     return parser

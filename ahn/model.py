@@ -375,6 +375,7 @@ class AHNModel(nn.Module):
             cfg.sinks if sinks is None else sinks,
             self.mode,
             buffer_slots(cfg, self.base_model.config.num_hidden_layers, self.mode),
+            model=self,
         )
 
     @property

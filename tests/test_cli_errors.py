@@ -133,10 +133,10 @@ def test_flags_are_never_abbreviated(capsys):
 def test_help_shows_real_defaults_and_examples(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside the strings looked for
     helps = {name: p.format_help() for name, p in subcommands().items()}
-    assert set(helps) == {"demo", "distill", "eval", "flops"}
+    assert set(helps) == {"demo", "distill", "eval", "flops", "generate"}
     for name, text in helps.items():
         assert "(default: None)" not in text, name
-    for name in ("demo", "eval", "flops"):
+    for name in ("demo", "eval", "flops", "generate"):
         assert "examples:\n  ahn " + name in helps[name], name
     assert "(default: full,window,ahn)" in helps["eval"] and "(default: 42)" in helps["eval"]
     assert "(default: 32640)" in helps["flops"] and "(default: gated_deltanet)" in helps["demo"]

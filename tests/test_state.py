@@ -1,0 +1,226 @@
+"""Saved reading states (ahn.state): read, save, load and continue == one continuous read, bit for bit;
+a state's size does not grow with the text; a state never loads into another model, adapter, config or mode;
+damaged files are named."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+import ahn
+from ahn import AHNCache, AHNConfig
+from ahn.generate import read
+from ahn.model import cache_kwargs, output_cache
+from test_model import ids, load_base, model_dirs, randomize_memory  # noqa: F401 (model_dirs: the fixture)
+from test_salience import randomize_salience
+
+W, S, CHUNK = 16, 3, 16
+CONFIGS = {
+    "gated_deltanet": dict(memory="gated_deltanet"),
+    "gated_deltanet-salience": dict(memory="gated_deltanet", buffer_slots=3, salience_writes=True, readout="defer"),
+    "deltanet": dict(memory="deltanet"),
+    "mamba2-salience": dict(memory="mamba2", buffer_slots=2, salience_writes=True),
+}
+
+
+def make_model(model_dirs, family="qwen2", seed=0, **config):
+    model = ahn.add_memory(load_base(model_dirs, family), AHNConfig(window=W, sinks=S, **config))
+    randomize_memory(model, seed)
+    randomize_salience(model, seed)
+    return model
+
+
+def layer_tensors(cache: AHNCache) -> dict:
+    out = {"pad_offsets": cache.pad_offsets}
+    for i, layer in enumerate(cache.layers):
+        out |= {f"{i}.{k}": v for k, v in vars(layer).items() if not k.startswith("_")}
+    return out
+
+
+def assert_same_cache(a: AHNCache, b: AHNCache) -> None:
+    ta, tb = layer_tensors(a), layer_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if isinstance(ta[k], torch.Tensor):
+            assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+        else:
+            assert ta[k] == tb[k], k
+
+
+def decode(model, cache, tokens) -> torch.Tensor:
+    """Logits ``[1, n, vocab]`` of feeding ``tokens [1, n]`` one at a time (the decode path)."""
+    with torch.no_grad():
+        return torch.cat([model(tokens[:, i: i + 1], **cache_kwargs(model, cache), use_cache=True).logits
+                          for i in range(tokens.shape[1])], 1)
+
+
+@pytest.mark.parametrize("name, mode", [(name, "ahn") for name in CONFIGS] + [("gated_deltanet-salience", "window")])
+def test_read_save_load_continue_equals_one_read(model_dirs, tmp_path, name, mode):
+    """Read A (uneven chunks), save, load, read B, decode 4 tokens, save, load, decode 4 more: the same floats as
+    doing it all in one cache, at every step (the saved state is exactly what the continuation needs)."""
+    model = make_model(model_dirs, **CONFIGS[name])
+    a, b, tail = ids(1, 45, seed=1)[0].tolist(), ids(1, 37, seed=2)[0].tolist(), ids(1, 8, seed=3)
+    path = tmp_path / "s.state"
+    with model.attention_mode(mode):
+        one = model.new_cache()
+        read(model, [a], one, CHUNK)
+        one_b = read(model, [b], one, CHUNK)
+        one_decoded = decode(model, one, tail)
+
+        saved = model.new_cache()
+        read(model, [a], saved, CHUNK)
+        saved.save(path)
+        loaded = AHNCache.load(path, model)
+        assert_same_cache(loaded, saved)
+        loaded_b = read(model, [b], loaded, CHUNK)
+        first = decode(model, loaded, tail[:, :4])
+        loaded.save(path)  # mid-generation: the ring has wrapped, the state was made in inference mode
+        again = AHNCache.load(path, model)
+        second = decode(model, again, tail[:, 4:])
+    assert torch.equal(loaded_b, one_b)
+    assert torch.equal(torch.cat([first, second], 1), one_decoded)
+    assert_same_cache(again, one)
+
+
+def test_one_read_with_the_same_chunk_boundaries_equals_a_continued_read(model_dirs, tmp_path):
+    """When len(A) is a multiple of the chunk, one read of A + B makes the same forward calls as A, then B."""
+    model = make_model(model_dirs, **CONFIGS["gated_deltanet-salience"])
+    x = ids(1, 3 * CHUNK + 21, seed=4)[0].tolist()
+    whole = model.new_cache()
+    whole_logits = read(model, [x[:20], x[20:]], whole, CHUNK)  # pieces of any size: chunks count from the start
+    part = model.new_cache()
+    read(model, [x[: 3 * CHUNK]], part, CHUNK)
+    part.save(tmp_path / "s.state")
+    continued = AHNCache.load(tmp_path / "s.state", model)
+    assert torch.equal(read(model, [x[3 * CHUNK:]], continued, CHUNK), whole_logits)
+    assert_same_cache(continued, whole)
+
+
+def tiniest_model(**config):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=1024)
+    return ahn.add_memory(AutoModelForCausalLM.from_config(cfg).eval(), AHNConfig(window=16, sinks=2, **config))
+
+
+def state_size_after(model, n: int, path, chunk: int = 16384) -> int:
+    gen = torch.Generator().manual_seed(0)
+    cache = model.new_cache()
+    read(model, (torch.randint(0, 97, (min(chunk, n - a),), generator=gen).tolist() for a in range(0, n, chunk)),
+         cache, chunk)
+    cache.save(path)
+    assert AHNCache.load(path, model).get_seq_length() == n
+    return os.path.getsize(path)
+
+
+@pytest.mark.parametrize("options, long", [
+    (dict(attention_block=128), 100_000),
+    # The salience path computes its attention with an explicit softmax, ~6x slower on CPU: 10k tokens
+    # keep the test fast, and the buffer's M slots are allocated at the first forward, never grown.
+    (dict(buffer_slots=4, salience_writes=True, readout="defer", attention_block=64), 10_000),
+])
+def test_state_size_does_not_grow_with_the_text(tmp_path, options, long):
+    model = tiniest_model(**options)
+    assert state_size_after(model, 1000, tmp_path / "short.state") == state_size_after(model, long, tmp_path / "long")
+
+
+@pytest.fixture
+def state(model_dirs, tmp_path):
+    """(model, path of a state it saved after 40 tokens)."""
+    model = make_model(model_dirs, **CONFIGS["gated_deltanet"])
+    cache = model.new_cache()
+    read(model, [ids(1, 40)[0].tolist()], cache, CHUNK)
+    cache.save(tmp_path / "s.state")
+    return model, tmp_path / "s.state"
+
+
+def test_a_state_loads_only_into_its_model_adapter_config_and_mode(model_dirs, state):
+    model, path = state
+    other_weights = AutoModelForCausalLM.from_config(load_base(model_dirs).config)  # same architecture, new init
+    fresh_memory = ahn.add_memory(load_base(model_dirs), AHNConfig(window=W, sinks=S))
+    for other, message in [
+        (ahn.add_memory(other_weights.eval(), AHNConfig(window=W, sinks=S)), "a model of this architecture but other weights"),
+        (make_model(model_dirs, family="qwen3"), "another base model"),
+        (make_model(model_dirs, seed=1), "other memory weights than this model's"),
+        (fresh_memory, "other memory weights than this model's"),
+        (ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=S)), "window=16 (this model: 8)"),
+        (make_model(model_dirs, memory="deltanet"), "memory='gated_deltanet' (this model: 'deltanet')"),
+        (make_model(model_dirs, buffer_slots=2), "buffer_slots=0 (this model: 2)"),
+    ]:
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}.*{re.escape(message)}"):
+            AHNCache.load(path, other)
+    with model.attention_mode("window"), pytest.raises(ValueError, match="saved in attention mode 'ahn' but the model "
+                                                                         "is in 'window'"):
+        AHNCache.load(path, model)
+    # How the same function is computed is not part of what a state means.
+    compute = ahn.add_memory(load_base(model_dirs), AHNConfig(window=W, sinks=S, backend="recurrent",
+                                                              attention_block=7))
+    compute.load_state_dict(model.state_dict())
+    assert AHNCache.load(path, compute).get_seq_length() == 40
+
+
+def test_damaged_or_foreign_state_files_are_named(state, tmp_path):
+    model, path = state
+    good = path.read_bytes()
+    header = json.loads(good[8: 8 + int.from_bytes(good[:8], "little")])
+    meta = json.loads(header["__metadata__"]["ahn_state"])
+    cases = {
+        "truncated": (good[:-50], "is not a readable state file"),
+        "garbage": (b"not a state at all" * 10, "is not a readable state file"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} {message}")):
+            AHNCache.load(tmp_path / name, model)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain"))
+    future = dict(meta, format="ahn-state/9")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "future"), metadata={"ahn_state": json.dumps(future)})
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "hollow"), metadata={"ahn_state": json.dumps(meta)})
+    for name, message in [
+        ("plain", "is a safetensors file but not an ahn state"),
+        ("future", "has state format 'ahn-state/9'; this ahn reads 'ahn-state/1'"),
+        ("hollow", "lacks the tensor 'layers.0.keys' its metadata lists"),
+        ("missing", "does not exist"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            AHNCache.load(tmp_path / name, model)
+
+
+def test_save_needs_its_model_writes_atomically_and_refuses_what_it_cannot_hold(model_dirs, tmp_path, monkeypatch):
+    model = make_model(model_dirs)
+    with torch.no_grad():
+        cache = output_cache(model(ids(1, 30), use_cache=True))  # made inside the forward, not by new_cache()
+    with pytest.raises(ValueError, match=r"does not know its model .* call cache.save\(path, model\)"):
+        cache.save(tmp_path / "s.state")
+    cache.save(tmp_path / "s.state", model)
+    assert AHNCache.load(tmp_path / "s.state", model).get_seq_length() == 30
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "s.state").stat().st_mode) == 0o666 & ~umask  # as any file the user writes
+    with pytest.raises(ValueError, match="the folder .* does not exist"):
+        cache.save(tmp_path / "nowhere" / "s.state", model)
+
+    import ahn.state
+
+    def killed(tensors, filename, metadata):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    before = (tmp_path / "s.state").read_bytes()
+    monkeypatch.setattr(ahn.state, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save(tmp_path / "s.state", model)
+    assert (tmp_path / "s.state").read_bytes() == before and os.listdir(tmp_path) == ["s.state"]
+    monkeypatch.undo()
+
+    cache.layers[0].notes = ["a list"]
+    with pytest.raises(TypeError, match="cache layer 0 attribute 'notes' is a list"):
+        cache.save(tmp_path / "s.state", model)
