@@ -27,6 +27,8 @@ CONFIGS = {
     "gated_deltanet-salience": dict(memory="gated_deltanet", buffer_slots=3, salience_writes=True, readout="defer"),
     "deltanet": dict(memory="deltanet"),
     "mamba2-salience": dict(memory="mamba2", buffer_slots=2, salience_writes=True),
+    "kda": dict(memory="kda"),  # a multi-channel gate code in the cache (torch-op decode)
+    "gated_deltaproduct-salience": dict(memory="gated_deltaproduct", buffer_slots=2, salience_writes=True),
 }
 
 
