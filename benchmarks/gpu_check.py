@@ -11,8 +11,11 @@ Four sections, in this order:
    forward+backward, bfloat16, T = 4k, 16k and 64k, with the query heads and head size of
    Qwen2.5-3B and 7B (the memory runs on the query heads): median seconds and each backend's
    relative max error against torch (output and final state; gradients for forward+backward).
+   KDA, GDN-2 and Gated DeltaProduct have no Triton kernel of ahn's own: their rows time torch
+   against fla only.
 3. ``decode_step``: the fused Triton decode step vs the unfused torch step, same shapes,
-   batch 1 and 8, the k / v heads of the model (GQA): median seconds and the error.
+   batch 1 and 8, the k / v heads of the model (GQA): median seconds and the error. The
+   newer rules decode with torch ops only: their rows time the torch step.
 4. ``end_to_end``: a random-weight Qwen2.5-3B-shaped model in bfloat16 prefills 32k and 128k
    tokens, then decodes tokens after them: full attention (sdpa) vs sinks + window vs ahn
    (window + gated DeltaNet memory), with time, cache size and peak GPU memory. Two logits
@@ -50,7 +53,7 @@ from typing import Callable, Optional
 import torch
 
 from ahn.benchmarks.efficiency import cache_bytes, decode_ms, peak_gpu_gb, prefill, shaped_model
-from ahn.benchmarks.kernels import RULES, make_args, rule_fn, step_args, step_fn, timed
+from ahn.benchmarks.kernels import RULES, make_args, rule_fn, runs, step_args, step_fn, timed
 
 # ----------------------------------------------------------------------------- sizes
 # Issue 16: <= 8 minutes on one GPU, all sections together; 15 s of it are kept for start-up and writing.
@@ -295,6 +298,8 @@ def kernel_case(run: Run, row: dict, rule: str, args, backward: bool, others: li
     row["torch_s"] = t_ref
     ok = True
     for b in others:
+        if not runs(rule, b):  # KDA, GDN-2, DeltaProduct: no Triton kernel of ahn's own (fla's is timed)
+            continue
         t, (o, st, grads) = timed(rule_fn(rule, args, b, backward), run.device, run.sizes.kernel_repeats)
         row[f"{b}_s"] = t
         row[f"{b}_err"] = max(rel_err(o, o_ref), rel_err(st, s_ref))
@@ -315,6 +320,7 @@ def section_decode_step(run: Run, sec: Section) -> None:
     fused = unavailable("triton", dev)
     if fused:
         sec.notes.append(f"triton column left empty: {fused}")
+    sec.notes.append("kda, gdn2 and gated_delta_product have no fused step (torch ops only): torch_ms alone")
     sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), batches=list(s.decode_batches),
                       repeats=s.step_repeats,
                       shapes={n: {"H": sh["H"], "Hk": sh["Hk"], "K=V": sh["D"]} for n, sh in shapes.items()},
@@ -333,7 +339,7 @@ def section_decode_step(run: Run, sec: Section) -> None:
                     inputs = step_args(rule, B, sh["H"], sh["Hk"], sh["D"], dev, run.dtype)
                     row["torch_ms"], (o_ref, s_ref) = timed(step_fn(rule, inputs, "torch"), dev, s.step_repeats)
                     row["torch_ms"] *= 1e3
-                    if not fused:
+                    if not fused and runs(rule, "triton"):
                         t, (o, st) = timed(step_fn(rule, inputs, "triton"), dev, s.step_repeats)
                         row.update(triton_ms=1e3 * t, speedup=row["torch_ms"] / (1e3 * t),
                                    out_err=rel_err(o, o_ref), state_err=rel_err(st, s_ref))
