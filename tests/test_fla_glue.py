@@ -23,6 +23,8 @@ All three rules run the real kernels this way (gated delta rule: ``chunk_gated_d
 delta rule: ``chunk_delta_rule``; SSD: ``chunk_simple_gla``). ``chunk_delta_rule`` refuses
 float32 inputs, so the delta rule is checked with float16 q / k / v (the interpreter computes a
 float16 ``tl.dot`` right, a bfloat16 one wrong) and float32 gates, as the model passes them.
+The newer rules run fla's ``chunk_kda``, ``chunk_gdn2`` and ``chunk_gated_delta_product`` the same
+way (the last with float16 q / k / v: it refuses float32).
 """
 
 from __future__ import annotations
@@ -174,3 +176,53 @@ def test_fla_delta_rule_refuses_float32_naming_the_fix():
     x = inputs("delta_rule", torch.float32, B=1, T=4, H=1, K=4, V=4, initial_state=False)
     with pytest.raises(ValueError, match=r"bfloat16 or float16 q, k, v of one dtype .* got torch.float32"):
         run(x=x, rule="delta_rule", backend="fla")
+
+
+# The newer rules (ahn.kernels.kda / gdn2 / gated_delta_product) hand their arguments to fla's chunk_kda,
+# chunk_gdn2 and chunk_gated_delta_product through a closure of the public function; resolving
+# backend="fla" on CPU is allowed here (it is refused to users: fla's kernels need CUDA), so that closure
+# runs fla's real kernels in the interpreter. chunk_gated_delta_product refuses float32 q / k / v.
+from test_channel_kernels import call as channel_call, make_inputs as channel_inputs  # noqa: E402
+
+CHANNEL_DTYPES = {"kda": torch.float32, "gdn2": torch.float32, "gated_delta_product": torch.float16}
+
+
+@pytest.fixture
+def fla_on_cpu(monkeypatch):
+    from ahn.kernels import _common
+
+    resolve = _common.resolve_backend
+    monkeypatch.setattr(_common, "resolve_backend",
+                        lambda backend, *a, **kw: "fla" if backend == "fla" else resolve(backend, *a, **kw))
+
+
+def channel_run(rule, x, backend, **kw):
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
+    o, s = channel_call(rule, leaves, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64)
+    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+    return o.detach(), s.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+@pytest.mark.parametrize("rule", list(CHANNEL_DTYPES))
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fla_glue_newer_rules_match_torch(rule, varlen, fla_on_cpu):
+    dtype = CHANNEL_DTYPES[rule]
+    kw = dict(scale=0.5, use_qk_l2norm=True)
+    if varlen:  # one token, a two-chunk sequence and a short one, packed along T
+        cu = torch.tensor([0, 1, 71, 76])
+        x = channel_inputs(rule, B=1, T=76, H=2, K=12, V=20, n_states=3)
+        kw["cu_seqlens"] = cu
+    else:
+        x = channel_inputs(rule, B=1, T=70, H=2, K=12, V=20)
+    x["q"], x["k"] = x["q"] * 2.0, x["k"] * 3.0  # far from unit norm: a dropped L2 normalisation shows
+    x = {n: t.to(dtype if n in ("q", "k", "v") else torch.float32) for n, t in x.items()}
+    o, s, grads = channel_run(rule, x, "fla", **kw)
+    o_ref, s_ref, grads_ref = channel_run(rule, {n: t.double() for n, t in x.items()}, "torch", **kw)
+    assert_close(o, o_ref, TOL[dtype], "output")
+    assert_close(s, s_ref, TOL[dtype], "final state")
+    for n, gr in grads.items():
+        assert gr is not None, f"no gradient reaches {n}"
+        assert_close(gr, grads_ref[n], TOL_GRAD[dtype], f"grad of {n}")
