@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import sys
 from pathlib import Path
@@ -52,7 +53,18 @@ def run_cell(memory: str, pairs: int, out: str, settings: dict, threads: Optiona
     return {"memory": memory, "pairs": pairs, "beyond": results["memories"][memory]["beyond"], "within": results["memories"][memory]["within"],
             "gap_closed": results["memories"][memory]["gap_closed"], "full": results["full"],
             "window": results["window"], "train_seconds": results["memories"][memory]["train_seconds"],
+            "memory_params": adapter_params(folder / f"adapter-{memory}"),
             **cache_sizes(folder / f"adapter-{memory}")}
+
+
+def adapter_params(adapter: Path) -> int:
+    """The trained parameters (every tensor of the adapter's weights file), read from its header."""
+    from safetensors import safe_open
+
+    from ahn.adapters import WEIGHTS_NAME
+
+    with safe_open(str(adapter / WEIGHTS_NAME), framework="pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
 
 
 def cache_sizes(adapter: Path) -> dict:
@@ -76,15 +88,16 @@ def cache_sizes(adapter: Path) -> dict:
 
 def summary_table(cells: dict, memories: Sequence[str], pairs: Sequence[int]) -> str:
     """Markdown: one row per rule, gap closed (beyond-window accuracy) per pair count, and the sizes."""
-    head = "| memory | state bytes | gate bytes / window token | " + " | ".join(f"{p} pairs" for p in pairs) + " |"
-    lines = [head, "|" + " --- |" * (3 + len(pairs))]
+    head = ("| memory | state bytes | gate bytes / window token | trained parameters | "
+            + " | ".join(f"{p} pairs" for p in pairs) + " |")
+    lines = [head, "|" + " --- |" * (4 + len(pairs))]
     for mem in memories:
         row = [cells.get((mem, p)) for p in pairs]
         sizes = next((c for c in row if c is not None), None)
-        state, gates = ("-", "-") if sizes is None else (f"{sizes['state_bytes']:,}",
-                                                           f"{sizes['gate_bytes_per_window_token']:,}")
+        state, gates, params = ("-", "-", "-") if sizes is None else (
+            f"{sizes['state_bytes']:,}", f"{sizes['gate_bytes_per_window_token']:,}", f"{sizes['memory_params']:,}")
         values = ["-" if c is None else f"{c['gap_closed']:.3f} ({100 * c['beyond']:.1f}%)" for c in row]
-        lines.append(f"| {mem} | {state} | {gates} | " + " | ".join(values) + " |")
+        lines.append(f"| {mem} | {state} | {gates} | {params} | " + " | ".join(values) + " |")
     refs = [f"{p} pairs: full attention {100 * c['full']:.1f}%, window {100 * c['window']:.1f}%"
             for p in pairs for c in [next((cells[(m, p)] for m in memories if (m, p) in cells), None)] if c]
     return "\n".join(lines) + "\n\nEach cell: gap closed (beyond-window accuracy). " + "; ".join(refs) + ".\n"
@@ -141,6 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if previous and previous.get("settings") != settings:
         p.error(f"--out {a.out} holds runs with other settings ({previous.get('settings')}); choose another folder")
     cells = {(c["memory"], c["pairs"]): c for c in previous.get("cells", [])}
+    for (m, n), cell in cells.items():  # cells written before the parameter count was reported
+        cell.setdefault("memory_params", adapter_params(cell_dir(a.out, m, n) / f"adapter-{m}"))
     todo = [(m, n) for n in a.pairs for m in memories if (m, n) not in cells]
     print(f"capacity: {len(todo)} runs to do, {len(memories) * len(a.pairs) - len(todo)} reused ({a.configuration} "
           f"configuration, {a.steps} steps)", flush=True)

@@ -28,7 +28,15 @@ def test_capacity_study_runs_every_cell_once_and_resumes(tmp_path, capsys):
     # Same state size (H D x D float32 per layer), more cached gate bytes for KDA (its decay code).
     assert cells[("kda", 2)]["state_bytes"] == cells[("deltanet", 2)]["state_bytes"] > 0
     assert cells[("kda", 2)]["gate_bytes_per_window_token"] == 5 * cells[("deltanet", 2)]["gate_bytes_per_window_token"]
+    # The trained parameters, counted from the adapter file: the model's own count of its memory weights.
+    from ahn import AHNModel
+    from ahn.demo.teacher import load_teacher
+
+    for (mem, pairs), cell in cells.items():
+        model = AHNModel.from_pretrained(load_teacher(), str(tmp_path / f"{mem}-pairs{pairs}" / f"adapter-{mem}"))
+        assert cell["memory_params"] == sum(p.numel() for p in model.memory_parameters()) > 0
     table = (tmp_path / "capacity.md").read_text()
+    assert f"| {cells[('kda', 2)]['memory_params']:,} |" in table
     assert "| kda |" in table and "| 2 pairs | 3 pairs |" in table
     assert (tmp_path / "capacity.png").stat().st_size > 0
     capsys.readouterr()
