@@ -182,7 +182,6 @@ def load_model(model: str, adapter: Optional[str], window: Optional[int], sinks:
     """(AHNModel, tokenizer): the base model with the adapter at ``adapter``, or a fresh memory (= window)."""
     import torch
 
-    from ahn import AHNConfig, AHNModel, add_memory
     from ahn._loading import load_causal_lm, load_tokenizer
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -190,10 +189,22 @@ def load_model(model: str, adapter: Optional[str], window: Optional[int], sinks:
         raise ValueError(f"--dtype {dtype!r} must be one of {sorted(dtypes)}")
     tokenizer = load_tokenizer(model)
     base = load_causal_lm(model, dtype=dtypes[dtype]).to(device).eval()
-    overrides = {k: v for k, v in (("window", window), ("sinks", sinks)) if v is not None}
+    return attach_memory(base, adapter, window, sinks), tokenizer
+
+
+def attach_memory(base, adapter: Optional[str], window: Optional[int], sinks: Optional[int], **overrides):
+    """``base`` (a loaded causal LM) as an AHNModel: the adapter at ``adapter``, or a fresh memory (= window).
+
+    ``window`` / ``sinks`` (and other AHNConfig ``overrides``, e.g. ``backend``) replace the
+    adapter's values where given. ``ahn eval`` and the lm-evaluation-harness model (``ahn.lm_eval``)
+    both load through here, so an adapter, window and sinks mean the same in both.
+    """
+    from ahn import AHNConfig, AHNModel, add_memory
+
+    overrides = {k: v for k, v in (("window", window), ("sinks", sinks), *overrides.items()) if v is not None}
     if not adapter:
-        return add_memory(base, AHNConfig(**overrides)), tokenizer
-    return AHNModel.from_pretrained(base, adapter, **overrides), tokenizer  # a damaged file is named there
+        return add_memory(base, AHNConfig(**overrides))
+    return AHNModel.from_pretrained(base, adapter, **overrides)  # a damaged file is named there
 
 
 def adapter_files(adapter: str) -> list[Path]:
