@@ -10,6 +10,18 @@ of its files) and a rerun with other settings or other adapter weights is refuse
 ``results.json``, ``results.md`` (datasets x modes) and ``results.png`` are written from
 those files.
 
+Launched as several processes (``torchrun --nproc_per_node N -m ahn eval ...`` or
+``accelerate launch``: the ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` variables), each rank
+takes the samples whose position in the run's sample order (datasets, then samples) is
+``rank`` modulo the world size, runs them on its own device (``cuda:LOCAL_RANK`` with CUDA)
+and writes ``OUT/ranks/<rank>/<mode>/<dataset>.jsonl``, resumable like a single process's files.
+The ranks meet at gloo barriers (CPU, even when the models run on CUDA: only
+coordination goes through them); once all are done, rank 0 merges every rank folder into
+``OUT/<mode>/<dataset>.jsonl`` in the sample order and writes the results, the same files as a
+single-process run. A rerun with another world size (or in one process) is correct: samples
+finished in any rank folder or in ``OUT/<mode>/`` count as done, and the merge takes each
+sample once.
+
 The benchmark modules (:mod:`~ahn.benchmarks.lveval`, :mod:`~ahn.benchmarks.infinitebench`,
 :mod:`~ahn.benchmarks.longbench`, :mod:`~ahn.benchmarks.ruler`) turn records into
 :class:`Sample` lists with their official prompts; :mod:`~ahn.benchmarks.perplexity`
@@ -21,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -182,7 +195,6 @@ def load_model(model: str, adapter: Optional[str], window: Optional[int], sinks:
     """(AHNModel, tokenizer): the base model with the adapter at ``adapter``, or a fresh memory (= window)."""
     import torch
 
-    from ahn import AHNConfig, AHNModel, add_memory
     from ahn._loading import load_causal_lm, load_tokenizer
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -190,10 +202,22 @@ def load_model(model: str, adapter: Optional[str], window: Optional[int], sinks:
         raise ValueError(f"--dtype {dtype!r} must be one of {sorted(dtypes)}")
     tokenizer = load_tokenizer(model)
     base = load_causal_lm(model, dtype=dtypes[dtype]).to(device).eval()
-    overrides = {k: v for k, v in (("window", window), ("sinks", sinks)) if v is not None}
+    return attach_memory(base, adapter, window, sinks), tokenizer
+
+
+def attach_memory(base, adapter: Optional[str], window: Optional[int], sinks: Optional[int], **overrides):
+    """``base`` (a loaded causal LM) as an AHNModel: the adapter at ``adapter``, or a fresh memory (= window).
+
+    ``window`` / ``sinks`` (and other AHNConfig ``overrides``, e.g. ``backend``) replace the
+    adapter's values where given. ``ahn eval`` and the lm-evaluation-harness model (``ahn.lm_eval``)
+    both load through here, so an adapter, window and sinks mean the same in both.
+    """
+    from ahn import AHNConfig, AHNModel, add_memory
+
+    overrides = {k: v for k, v in (("window", window), ("sinks", sinks), *overrides.items()) if v is not None}
     if not adapter:
-        return add_memory(base, AHNConfig(**overrides)), tokenizer
-    return AHNModel.from_pretrained(base, adapter, **overrides), tokenizer  # a damaged file is named there
+        return add_memory(base, AHNConfig(**overrides))
+    return AHNModel.from_pretrained(base, adapter, **overrides)  # a damaged file is named there
 
 
 def adapter_files(adapter: str) -> list[Path]:
@@ -221,12 +245,17 @@ def adapter_fingerprint(adapter: Optional[str]) -> Optional[str]:
     return digest.hexdigest()
 
 
-def resolve_device(name: Optional[str]) -> str:
-    """``--device`` checked to be usable on this machine (default: cuda if available, else cpu)."""
+def resolve_device(name: Optional[str], shard: Optional["Shard"] = None) -> str:
+    """``--device`` checked to be usable on this machine (default: cuda if available, else cpu).
+
+    In a multi-process run "cuda" (given or by default) is this process's GPU, ``cuda:LOCAL_RANK``.
+    """
     import torch
 
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and shard is not None and shard.world > 1:
+        name = f"cuda:{shard.local_rank}"
     try:
         torch.empty(0, device=name)
     except (RuntimeError, AssertionError) as e:  # AssertionError: a torch build without CUDA
@@ -253,6 +282,97 @@ def generate(model, tokenizer, ids: list[int], mode: str, max_new_tokens: int) -
         out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
     new = out[0, len(ids):]
     return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a multi-process run (torchrun / accelerate launch): rank of world."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    def owns(self, index: int) -> bool:
+        """Whether the sample at ``index`` in the run's sample order is this rank's."""
+        return index % self.world == self.rank
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        """From ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (set by torchrun and accelerate launch); 0 of 1 without."""
+        try:
+            world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (launch with torchrun or "
+                             "accelerate launch, which set them)") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"RANK={rank} must be in 0 .. WORLD_SIZE - 1 (WORLD_SIZE={world})")
+        return cls(rank, world, local)
+
+
+def barrier(shard: Shard) -> None:
+    """Wait for every rank (a gloo process group, made on first use; nothing with one process).
+
+    gloo on CPU whatever device the models use: only coordination goes through it. The timeout is
+    long because ranks wait at the end for the slowest one, however long its samples take.
+    """
+    if shard.world == 1:
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=shard.rank, world_size=shard.world, timeout=timedelta(weeks=52))
+    dist.barrier()
+
+
+def rank_dir(out: Path, rank: int) -> Path:
+    return out / "ranks" / str(rank)
+
+
+def read_finished(path: Path) -> list[dict]:
+    """The complete lines of a predictions file, without touching it (another rank may be appending to it)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.endswith("\n") and line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def finished_elsewhere(out: Path, shard: Shard, mode: str, name: str) -> set[str]:
+    """Ids of ``name`` in ``mode`` already in ``OUT/<mode>/`` or in another rank's folder (an earlier run with
+    another world size, or a single-process run): this rank does not redo them."""
+    paths = [predictions_path(out, mode, name)] + [
+        predictions_path(d, mode, name) for d in sorted((out / "ranks").glob("*")) if d != rank_dir(out, shard.rank)]
+    return {r["id"] for p in paths for r in read_finished(p)}
+
+
+def merge_ranks(out: Path, modes: Sequence[str], order: dict[str, Optional[list[str]]]) -> None:
+    """Merge ``OUT/ranks/*/<mode>/<name>.jsonl`` (and an existing ``OUT/<mode>/<name>.jsonl``) into the latter,
+    one line per id, ids in ``order[name]`` first in that order (then any others, in the order found);
+    ``None``: numeric ids, in numeric order."""
+    ranks = sorted((out / "ranks").glob("*"), key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0))
+    for name, ids in order.items():
+        for m in modes:
+            records: dict[str, dict] = {}
+            for path in [predictions_path(out, m, name)] + [predictions_path(d, m, name) for d in ranks]:
+                for r in read_finished(path):
+                    records.setdefault(r["id"], r)
+            if not records:
+                continue
+            first = sorted(records, key=int) if ids is None else ids  # None: perplexity's sequence numbers
+            wanted = [i for i in first if i in records]
+            rest = [i for i in records if i not in set(first)]
+            target = predictions_path(out, m, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_text(target, "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in wanted + rest))
 
 
 # ----------------------------------------------------------------------------- predictions files
@@ -295,24 +415,27 @@ def check_run_settings(out: Path, settings: dict) -> None:
 
 # ----------------------------------------------------------------------------- generation benchmarks
 def run_generation(model, tokenizer, datasets: list[Dataset], modes: Sequence[str], out: Path, max_length: int,
-                   use_chat: bool, decode_halves: bool) -> dict:
+                   use_chat: bool, decode_halves: bool, skip: Optional[dict] = None, desc: str = "ahn eval") -> dict:
     """Generate, score and write predictions for every dataset x mode; returns {dataset: {mode: [scores]}}.
 
-    Samples already in a predictions file are skipped (resume). The progress bar counts
-    samples and shows tokens per second (prompt + generated tokens over generation time).
+    Samples already in a predictions file are skipped (resume), and so are the ids in
+    ``skip[(dataset, mode)]`` (done by another rank). The progress bar counts samples and shows
+    tokens per second (prompt + generated tokens over generation time).
     """
     from tqdm.auto import tqdm
 
+    skip = skip or {}
     done = {(d.name, m): read_predictions(predictions_path(out, m, d.name)) for d in datasets for m in modes}
-    pending = sum(len(d.samples) - len({r["id"] for r in done[d.name, m]}) for d in datasets for m in modes)
-    bar = tqdm(total=pending, unit="sample", desc="ahn eval", dynamic_ncols=True)
+    finished_ids = {k: {r["id"] for r in v} | skip.get(k, set()) for k, v in done.items()}
+    pending = sum(sum(s.id not in finished_ids[d.name, m] for s in d.samples) for d in datasets for m in modes)
+    bar = tqdm(total=pending, unit="sample", desc=desc, dynamic_ncols=True)
     tokens, seconds = 0, 0.0
     for d in datasets:
         for m in modes:
             predictions_path(out, m, d.name).parent.mkdir(parents=True, exist_ok=True)
         inputs: dict[str, tuple[list[int], int, bool]] = {}
         for m in modes:
-            finished = {r["id"] for r in done[d.name, m]}
+            finished = finished_ids[d.name, m]
             for s in d.samples:
                 if s.id in finished:
                     continue
@@ -465,7 +588,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--modes {args.modes!r}: each mode must be one of {MODES}")
     bench = importlib.import_module(f"ahn.benchmarks.{args.benchmark}")
     out = Path(args.out)
-    device = resolve_device(args.device)
+    shard = Shard.from_env()
+    device = resolve_device(args.device, shard)
     model, tokenizer = load_model(args.model, args.adapter, args.window, args.sinks, args.dtype, device)
     window, sinks = model.ahn_config.window, model.ahn_config.sinks
     settings = {"benchmark": args.benchmark, "model": args.model, "adapter": args.adapter,
@@ -474,10 +598,11 @@ def run(args: argparse.Namespace) -> int:
     if args.benchmark == "ruler":
         settings["seed"] = args.seed  # same dataset names, other samples
     if args.benchmark == "perplexity":
-        settings["lengths"] = bench.parse_lengths(args.lengths)
-        check_run_settings(out, settings)
-        scores, counts = bench.run(model, tokenizer, args, modes, out, settings["lengths"])
-        table = write_results(out, settings, scores, counts, modes, bench.METRIC, average=False)
+        lengths = settings["lengths"] = bench.parse_lengths(args.lengths)
+        order = {f"ppl_{L}": None for L in lengths}  # ids "0", "1", ...: numeric order
+
+        def work(target: Path, part: Shard, skip: Optional[dict] = None) -> tuple[dict, dict]:
+            return bench.run(model, tokenizer, args, modes, target, lengths, shard=part, skip=skip)
     else:
         use_chat = not args.no_chat_template and getattr(tokenizer, "chat_template", None) is not None
         max_length = args.max_length or bench.DEFAULT_MAX_LENGTH
@@ -486,11 +611,31 @@ def run(args: argparse.Namespace) -> int:
         if args.max_new_tokens:
             for d in datasets:
                 d.samples = [replace(s, max_new_tokens=min(s.max_new_tokens, args.max_new_tokens)) for s in d.samples]
+        order = {d.name: [s.id for s in d.samples] for d in datasets}
+
+        def work(target: Path, part: Shard, skip: Optional[dict] = None) -> tuple[dict, dict]:
+            index = iter(range(2**62))  # sample numbers over the datasets in order
+            mine = [replace(d, samples=[s for s in d.samples if part.owns(next(index))]) for d in datasets]
+            desc = "ahn eval" if part.world == 1 else f"ahn eval [rank {part.rank}/{part.world}]"
+            per_sample = run_generation(model, tokenizer, mine, modes, target, max_length, use_chat,
+                                        bench.DECODE_HALVES, skip=skip, desc=desc)
+            return summarize(per_sample, official_mean)
+
+    if shard.rank == 0:  # rank 0 writes run.json (or refuses other settings) before the others read it
         check_run_settings(out, settings)
-        per_sample = run_generation(model, tokenizer, datasets, modes, out, max_length, use_chat,
-                                    bench.DECODE_HALVES)
-        scores, counts = summarize(per_sample, official_mean)
-        table = write_results(out, settings, scores, counts, modes, bench.METRIC)
+    barrier(shard)
+    if shard.rank != 0:
+        check_run_settings(out, settings)
+    if shard.world > 1:
+        skip = {(name, m): finished_elsewhere(out, shard, m, name) for name in order for m in modes}
+        work(rank_dir(out, shard.rank), shard, skip)
+        barrier(shard)  # every rank's samples are written
+        if shard.rank != 0:
+            return 0
+    if (out / "ranks").is_dir():
+        merge_ranks(out, modes, order)
+    scores, counts = work(out, Shard())  # all done after a multi-process run: only reads and scores
+    table = write_results(out, settings, scores, counts, modes, bench.METRIC, average=args.benchmark != "perplexity")
     print(table, end="")
     print(f"results written to {out}/results.json, results.md, results.png")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 from ahn.benchmarks.evaluate import append_line, parse_token_counts, predictions_path, read_jsonl, read_predictions
 
@@ -71,8 +72,13 @@ def token_nll(model, ids) -> "torch.Tensor":
     return torch.cat(out)
 
 
-def run(model, tokenizer, args, modes, out: Path, lengths: list[int]) -> tuple[dict, dict]:
-    """Score every sequence in every mode; ({row: {mode: mean NLL}}, {row: {mode: tokens}}), rows per length x bucket."""
+def run(model, tokenizer, args, modes, out: Path, lengths: list[int], shard=None,
+        skip: Optional[dict] = None) -> tuple[dict, dict]:
+    """Score every sequence in every mode; ({row: {mode: mean NLL}}, {row: {mode: tokens}}), rows per length x bucket.
+
+    ``shard`` (an :class:`~ahn.benchmarks.evaluate.Shard`): score only its sequences, numbered over the
+    lengths in order; ``skip[(f"ppl_{length}", mode)]``: ids done by another rank.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -84,18 +90,20 @@ def run(model, tokenizer, args, modes, out: Path, lengths: list[int]) -> tuple[d
         if n == 0:
             raise ValueError(f"the text has {len(ids)} tokens, fewer than --lengths {length}; give a longer text")
         plans[length] = min(n, args.limit) if args.limit else n
+    first = {L: sum(plans[x] for x in lengths[:i]) for i, L in enumerate(lengths)}  # sequence numbers over lengths
+    skip = skip or {}
     done = {(L, m): read_predictions(predictions_path(out, m, f"ppl_{L}")) for L in lengths for m in modes}
-    pending = sum(plans[L] - len(done[L, m]) for L in lengths for m in modes)
+    todo = {(L, m): [k for k in range(plans[L]) if (shard is None or shard.owns(first[L] + k))
+                     and str(k) not in {r["id"] for r in done[L, m]} | skip.get((f"ppl_{L}", m), set())]
+            for L in lengths for m in modes}
+    pending = sum(len(v) for v in todo.values())
     bar = tqdm(total=pending, unit="seq", desc="ahn eval perplexity", dynamic_ncols=True)
     tokens, seconds = 0, 0.0
     for L in lengths:
         for m in modes:
             path = predictions_path(out, m, f"ppl_{L}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            finished = {r["id"] for r in done[L, m]}
-            for k in range(plans[L]):
-                if str(k) in finished:
-                    continue
+            for k in todo[L, m]:
                 x = torch.tensor([ids[k * L:(k + 1) * L]], device=model.device)
                 t0 = time.perf_counter()
                 with model.attention_mode(m):

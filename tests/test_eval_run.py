@@ -350,3 +350,89 @@ def test_perplexity_lengths_below_two_tokens_name_the_flag(tiny, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         main(eval_args(tiny, "perplexity", tmp_path / "p", "--data", str(text), "--lengths", "1"))
     assert e.value.code == 2 and "--lengths 1: each length must be at least 2 tokens" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- several processes
+DIST_ARGS = ["--data", str(SAMPLES / "infinitebench"), "--datasets",
+             "passkey,kv_retrieval,math_find,code_debug,longbook_choice_eng", "--max-new-tokens", "3"]
+
+
+def torchrun(args: list[str], cwd: Path) -> None:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 -m ahn ARGS`` (gloo, CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ahn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def one_process(args: list[str]) -> None:
+    """In this process, with one thread like each torchrun worker (OMP_NUM_THREADS=1): the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def top_level(out: Path) -> dict[str, bytes]:
+    return {k: v for k, v in files_of(out).items() if not k.startswith("ranks/")}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, tmp_path_factory):
+    """(one-process run, two-process run) of the same infinitebench samples."""
+    root = tmp_path_factory.mktemp("dist")
+    single, double = root / "single", root / "double"
+    one_process(eval_args(tiny, "infinitebench", single, *DIST_ARGS))
+    torchrun(eval_args(tiny, "infinitebench", double, *DIST_ARGS), cwd=root)
+    return single, double
+
+
+def test_two_processes_write_the_files_of_one(two_ranks):
+    single, double = two_ranks
+    assert json.loads((double / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+    assert top_level(double) == top_level(single)  # predictions, run.json, results.md: byte for byte
+    # each rank ran its own share: every other sample of the run's order, none twice
+    ids = {r: {p.stem for p in (double / "ranks" / str(r) / "ahn").glob("*.jsonl")} for r in (0, 1)}
+    assert ids == {0: {"passkey", "math_find", "longbook_choice_eng"}, 1: {"kv_retrieval", "code_debug"}}
+    full = read_lines(double / "full" / "passkey.jsonl")
+    assert full == read_lines(double / "ranks" / "0" / "full" / "passkey.jsonl") and full[0]["pred"] != ""
+
+
+def test_a_rerun_with_another_world_size_resumes_from_the_rank_folders(tiny, two_ranks, tmp_path):
+    """An interrupted two-process run (rank 1 lost its last sample in two modes), resumed by one process."""
+    single, double = two_ranks
+    out = tmp_path / "resumed"
+    shutil.copytree(double, out)
+    for name in [*MODES, "results.json", "results.md", "results.png"]:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for m in ("window", "ahn"):
+        (out / "ranks" / "1" / m / "code_debug.jsonl").unlink()
+    # a marker on rank 0's lines: the merge takes finished samples from the rank folders instead of redoing them
+    marked = out / "ranks" / "0" / "full" / "passkey.jsonl"
+    marked.write_text("".join(json.dumps({**r, "mark": 1}, ensure_ascii=False) + "\n" for r in read_lines(marked)))
+    rank0 = files_of(out / "ranks" / "0")
+    one_process(eval_args(tiny, "infinitebench", out, *DIST_ARGS))
+    merged = read_lines(out / "full" / "passkey.jsonl")
+    assert [r.pop("mark") for r in merged] == [1]
+    (out / "full" / "passkey.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    assert top_level(out) == top_level(single)
+    assert files_of(out / "ranks" / "0") == rank0  # rank folders are read, never rewritten
+
+
+def test_perplexity_across_two_processes(tiny, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(random.Random(0).choice(["alpha", "beta", "gamma", "delta"]) for _ in range(150)))
+    args = ["--data", str(text), "--lengths", "128", "--limit", "4"]
+    one_process(eval_args(tiny, "perplexity", tmp_path / "single", *args))
+    torchrun(eval_args(tiny, "perplexity", tmp_path / "double", *args), cwd=tmp_path)
+    assert top_level(tmp_path / "double") == top_level(tmp_path / "single")
+    for r, ids in ((0, ["0", "2"]), (1, ["1", "3"])):
+        assert [x["id"] for x in read_lines(tmp_path / "double" / "ranks" / str(r) / "ahn" / "ppl_128.jsonl")] == ids
