@@ -93,8 +93,9 @@ def run(model, tokenizer, args, modes, out: Path, lengths: list[int], shard=None
     first = {L: sum(plans[x] for x in lengths[:i]) for i, L in enumerate(lengths)}  # sequence numbers over lengths
     skip = skip or {}
     done = {(L, m): read_predictions(predictions_path(out, m, f"ppl_{L}")) for L in lengths for m in modes}
+    finished = {(L, m): {r["id"] for r in done[L, m]} | skip.get((f"ppl_{L}", m), set()) for L in lengths for m in modes}
     todo = {(L, m): [k for k in range(plans[L]) if (shard is None or shard.owns(first[L] + k))
-                     and str(k) not in {r["id"] for r in done[L, m]} | skip.get((f"ppl_{L}", m), set())]
+                     and str(k) not in finished[L, m]]
             for L in lengths for m in modes}
     pending = sum(len(v) for v in todo.values())
     bar = tqdm(total=pending, unit="seq", desc="ahn eval perplexity", dynamic_ncols=True)
