@@ -28,13 +28,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/ahn demo
 
-# `python -m pytest` (pytest comes with the [dev] extra); PYTHONSAFEPATH keeps the
-# repository root off sys.path, so the top-level kernels/ folder never shadows ahn.kernels.
+# `python -m pytest` (pytest comes with the [dev] extra).
 test: $(STAMP)
-	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	PYTHONSAFEPATH=1 $(BIN)/python -m ahn.benchmarks.kernels
+	$(BIN)/python -m ahn.benchmarks.kernels
 
 # The GPU check (docs/gpu.md): on a CUDA machine, at most 8 minutes; writes results.json and results.md
 # to GPU_CHECK_OUT. GPU_CHECK_ARGS=--dry-run runs the same code at tiny sizes on CPU (the suite does too).
@@ -43,7 +42,7 @@ bench: $(STAMP)
 GPU_CHECK_OUT ?= build/gpu-check
 GPU_PYTHON ?= $(BIN)/python
 gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),$(STAMP))
-	PYTHONSAFEPATH=1 $(GPU_PYTHON) -m ahn.benchmarks.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) -m ahn.benchmarks.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 # The model, distill and demo tests against several transformers releases, each in a throwaway
 # venv under build/compat (docs/compat.md): make compat [VERSIONS="5.23.0 5.24.0"] [COMPAT_ARGS="--keep --jobs 2"]

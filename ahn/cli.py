@@ -178,10 +178,10 @@ def _add_distill(sub) -> None:
         ),
         epilog=(
             "examples:\n"
-            "  ahn distill --config tiny    # a shipped config by name (configs/distill/tiny.yaml)\n"
+            "  ahn distill --config tiny    # a shipped config by name (ahn/configs/distill/tiny.yaml)\n"
             "  ahn distill --model PATH_OR_ID --memory gated_deltanet --data train.jsonl --window 16 --sinks 4 "
             "--max-steps 12 --output out/\n"
-            "  torchrun --nproc_per_node 8 -m ahn distill --config configs/distill/qwen2.5-3b-instruct-gdn.yaml"
+            "  torchrun --nproc_per_node 8 -m ahn distill --config ahn/configs/distill/qwen2.5-3b-instruct-gdn.yaml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

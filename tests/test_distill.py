@@ -407,7 +407,7 @@ def test_salience_run_learns_the_teachers_mass_with_checkpointing(tmp_path, tiny
 
 def test_two_process_ddp_run_with_gloo(tmp_path, tiny_model, token_data):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ahn",
            "distill", "--model", tiny_model, "--data", token_data, "--window", "16", "--sinks", "4", "--max-steps", "2",
            "--batch-size", "2", "--output", str(out), "--min-length", "20", "--no-progress", "--logging-steps", "1"]
@@ -628,7 +628,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, tiny_model, token_data):
     import time
 
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ahn", "distill", "--model", tiny_model, "--data", token_data, "--window", "16",
            "--max-steps", "100000", "--save-steps", "100000", "--logging-steps", "1", "--output", str(out),
            "--no-progress"]
@@ -653,7 +653,7 @@ def test_config_finds_shipped_configs_by_name_and_help_shows_required_flags(caps
     """Issue 14.22: --config tiny / distill/tiny.yaml / configs/distill/tiny.yaml work from any directory."""
     monkeypatch.chdir(tmp_path)
     expected = DistillConfig.from_yaml("tiny")
-    for name in ("distill/tiny.yaml", "configs/distill/tiny.yaml", "tiny.yaml"):
+    for name in ("distill/tiny.yaml", "ahn/configs/distill/tiny.yaml", "configs/distill/tiny.yaml", "tiny.yaml"):
         assert DistillConfig.from_yaml(name) == expected
     assert expected.model == "demo-teacher"
     with pytest.raises(ValueError, match="not a shipped config; shipped: .*qwen2.5-3b-instruct-gdn.*tiny"):

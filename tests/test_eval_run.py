@@ -363,7 +363,7 @@ def torchrun(args: list[str], cwd: Path) -> None:
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "ahn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

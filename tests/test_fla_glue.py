@@ -1,7 +1,7 @@
 """The fla backend's glue against backend="torch" on CPU, with flash-linear-attention's real kernels.
 
 ``backend="fla"`` hands ahn's arguments to fla's public chunk functions (``_fla`` in
-kernels/gated_delta_rule, kernels/delta_rule, kernels/ssd): argument order, [B, T, H, D]
+ahn/kernels/gated_delta_rule, ahn/kernels/delta_rule, ahn/kernels/ssd): argument order, [B, T, H, D]
 layouts, the scale, the q / k L2 normalisation, cu_seqlens and the initial state. Here fla's
 own Triton kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 where there is no GPU) through that glue (:func:`ahn.kernels._common.run_rule_unchecked`:

@@ -144,7 +144,7 @@ def test_cli_json_and_plot(tmp_path):
 
 
 def test_shipped_model_configs_load():
-    """The configs under configs/models/ load offline; the paper's Qwen2.5-3B numbers follow from them."""
+    """The configs under ahn/configs/models/ load offline; the paper's Qwen2.5-3B numbers follow from them."""
     from ahn.configs import load_model_config, shipped_models
 
     assert "Qwen2.5-3B-Instruct" in shipped_models()

@@ -1,23 +1,39 @@
-"""Every Python package folder of the repo is declared in pyproject.toml (a non-editable install needs it)."""
+"""The repository layout: the source tree is the import tree, and ahn attaches through public seams only."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_package_folder_is_declared():
+def test_every_package_lives_under_ahn_and_is_discovered():
+    """The source tree is the import tree: packages are found under ahn/, none is listed (or remapped) by hand,
+    and no top-level folder of the repository is importable as a package of its own."""
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    found = {
-        ".".join((pkg, *init.parent.relative_to(ROOT / folder).parts))
-        for pkg, folder in setup["package-dir"].items()
-        for init in (ROOT / folder).rglob("__init__.py")
-        if ".venv" not in init.parts
-    }
-    missing = sorted(found - set(setup["packages"]))
-    assert not missing, f"package folders not listed in pyproject.toml [tool.setuptools] packages: {missing}"
+    assert "package-dir" not in setup and "find" in setup.get("packages", {}), setup
+    assert setup["packages"]["find"]["include"] == ["ahn*"]
+    top = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert top == ["ahn"], f"top-level folders importable from the repository root: {top}"
+
+
+def test_import_from_the_repository_root_without_safe_path():
+    """A script, `python -c` or a notebook beside README.md puts the root on sys.path: ahn must still import
+    (a top-level kernels/ was once taken for the Hugging Face `kernels` package)."""
+    code = (
+        "import ahn, torch; from transformers import Qwen2Config, Qwen2ForCausalLM; "
+        "m = ahn.add_memory(Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, "
+        "num_attention_heads=4, num_key_value_heads=2, vocab_size=300)), ahn.AHNConfig(window=16, sinks=2)); "
+        "print(m(torch.randint(0, 300, (1, 40))).logits.shape)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.Size([1, 40, 300])" in out.stdout
 
 
 # What would tie ahn to one transformers release: restating a private forward, swapping classes,
@@ -35,7 +51,7 @@ PRIVATE_SEAMS = {
 
 
 def test_no_private_transformers_seam_is_used():
-    sources = [p for folder in ("ahn", "kernels", "distill", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    sources = [p for p in (ROOT / "ahn").rglob("*.py")]
     found = [f"{p.relative_to(ROOT)}: {what} ({needle!r})" for p in sources for needle, what in PRIVATE_SEAMS.items()
              if needle in p.read_text()]
     assert not found, "\n".join(found)

@@ -138,7 +138,7 @@ def test_task_metrics_match_plain_hflm_in_full_mode(tiny, task_manager):
 def test_cli_writes_a_scores_file_from_any_directory(tiny, tmp_path):
     """``python -m ahn.lm_eval`` registers the model and finds the shipped task without --include_path."""
     model_dir, adapter_dir = tiny
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     cmd = [sys.executable, "-m", "ahn.lm_eval", "run", "--model", "ahn", "--model_args",
            f"pretrained={model_dir},adapter={adapter_dir},mode=ahn,dtype=float32", "--device", "cpu",

@@ -182,8 +182,7 @@ def check(version: str, wheel: Path, pins: dict[str, str], args) -> Outcome:
         outcome.install_s = time.monotonic() - start
 
         start = time.monotonic()
-        # PYTHONSAFEPATH: the repository root stays off sys.path, so kernels/ never shadows ahn.kernels.
-        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONSAFEPATH": "1"}
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         code = run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", *shlex.split(args.tests)], log, env=env)
         outcome.tests_s = time.monotonic() - start
     outcome.counts = parse_counts(log_path.read_text())

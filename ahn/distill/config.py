@@ -247,14 +247,14 @@ class DistillConfig:
 
 def find_config(spec) -> Path:
     """A run config file: the path ``spec``, else a shipped config (package ``ahn.configs``) by name, with or
-    without ``configs/``, ``distill/`` and ``.yaml``: ``tiny``, ``distill/tiny.yaml``, ``configs/distill/tiny.yaml``."""
+    without ``ahn/configs/``, ``distill/`` and ``.yaml``: ``tiny``, ``distill/tiny.yaml``, ``ahn/configs/distill/tiny.yaml``."""
     path = Path(spec)
     if path.is_file():
         return path
     from ahn.configs import MODELS_DIR
 
     shipped = MODELS_DIR.parent
-    name = str(spec).removeprefix("configs/")
+    name = str(spec).removeprefix("ahn/").removeprefix("configs/")
     for candidate in (name, f"{name}.yaml", f"distill/{name}", f"distill/{name}.yaml"):
         if (shipped / candidate).is_file():
             return shipped / candidate

@@ -2,7 +2,7 @@
 
 The ``"triton"`` backend of :func:`ahn.kernels.step.step_unchecked`, with its arguments. One
 program per (V block, batch row, query head) holds its [K, BV] slice of the state in registers
-and does, in order (see ``kernels/README.md``):
+and does, in order (see ``ahn/kernels/README.md``):
 
     S <- exp(g) S                                               (HAS_G)
     u  = beta (v - S^T k)   (delta rules)   or   u = beta v     (SSD; beta = 1 without HAS_BETA)

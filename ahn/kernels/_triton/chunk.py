@@ -6,7 +6,7 @@ along time first (``[B, T, ...] -> [B * T, ...]`` with boundaries ``0, T, 2T, ..
 B > 1 and ``cu_seqlens`` varlen are the same case. Each sequence is cut into chunks of
 ``BT`` tokens; a global chunk index enumerates the chunks of all sequences in order.
 
-Kernels (derivation in kernels/README.md; ``N`` sequences, ``NT`` chunks in all):
+Kernels (derivation in ahn/kernels/README.md; ``N`` sequences, ``NT`` chunks in all):
 
 * ``_wy_fwd``   grid (NT, H): in-chunk decay, ``T = (I + A)^-1`` by forward substitution,
   ``W = T (beta gamma K)``, ``U = T (beta V)``; delta rules only.

@@ -3,7 +3,7 @@
 Nothing here imports triton at ``import ahn.kernels`` time: the rules import
 :mod:`.chunk` / :mod:`.step` only when ``backend="triton"`` is asked for, after
 :func:`require_triton` has checked that the kernels can run. The derivation and the
-kernel layout are in ``kernels/README.md``.
+kernel layout are in ``ahn/kernels/README.md``.
 """
 
 from __future__ import annotations

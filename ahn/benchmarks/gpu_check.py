@@ -224,10 +224,8 @@ def section_cuda_tests(run: Run, sec: Section) -> None:
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={xml}",
            *map(str, files)]
     timeout = max(sec.deadline - time.monotonic(), 30.0)
-    # PYTHONSAFEPATH: the repository's top-level kernels/ must not shadow ahn.kernels (Makefile, `make test`).
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}
     try:
-        proc = subprocess.run(cmd, cwd=run.tests.parent, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=run.tests.parent, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         log.write_text(text)

@@ -106,8 +106,7 @@ def main(argv=None) -> list[dict]:
     flags += ["--threads", str(a.threads)] if a.threads is not None else []
     rows = []
     for n in a.lengths:
-        # -P: the repository root (cwd) stays off sys.path, so its top-level kernels/ never shadows ahn.kernels
-        out = subprocess.run([sys.executable, "-P", "-m", "ahn.benchmarks.stream", "--child", str(n), *flags],
+        out = subprocess.run([sys.executable, "-m", "ahn.benchmarks.stream", "--child", str(n), *flags],
                              capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"the {n}-token run failed:\n{out.stderr}")
