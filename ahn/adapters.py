@@ -1,4 +1,6 @@
-"""Adapter files: save / load memory weights, and read the official AHN release.
+"""Adapter files: write and read memory weights, and read the official AHN release.
+
+(Attaching what :func:`read_adapter` returns to a base model is :meth:`ahn.AHNModel.from_pretrained`.)
 
 ahn's adapter directory:
     ahn_adapter.safetensors   memory parameters only, named as in the base model
@@ -166,35 +168,3 @@ def read_adapter(path, **overrides) -> tuple[AHNConfig, dict[str, torch.Tensor]]
                 "has a scorer; buffer_slots may change when it has one (buffer_slots > 0 or salience_writes)"
             )
     return config, state
-
-
-def load_adapter(base_model, path, **overrides):
-    """Attach the adapter at ``path`` to ``base_model``; ``overrides`` replace AHNConfig fields (e.g. window).
-
-    The memories are built and filled, and every name and shape checked, before ``base_model``
-    is touched: a mismatched adapter leaves the base model exactly as it was.
-    """
-    from ahn.model import add_memory, build_memories, memory_parameter_names
-
-    config, state = read_adapter(path, **overrides)
-    memories = build_memories(base_model, config)
-    expected = memory_parameter_names(base_model, memories)
-    unknown = sorted(set(state) - set(expected))
-    if unknown:
-        raise ValueError(
-            f"adapter {path} has key {unknown[0]!r} which this model does not have: the adapter was made for another "
-            f"base model or memory layout (memory={config.memory!r}, layers={config.layers})"
-        )
-    for name, param in expected.items():  # in the model's order: the first offending layer is named
-        if name in state and tuple(state[name].shape) != tuple(param.shape):
-            raise ValueError(
-                f"adapter {path}: {name!r} has shape {tuple(state[name].shape)} but the model expects "
-                f"{tuple(param.shape)}: the adapter was made for another base model"
-            )
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise ValueError(f"adapter {path} lacks {len(missing)} memory weights, first {missing[0]!r}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            expected[name].copy_(tensor)
-    return add_memory(base_model, config, memories)

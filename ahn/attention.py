@@ -1,4 +1,4 @@
-"""Hybrid attention shared by every model family: sinks + sliding window + compressed memory.
+"""The one attention pipeline of every model family: sinks + sliding window (+ priority buffer) + memory.
 
 A decoder layer's attention, in "window" or "ahn" mode, computes for the query at slot t:
 
@@ -11,6 +11,17 @@ Slots are positions in the (possibly left-padded) batch. Row r has ``P_r`` left 
 sinks are slots ``P_r .. P_r+S-1``. Pads and sinks are never written into the memory and
 pads are never attended, so a padded row computes exactly what it would alone.
 
+One prefill function (:func:`prefill`, any number of new tokens) and one decode function
+(:func:`decode`, one token with a filled cache) per layer. The options of :mod:`ahn.salience` are
+optional parts they call (:class:`LayerParts`): a **scorer** (salience at eviction, and with it
+salience-gated writes), the **priority buffer** (attended in the same softmax), a **read-out
+policy** (the paper's "add", or "defer", which needs the attention's log-sum-exp) and the teacher's
+**probe** of received attention. Without any of them the attention is SDPA (the paper's mechanism,
+bit for bit); with any of them the same blocks run with an explicit softmax that also yields the
+log-sum-exp and each key's received mass. The cache (:mod:`ahn.cache`) owns every slot and ring
+index: this module asks it for the window, the leaving tokens and the decode view, and hands it
+what to store.
+
 :func:`ahn_attention` is registered in transformers' attention registry under the name
 :data:`ATTENTION`; the family's own forward calls it with q / k / v after RoPE, and the
 settings of the call arrive as the keyword ``ahn_context`` (an :class:`AHNContext`).
@@ -18,13 +29,20 @@ settings of the call arrive as the keyword ``ahn_context`` (an :class:`AHNContex
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-MODES = ("full", "window", "ahn")
+from ahn.cache import AHNCache, AHNCacheLayer, Buffer, DecodeView
+from ahn.config import MODES  # noqa: F401 (re-exported: the attention modes)
+from ahn.memory import Memory
+from ahn.salience import SalienceRecord, SalienceScorer, gate_one, gate_writes
+
 # The name of ahn's function in transformers' attention registry (``AttentionInterface``).
 ATTENTION = "ahn"
 # Keywords of other attention features that sinks + window attention does not implement: a
@@ -45,7 +63,7 @@ class AHNContext:
         attention_block: query block length of the blocked sliding-window attention.
         backend: ``ahn.kernels`` backend of the memory.
         buffer_slots: M of the priority buffer on memory layers in "ahn" mode (0: none).
-        record: an :class:`ahn.salience.SalienceRecord` to fill, or None.
+        record: a :class:`ahn.salience.SalienceRecord` to fill, or None.
     """
 
     mode: str
@@ -53,81 +71,56 @@ class AHNContext:
     sinks: int
     pad_offsets: torch.Tensor
     start: int
-    cache: Optional[object]
+    cache: Optional[AHNCache]
     attention_block: int
     backend: str
     buffer_slots: int = 0
-    record: Optional[object] = None
+    record: Optional[SalienceRecord] = None
 
 
+@dataclass(frozen=True)
+class LayerParts:
+    """What one layer's pipeline runs in this forward besides sinks + window attention.
+
+    Attributes:
+        memory: the layer's memory in "ahn" mode, else None.
+        scorer: its salience scorer (a buffer or salience-gated writes need one), or None.
+        buffer_slots: M exact slots of the priority buffer (0: none).
+        gate_writes: scale each evicted token's write strength by sigmoid(its salience).
+        defer: the read-out policy: None adds the memory's read-out (the paper's); the deferring
+            read-out's logit projection weights it by its softmax share.
+        probe_window: record each token's received attention from queries this far ahead (the teacher).
+    """
+
+    memory: Optional[Memory] = None
+    scorer: Optional[SalienceScorer] = None
+    buffer_slots: int = 0
+    gate_writes: bool = False
+    defer: Optional[nn.Module] = None
+    probe_window: Optional[int] = None
+
+    @classmethod
+    def of(cls, memory: Optional[Memory], ctx: AHNContext) -> "LayerParts":
+        probe = ctx.record.probe_window if ctx.record is not None else None
+        if ctx.mode != "ahn" or memory is None:
+            return cls(probe_window=probe)
+        return cls(memory, memory.salience, ctx.buffer_slots if memory.salience is not None else 0,
+                   memory.salience is not None and memory.salience_gates_writes, memory.defer, probe)
+
+    @property
+    def needs_lse(self) -> bool:
+        return self.defer is not None
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but the attention output is needed: SDPA serves it."""
+        return self.scorer is None and not self.buffer_slots and self.defer is None and self.probe_window is None
+
+
+# ----------------------------------------------------------------------------- helpers
 def repeat_heads(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
     """Repeat kv heads ``n_rep`` times along ``dim`` (GQA), head h -> heads h*n_rep .. h*n_rep+n_rep-1."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
-
-
-def window_block_mask(t0: int, bq: int, lo: int, hi: int, window: int, sinks: int, P: torch.Tensor,
-                      sink_slot: torch.Tensor) -> torch.Tensor:
-    """``[B, bq, S' + hi - lo]`` bool: which sinks (``sink_slot [B, 1, S']``) and context slots lo .. hi-1 the
-    queries at slots t0 .. t0+bq-1 see under sinks + window attention (``P [B, 1, 1]`` left pads)."""
-    t = (t0 + torch.arange(bq, device=P.device)).view(1, bq, 1)  # query slots
-    j = torch.arange(lo, hi, device=P.device).view(1, 1, -1)  # key slots
-    in_window = (j <= t) & (j > t - window)
-    real_non_sink = j >= P + sinks
-    pad_query_self = (t < P) & (j == t)  # a pad query attends to itself only: finite, ignored
-    return torch.cat([sink_slot <= t, (in_window & real_non_sink) | pad_query_self], dim=-1)
-
-
-def sink_window_attention(
-    q: torch.Tensor,  # [B, Hq, T, D], slots start .. start+T-1
-    ctx_k: torch.Tensor,  # [B, Hkv, L, D], slots ctx_start .. ctx_start+L-1 (window context, new tokens last)
-    ctx_v: torch.Tensor,  # [B, Hkv, L, D]
-    ctx_start: int,
-    sink_k: torch.Tensor,  # [B, Hkv, S, D], sink i of row r is slot P_r + i
-    sink_v: torch.Tensor,  # [B, Hkv, S, D]
-    *,
-    start: int,
-    window: int,
-    sinks: int,
-    pad_offsets: torch.Tensor,  # [B]
-    scale: float,
-    block: int,
-) -> torch.Tensor:
-    """Blocked sinks + sliding-window attention; returns ``[B, T, Hq, D]``.
-
-    Query block [a, a+bq) needs only context slots [a-W+1, a+bq): cost O(T * (S + W + bq)),
-    peak memory O(bq * (S + W + bq)) whatever T is.
-    """
-    B, Hq, T, D = q.shape
-    dev = q.device
-    P = pad_offsets.view(B, 1, 1)  # [B, 1, 1]
-    n_sinks = sink_k.shape[2]
-    sink_slot = P + torch.arange(n_sinks, device=dev).view(1, 1, -1)  # [B, 1, S']
-    first_plain = int(pad_offsets.max()) + sinks  # from this slot on every key is a real non-sink token
-    steady_mask = None  # the mask of a full block whose keys are all real non-sink tokens: the same for all
-    outs = []
-    for a in range(0, T, block):
-        bq = min(block, T - a)
-        lo = max(ctx_start, start + a - window + 1)
-        hi = start + a + bq
-        k = ctx_k[:, :, lo - ctx_start : hi - ctx_start]
-        v = ctx_v[:, :, lo - ctx_start : hi - ctx_start]
-        steady = bq == block and lo == start + a - window + 1 and lo >= first_plain
-        if steady and steady_mask is not None:
-            mask = steady_mask
-        else:
-            mask = window_block_mask(start + a, bq, lo, hi, window, sinks, P, sink_slot)
-            if steady:
-                steady_mask = mask
-        o = F.scaled_dot_product_attention(
-            q[:, :, a : a + bq],
-            torch.cat([sink_k, k], dim=2),
-            torch.cat([sink_v, v], dim=2),
-            attn_mask=mask.unsqueeze(1),
-            scale=scale,
-            enable_gqa=True,
-        )
-        outs.append(o)
-    return torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, Hq, D]
 
 
 def gather_sinks(x: torch.Tensor, pad_offsets: torch.Tensor, sinks: int) -> torch.Tensor:
@@ -142,163 +135,427 @@ def gather_sinks(x: torch.Tensor, pad_offsets: torch.Tensor, sinks: int) -> torc
     return x.gather(2, idx.view(B, 1, n, 1).expand(B, H, n, D))
 
 
-def memory_write_stream(new: torch.Tensor, old: Optional[torch.Tensor], start: int, window: int) -> torch.Tensor:
-    """Tokens written into the memory while processing the new slots, aligned with the queries.
+def window_block_mask(t0: int, bq: int, lo: int, hi: int, window: int, sinks: int, P: torch.Tensor,
+                      sink_slot: torch.Tensor) -> torch.Tensor:
+    """``[B, bq, S' + hi - lo]`` bool: which sinks (``sink_slot [B, 1, S']``) and context slots lo .. hi-1 the
+    queries at slots t0 .. t0+bq-1 see under sinks + window attention (``P [B, 1, 1]`` left pads)."""
+    t = (t0 + torch.arange(bq, device=P.device)).view(1, bq, 1)  # query slots
+    j = torch.arange(lo, hi, device=P.device).view(1, 1, -1)  # key slots
+    in_window = (j <= t) & (j > t - window)
+    real_non_sink = j >= P + sinks
+    pad_query_self = (t < P) & (j == t)  # a pad query attends to itself only: finite, ignored
+    return torch.cat([sink_slot <= t, (in_window & real_non_sink) | pad_query_self], dim=-1)
 
-    The query at slot t reads the state after writing slot t-W; so for new slots
-    start .. start+T-1 the write stream is slots start-W .. start+T-1-W: the cached window
-    ``old`` (slots max(0, start-W) .. start-1, time on dim 1) then the new tokens, with zeros
-    (inert writes) for negative slots. ``new``: ``[B, T, ...]``; returns ``[B, T, ...]``.
+
+def _grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x [B, Hkv, R, n, a] @ y [B, Hkv, a, b]`` -> ``[B, Hkv, R, n, b]``, the R query heads of a kv head stacked
+    into one matmul (broadcasting y over R would copy it R times)."""
+    B, H, R, n, a = x.shape
+    return torch.matmul(x.reshape(B, H, R * n, a), y).view(B, H, R, n, -1)
+
+
+def _block_logits(qb, keys, block_mask, scale: float) -> torch.Tensor:
+    """Scaled logits of a query block, ``-inf`` where not visible (``block_mask`` None: all visible):
+    ``[B, Hkv, R, bq, N]`` float32."""
+    logits = _grouped_matmul(qb * scale, keys.transpose(-1, -2)).float()  # the scale on q: [bq, D], not [bq, N]
+    return logits if block_mask is None else logits.masked_fill_(~block_mask, float("-inf"))
+
+
+def window_softmax(logits: torch.Tensor):
+    """The softmax of ``logits [..., N]`` (float32, -inf where not visible, at least one visible entry per row) in
+    parts: ``(e, m, lse)`` with ``e = exp(logits - m)`` (m the row max, without gradient: it cancels),
+    ``lse [...]`` the log-sum-exp. ``logits`` is overwritten by ``e`` (one pass over the block, no copy)."""
+    m = logits.detach().amax(dim=-1, keepdim=True)
+    e = logits.sub_(m).exp_()
+    return e, m, m.squeeze(-1) + torch.log(e.sum(dim=-1))
+
+
+def received_attention(e: torch.Tensor, lse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Each key's attention mass from a block's queries, averaged over the group's heads: ``[B, Hkv, N]``.
+
+    ``sum_q e[q, j] exp(m_q - lse_q)``, as one matmul over the queries."""
+    weight = torch.exp(m.squeeze(-1) - lse).unsqueeze(-2)  # [B, Hkv, R, 1, bq]
+    return torch.matmul(weight, e).squeeze(-2).mean(2)
+
+
+def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Indices sorting candidates by priority, best first: higher score, then newer slot (empty ones last)."""
+    by_slot = torch.sort(slot, dim=-1, descending=True, stable=True).indices
+    by_score = torch.sort(score.gather(-1, by_slot), dim=-1, descending=True, stable=True).indices
+    return by_slot.gather(-1, by_score)
+
+
+# ----------------------------------------------------------------------------- one block
+def buffered_block_attention(
+    q: torch.Tensor,  # [B, Hkv, R, bq, D], a block of bq queries (R query heads per kv head)
+    window: tuple,  # window_softmax of the scaled logits over sinks + window [B, Hkv, R, bq, N]
+    values: torch.Tensor,  # [B, Hkv, N, Dv]
+    scale: float,
+    buffer: Optional[Buffer],
+    evicted: Optional[tuple],  # (k [B,Hkv,bq,D], v, slot [B,Hkv,bq] (-1: none), score [B,Hkv,bq]): the token query i evicts
+):
+    """Softmax attention of a block of queries over sinks + window and the priority buffer as it evolves.
+
+    Returns ``(out [B, Hkv, R, bq, Dv], lse [B, Hkv, R, bq] over every attended entry, the buffer
+    after the block or None)``. The window's weights are scaled per row after the matmul
+    (``(e @ v) * exp(m - lse)``), so the [bq, N] block is read once more, by the matmul only.
+
+    Inside the block the buffer evolves token by token without a loop: the candidates are the M entries at
+    the block's start plus the tokens the block evicts; sorted by priority, a candidate is visible to query i
+    iff it has been evicted by i and fewer than M candidates before it in that order have been.
     """
-    T = new.shape[1]
-    parts = []
+    e, m, lse = window
+    window_out = _grouped_matmul(e.to(values.dtype), values).float()  # [B, Hkv, R, bq, Dv], unnormalised
+    if buffer is None:
+        return (window_out * torch.exp(m - lse.unsqueeze(-1))).to(values.dtype), lse, None
+    bq = q.shape[3]
+    M = buffer.slots
+    ek, ev, eslot, escore = evicted
+    ck = torch.cat([buffer.k, ek.to(buffer.k.dtype)], dim=2)  # [B, Hkv, M + bq, D]: the candidates
+    cv = torch.cat([buffer.v, ev.to(buffer.v.dtype)], dim=2)
+    cslot = torch.cat([buffer.slot, eslot], dim=2)
+    cscore = torch.cat([buffer.score, escore], dim=2)
+    # Query i sees candidate c once c is evicted: buffer entries from the start, the token query j evicts from j on.
+    evict_at = torch.cat([torch.full((M,), -1, device=q.device), torch.arange(bq, device=q.device)])
+    order = _priority_order(cscore, cslot)  # [B, Hkv, M + bq]
+    ck = ck.gather(2, order.unsqueeze(-1).expand_as(ck))
+    cv = cv.gather(2, order.unsqueeze(-1).expand_as(cv))
+    cslot, cscore = cslot.gather(2, order), cscore.gather(2, order)
+    query = torch.arange(bq, device=q.device).view(1, 1, bq, 1)
+    evicted_by = (cslot >= 0).unsqueeze(2) & (evict_at[order].unsqueeze(2) <= query)  # [B, Hkv, bq, M + bq]
+    better = torch.cumsum(evicted_by.int(), dim=-1) - evicted_by.int()  # better candidates evicted by query i
+    visible = evicted_by & (better < M)
+    blogits = _grouped_matmul(q * scale, ck.transpose(-1, -2)).float()  # [B, Hkv, R, bq, M + bq]
+    blogits = blogits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
+    lse = torch.logaddexp(lse, torch.logsumexp(blogits, dim=-1))
+    out = (window_out * torch.exp(m - lse.unsqueeze(-1))
+           + _grouped_matmul(torch.exp(blogits - lse.unsqueeze(-1)).to(cv.dtype), cv).float())
+    # Every candidate is evicted by the block's end: the new buffer is the best M (empty ones sort last).
+    return out.to(values.dtype), lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
+
+
+def _attend_block(qb, keys, values, block_mask, scale, buffer, evicted, window=None):
+    """One explicit-softmax block of :func:`window_attention` (``window``: its window_softmax, already computed)."""
+    if window is None:
+        window = window_softmax(_block_logits(qb, keys, block_mask, scale))
+    return buffered_block_attention(qb, window, values, scale, buffer, evicted)
+
+
+# ----------------------------------------------------------------------------- prefill attention
+def window_attention(
+    q: torch.Tensor,  # [B, Hq, T, D], slots start .. start+T-1
+    ctx_k: torch.Tensor,  # [B, Hkv, L, D], slots ctx_start .. ctx_start+L-1 (window context, new tokens last)
+    ctx_v: torch.Tensor,  # [B, Hkv, L, D]
+    ctx_start: int,
+    sink_k: torch.Tensor,  # [B, Hkv, S', D], sink i of row r is slot P_r + i
+    sink_v: torch.Tensor,  # [B, Hkv, S', D]
+    *,
+    start: int,
+    window: int,
+    sinks: int,
+    pad_offsets: torch.Tensor,  # [B]
+    scale: float,
+    block: int,
+    need_lse: bool = False,
+    scorer: Optional[SalienceScorer] = None,
+    token_part: Optional[torch.Tensor] = None,  # [B, Hkv, L] scorer.token_part of the context slots
+    mass: Optional[torch.Tensor] = None,  # [B, Hkv, L] float32 window attention received so far; updated in place
+    buffer: Optional[Buffer] = None,
+    probe_window: Optional[int] = None,
+):
+    """Blocked sinks + window attention (+ the priority buffer), with the parts the options need.
+
+    Query block [a, a+bq) needs only context slots [a-W+1, a+bq): cost O(T * (S + W + bq)), peak
+    memory O(bq * (S + W + bq)) whatever T is. Without options (``need_lse`` False, no scorer, buffer
+    or probe) each block is one SDPA call. Otherwise the block's softmax is explicit: with a ``scorer``
+    the window attention each context slot receives is accumulated into ``mass`` and the token each
+    query evicts (slot t - W) is scored; with a ``buffer`` those tokens compete for it; ``probe_window``:
+    also return, per context slot, the attention mass received from queries at least that far ahead.
+
+    Returns ``(out [B, T, Hq, D], lse [B, Hq, T] or None, evict_scores [B, Hkv, T] (score of the token
+    query i evicts; -inf where none) or None, buffer or None, probe [B, Hkv, L] or None)``.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = ctx_k.shape[1]
+    R = Hq // Hkv
+    dev = q.device
+    plain = not need_lse and scorer is None and buffer is None and probe_window is None
+    qg = q.view(B, Hkv, R, T, D)
+    P = pad_offsets.view(B, 1, 1)  # [B, 1, 1]
+    n_sinks = sink_k.shape[2]
+    sink_slot = P + torch.arange(n_sinks, device=dev).view(1, 1, -1)  # [B, 1, S']
+    first_plain = int(pad_offsets.max()) + sinks  # from this slot on every key is a real non-sink token
+    steady_mask = None  # the mask of a full block whose keys are all real non-sink tokens: the same for all
+    outs, lses, scores = [], [], []
+    probe = torch.zeros(B, Hkv, ctx_k.shape[2], device=dev) if probe_window is not None else None
+    for a in range(0, T, block):
+        bq = min(block, T - a)
+        lo = max(ctx_start, start + a - window + 1)
+        hi = start + a + bq
+        steady = bq == block and lo == start + a - window + 1 and lo >= first_plain
+        if steady and steady_mask is not None:
+            mask = steady_mask
+        else:
+            mask = window_block_mask(start + a, bq, lo, hi, window, sinks, P, sink_slot)  # [B, bq, S' + L']
+            if steady:
+                steady_mask = mask
+        keys = torch.cat([sink_k, ctx_k[:, :, lo - ctx_start: hi - ctx_start]], dim=2)
+        values = torch.cat([sink_v, ctx_v[:, :, lo - ctx_start: hi - ctx_start]], dim=2)
+        if plain:
+            outs.append(F.scaled_dot_product_attention(q[:, :, a: a + bq], keys, values, attn_mask=mask.unsqueeze(1),
+                                                       scale=scale, enable_gqa=True))  # [B, Hq, bq, D]
+            continue
+        qb = qg[:, :, :, a: a + bq]
+        block_mask = mask.view(B, 1, 1, bq, -1)
+        # With autograd the block runs under activation checkpointing: its [bq, S' + L'] probabilities are
+        # recomputed in the backward instead of kept for every block (SDPA keeps none either).
+        checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (qb, keys, values))
+        softmax_parts = None
+        if scorer is not None or probe is not None:
+            # The window's own softmax gives each key's received mass (summed over queries, averaged over heads).
+            with torch.no_grad():
+                softmax_parts = window_softmax(_block_logits(qb, keys, block_mask, scale))
+                e_w, m_w, lse_w = softmax_parts
+                if scorer is not None:
+                    mass[:, :, lo - ctx_start: hi - ctx_start] += received_attention(e_w, lse_w, m_w)[..., n_sinks:]
+                if probe is not None:
+                    t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
+                    j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
+                    far = ((t - j >= probe_window) & (j >= P + sinks)).view(B, 1, 1, bq, -1)
+                    p_far = e_w[..., n_sinks:] * torch.exp(m_w - lse_w.unsqueeze(-1)) * far
+                    probe[:, :, lo - ctx_start: hi - ctx_start] += p_far.sum(3).mean(2)
+        evicted = None
+        if scorer is not None:
+            e = start + a - window + torch.arange(bq, device=dev)  # [bq] the slot each query evicts
+            valid = (e.view(1, bq) >= pad_offsets.view(B, 1) + sinks).view(B, 1, bq)  # real, non-sink (so >= 0)
+            idx = (e - ctx_start).clamp(0, ctx_k.shape[2] - 1)
+            escore = scorer.score(token_part.index_select(2, idx), mass.index_select(2, idx))  # [B, Hkv, bq]
+            escore = escore.masked_fill(~valid, float("-inf"))
+            scores.append(escore)
+            if buffer is not None:
+                eslot = torch.where(valid, e.view(1, 1, bq), -1).expand(B, Hkv, bq)
+                evicted = (ctx_k.index_select(2, idx), ctx_v.index_select(2, idx), eslot, escore)
+        args = (qb, keys, values, block_mask, scale, buffer, evicted)
+        if checkpointed:  # the no-grad window softmax above cannot serve the autograd pass: recomputed inside
+            out, lse, new_buffer = checkpoint(_attend_block, *args, None, use_reentrant=False)
+        else:
+            out, lse, new_buffer = _attend_block(*args, softmax_parts)
+        if new_buffer is not None:
+            buffer = new_buffer
+        outs.append(out.reshape(B, Hq, bq, -1))
+        lses.append(lse.reshape(B, Hq, bq))
+    out = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, Hq, D]
+    lse = torch.cat(lses, dim=2) if lses else None
+    return out, lse, (torch.cat(scores, dim=2) if scores else None), buffer, probe
+
+
+# ----------------------------------------------------------------------------- the memory's part
+def write_stream(layer: Optional[AHNCacheLayer], k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, start: int,
+                 window: int) -> list:
+    """The (k, v, gates) written into the memory while processing the new slots, time-major and aligned with the
+    queries: the query at slot t reads the state after writing slot t-W, so for new slots start .. start+T-1 the
+    stream is slots start-W .. start+T-1-W: the cached entries that leave the window during these T tokens (read
+    before they are overwritten), then the new tokens, with zeros (inert writes) for negative slots.
+    ``k, v [B, Hkv, T, D]``, ``gates [B, T, Hq, G]``; returns ``[k, v, gates]``, each ``[B, T, ...]``."""
+    T = k.shape[2]
+    new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
+    old = layer.leaving(start, T) if layer is not None else (None, None, None)
     n_neg = max(0, window - start)  # slots start-W .. -1 do not exist
-    if n_neg:
-        parts.append(new.new_zeros(new.shape[0], min(n_neg, T), *new.shape[2:]))
-    if old is not None and old.shape[1]:
-        parts.append(old)
-    parts.append(new)
-    return torch.cat(parts, dim=1)[:, :T]
+    stream = []
+    for n, o in zip(new, old):
+        parts = [n.new_zeros(n.shape[0], min(n_neg, T), *n.shape[2:])] if n_neg else []
+        if o is not None and o.shape[1]:
+            parts.append(o)
+        stream.append(torch.cat([*parts, n], dim=1)[:, :T])
+    return stream
 
 
-def memory_write_mask(start: int, T: int, window: int, sinks: int, pad_offsets: torch.Tensor) -> torch.Tensor:
+def write_mask(start: int, T: int, window: int, sinks: int, pad_offsets: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: whether the write-stream slot (start+i-W) is a real, non-sink token."""
     slots = start - window + torch.arange(T, device=pad_offsets.device)
     return slots.view(1, T) >= pad_offsets.view(-1, 1) + sinks
 
 
-def hybrid_attention(
-    memory,  # ahn.memory.Memory or None
-    hidden_states: torch.Tensor,  # [B, T, hidden], the layer's normed input
-    q: torch.Tensor,  # [B, Hq, T, D] after RoPE
-    k: torch.Tensor,  # [B, Hkv, T, D] after RoPE
-    v: torch.Tensor,  # [B, Hkv, T, D]
-    ctx: AHNContext,
-    layer_idx: int,
-    scale: float,
-) -> torch.Tensor:
-    """Sinks + window attention (+ memory in "ahn" mode) for T new tokens; returns ``[B, T, Hq * D]``."""
-    B, Hq, T, D = q.shape
-    W, S, start, P = ctx.window, ctx.sinks, ctx.start, ctx.pad_offsets
-    use_memory = ctx.mode == "ahn" and memory is not None
-    layer = ctx.cache.layers[layer_idx] if ctx.cache is not None else None
-    old_lo = max(0, start - W)  # first slot still in the cached window
-    probe = ctx.record.probe_window if ctx.record is not None else None
-    if (use_memory and (memory.salience is not None or memory.defer is not None)) or probe is not None:
-        from ahn.salience import salient_hybrid_attention
-
-        return salient_hybrid_attention(memory if use_memory else None, hidden_states, q, k, v, ctx, layer_idx, scale)
-
-    if layer is not None and T == 1 and layer.is_initialized:
-        return _decode_step(memory if use_memory else None, hidden_states, q, k, v, ctx, layer, scale)
-    gates = memory.write_gates(hidden_states) if use_memory else None  # [B, T, Hq, G]
-    if layer is not None and not layer.is_initialized:
-        layer.lazy_initialization(k, v, gates)
-    stream = memory_stream(layer, k, v, gates, start, W) if use_memory else None
-
-    if layer is None:
-        attn = sink_window_attention(
-            q, k, v, start, gather_sinks(k, P, S), gather_sinks(v, P, S), start=start, window=W, sinks=S,
-            pad_offsets=P, scale=scale, block=ctx.attention_block,
-        )
-    else:
-        layer.write_sinks(k, v, P, start)
-        old_k, old_v, _ = layer.read_slots(old_lo, start)  # [B, L, Hkv, D]
-        attn = sink_window_attention(
-            q, torch.cat([old_k.transpose(1, 2), k], 2), torch.cat([old_v.transpose(1, 2), v], 2), old_lo,
-            layer.sink_k, layer.sink_v, start=start, window=W, sinks=S, pad_offsets=P, scale=scale,
-            block=ctx.attention_block,
-        )
-        layer.append(k, v, gates, start)
-
-    if not use_memory:
-        return attn.reshape(B, T, Hq * D)
-    mem_out = read_memory(memory, q, stream, hidden_states, ctx, layer)  # [B, T, Hq, D]
-    return (attn + mem_out.to(attn.dtype)).reshape(B, T, Hq * D)
-
-
-def memory_stream(layer, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, start: int, window: int) -> list:
-    """The (k, v, gates) written into the memory while processing the new slots, time-major and aligned with
-    the queries (:func:`memory_write_stream`): cached slots that leave the window during these T tokens
-    (read before ``append`` overwrites them), then the new ones. ``k, v [B, Hkv, T, D]``, ``gates [B, T, Hq, G]``."""
-    T = k.shape[2]
-    old_lo = max(0, start - window)
-    new = (k.transpose(1, 2), v.transpose(1, 2), gates)  # time-major [B, T, ...]
-    mem_hi = max(old_lo, min(start, start + T - window))
-    old = layer.read_slots(old_lo, mem_hi) if layer is not None else (None, None, None)
-    return [memory_write_stream(n, o, start, window) for n, o in zip(new, old)]
-
-
-def read_memory(memory, q: torch.Tensor, stream: list, hidden_states: torch.Tensor, ctx: AHNContext, layer):
-    """Write ``stream`` (:func:`memory_stream`) and read with ``q [B, Hq, T, D]``, through the read-out:
-    ``[B, T, Hq, D]``; the final state goes to the cache ``layer`` (if any)."""
-    wk, wv, wg = stream  # [B, T, Hkv, D], [B, T, Hkv, D], [B, T, Hq, G]
-    Hq, T = q.shape[1], q.shape[2]
-    n_rep = Hq // wk.shape[2]
-    read, state = memory.read(
-        q.transpose(1, 2), repeat_heads(wk, n_rep, 2), repeat_heads(wv, n_rep, 2), wg,
-        memory_write_mask(ctx.start, T, ctx.window, ctx.sinks, ctx.pad_offsets), initial_state=_state_for_autograd(layer),
-        backend=ctx.backend,
-    )
-    if layer is not None:
-        layer.memory_state = state
-    return memory.output(read, hidden_states)
-
-
-def _decode_step(memory, hidden_states, q, k, v, ctx: AHNContext, layer, scale: float) -> torch.Tensor:
-    """One new token (slot t) with a filled cache: the decode form of :func:`hybrid_attention`.
-
-    The token at slot t - W leaves the window: it is written into the memory state
-    (:func:`decode_memory`) before the new token's k / v overwrite its ring entry; the step's read
-    with q_t is the memory output. Attention then reads the sinks and the ring buffer in place.
-    Returns ``[B, 1, Hq * D]``.
-    """
-    B, Hq, _, D = q.shape
-    t, P = ctx.start, ctx.pad_offsets
-    mem_out, gates = decode_memory(memory, hidden_states, q, ctx, layer) if memory is not None else (None, None)
-    layer.write_sinks(k, v, P, t)
-    layer.append_one(k, v, gates, t)
-    attn = layer.decode_attention(q, t, P, scale)  # [B, 1, Hq, D]
-    if mem_out is not None:
-        attn = attn + mem_out.unsqueeze(1).to(attn.dtype)
-    return attn.reshape(B, 1, Hq * D)
-
-
-def decode_memory(memory, hidden_states: torch.Tensor, q: torch.Tensor, ctx: AHNContext, layer, gate_evicted=None):
-    """The memory's part of a decode step, before the new token enters the ring: the token at slot t - W
-    (leaving the window) is written into the state with one recurrent step (k / v heads broadcast over the
-    query heads, no repeat), and the step's read with q_t goes through the read-out.
-
-    ``gate_evicted``: a function of the evicted token's gates ``[B, Hq, G]`` returning the gates to write
-    with (salience-gated writes), or None. Returns ``(out [B, Hq, D] or None, the new token's gates
-    [B, Hq, G])``; the state goes to ``layer``.
-    """
-    P, S = ctx.pad_offsets, ctx.sinks
-    e = ctx.start - ctx.window  # the slot leaving the window
-    first, last = layer.sink_ends(P)  # rows write slot e iff e >= P_r + S
-    k_e = v_e = g_e = mask = None
-    if e >= first:
-        k_e, v_e, g_e = layer.read_slot(e)
-        mask = None if e >= last else e >= P + S  # [B]
-        if gate_evicted is not None:
-            g_e = gate_evicted(g_e)
-    # Without autograd (generation), the memory's ~50 small ops run in inference mode, which
-    # skips version counting and view tracking: about a fifth of their cost on CPU. Its
-    # outputs are only read afterwards (the state is replaced, never updated in place).
-    with torch.inference_mode(not torch.is_grad_enabled()):
-        mem_out, gates, layer.memory_state = memory.decode(
-            hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, _state_for_autograd(layer), backend=ctx.backend
-        )  # [B, Hq, D] or None, [B, Hq, G]
-    return mem_out, gates
-
-
-def _state_for_autograd(layer) -> Optional[torch.Tensor]:
+def _state_for_autograd(layer: Optional[AHNCacheLayer]) -> Optional[torch.Tensor]:
     """The cached memory state; a copy when it was made in inference mode (by no-grad decoding)
     and autograd is on now, since autograd cannot save inference tensors."""
     state = layer.memory_state if layer is not None else None
     if state is not None and torch.is_grad_enabled() and state.is_inference():
         state = state.clone()
     return state
+
+
+def scan_memory(memory: Memory, q: torch.Tensor, stream: list, hidden_states: torch.Tensor, ctx: AHNContext,
+                layer: Optional[AHNCacheLayer]) -> torch.Tensor:
+    """Write ``stream`` (:func:`write_stream`) into the memory and read it with ``q [B, Hq, T, D]``, through the
+    read-out: ``[B, T, Hq, D]``; the final state goes to the cache ``layer`` (if any)."""
+    wk, wv, wg = stream  # [B, T, Hkv, D], [B, T, Hkv, D], [B, T, Hq, G]
+    Hq, T = q.shape[1], q.shape[2]
+    n_rep = Hq // wk.shape[2]
+    read, state = memory.read(
+        q.transpose(1, 2), repeat_heads(wk, n_rep, 2), repeat_heads(wv, n_rep, 2), wg,
+        write_mask(ctx.start, T, ctx.window, ctx.sinks, ctx.pad_offsets), initial_state=_state_for_autograd(layer),
+        backend=ctx.backend,
+    )
+    if layer is not None:
+        layer.set_memory_state(state)
+    return memory.output(read, hidden_states)
+
+
+def decode_memory(memory: Memory, hidden_states: torch.Tensor, q: torch.Tensor, ctx: AHNContext,
+                  layer: AHNCacheLayer, gate_evicted=None):
+    """The memory's part of a decode step, before the new token enters the ring: the token leaving the window
+    (slot t - W) is written into the state with one recurrent step (k / v heads broadcast over the query heads,
+    no repeat), and the step's read with q_t goes through the read-out.
+
+    ``gate_evicted``: a function of the evicted token's gates ``[B, Hq, G]`` returning the gates to write
+    with (salience-gated writes), or None. Returns ``(out [B, Hq, D] or None, the new token's gates
+    [B, Hq, G])``; the state goes to ``layer``.
+    """
+    leaving = layer.leaving_one(ctx.start, ctx.pad_offsets)
+    k_e = v_e = g_e = mask = None
+    if leaving is not None:
+        k_e, v_e, g_e, mask = leaving
+        if gate_evicted is not None:
+            g_e = gate_evicted(g_e)
+    # Without autograd (generation), the memory's ~50 small ops run in inference mode, which
+    # skips version counting and view tracking: about a fifth of their cost on CPU. Its
+    # outputs are only read afterwards (the state is replaced, never updated in place).
+    with torch.inference_mode(not torch.is_grad_enabled()):
+        mem_out, gates, state = memory.decode(
+            hidden_states[:, 0], q[:, :, 0], k_e, v_e, g_e, mask, _state_for_autograd(layer), backend=ctx.backend
+        )  # [B, Hq, D] or None, [B, Hq, G]
+    layer.set_memory_state(state)
+    return mem_out, gates
+
+
+def read_out(parts: LayerParts, attn: torch.Tensor, mem_out: torch.Tensor, hidden_states: torch.Tensor,
+             lse: Optional[torch.Tensor]) -> torch.Tensor:
+    """The read-out policy: the attention output plus the memory's read-out, added as it is ("add", the paper's),
+    or weighted by its softmax share ``sigmoid(defer(x) - lse)`` ("defer"). ``attn, mem_out [B, T, Hq, D]``,
+    ``hidden_states [B, T, hidden]``, ``lse [B, T, Hq]`` the attention's log-sum-exp (None for "add")."""
+    if parts.defer is None:
+        return attn + mem_out.to(attn.dtype)
+    share = torch.sigmoid(parts.defer(hidden_states).float() - lse)
+    return attn + (share.unsqueeze(-1) * mem_out.float()).to(attn.dtype)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def prefill(parts: LayerParts, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            ctx: AHNContext, layer: Optional[AHNCacheLayer], scale: float, layer_idx: int) -> torch.Tensor:
+    """T new tokens (a training forward, a prompt, a chunk of a long read): ``hidden_states [B, T, hidden]`` (the
+    layer's normed input), ``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` after RoPE; ``layer`` the cache layer or
+    None; ``layer_idx`` the decoder layer (for ``ctx.record``). Returns ``[B, T, Hq * D]``."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    W, S, start, P = ctx.window, ctx.sinks, ctx.start, ctx.pad_offsets
+    memory, scorer = parts.memory, parts.scorer
+    gates = memory.write_gates(hidden_states) if memory is not None else None  # [B, T, Hq, G]
+    token_part = scorer.token_part(hidden_states) if scorer is not None else None  # [B, Hkv, T]
+    if layer is not None and not layer.is_initialized:
+        layer.lazy_initialization(k, v, gates, salience=scorer is not None)
+    stream = write_stream(layer, k, v, gates, start, W) if memory is not None else None
+
+    context_part = mass = None  # [B, Hkv, L] for the context slots (cached window, then the new tokens)
+    if layer is None:
+        ctx_k, ctx_v, ctx_start = k, v, start
+        sink_k, sink_v = gather_sinks(k, P, S), gather_sinks(v, P, S)
+        buffer = Buffer.empty(k, v, parts.buffer_slots) if parts.buffer_slots else None
+        if scorer is not None:
+            context_part, mass = token_part, torch.zeros(B, Hkv, T, device=q.device)
+    else:
+        layer.write_sinks(k, v, P, start)  # the new tokens see the sinks among them
+        old_k, old_v, ctx_start = layer.context(start)
+        ctx_k, ctx_v = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+        sink_k, sink_v = layer.sink_k, layer.sink_v
+        buffer = layer.buffer
+        if scorer is not None:
+            old_part, old_mass = layer.salience_context(start)
+            context_part = torch.cat([old_part, token_part], dim=2)
+            mass = torch.cat([old_mass, torch.zeros(B, Hkv, T, device=q.device)], dim=2)
+    attn, lse, scores, buffer, probe = window_attention(
+        q, ctx_k, ctx_v, ctx_start, sink_k, sink_v, start=start, window=W, sinks=S, pad_offsets=P, scale=scale,
+        block=ctx.attention_block, need_lse=parts.needs_lse, scorer=scorer, token_part=context_part, mass=mass,
+        buffer=buffer, probe_window=parts.probe_window,
+    )  # [B, T, Hq, D], [B, Hq, T] or None, [B, Hkv, T] or None
+    if layer is not None:
+        layer.append(k, v, gates, start, token_part, mass, ctx_start)
+        if buffer is not None:
+            layer.store_buffer(buffer)
+    if ctx.record is not None and layer is None:
+        if probe is not None:
+            ctx.record.teacher_mass[layer_idx] = probe
+        if scores is not None:  # query i evicts slot i - W: the score of slot s is that of query s + W
+            ctx.record.scores[layer_idx] = torch.cat(
+                [scores[:, :, W:], scores.new_full((B, Hkv, min(W, T)), float("-inf"))], dim=2)
+    if memory is None:
+        return attn.reshape(B, T, Hq * D)
+    if scores is not None and parts.gate_writes:
+        stream[2] = gate_writes(stream[2], scores, memory.step_spec.strength_channels)
+    mem_out = scan_memory(memory, q, stream, hidden_states, ctx, layer)  # [B, T, Hq, D]
+    return read_out(parts, attn, mem_out, hidden_states, None if lse is None else lse.transpose(1, 2)) \
+        .reshape(B, T, Hq * D)
+
+
+def decode_attention(q: torch.Tensor, view: DecodeView, scale: float, parts: LayerParts):
+    """One query (slot t, already appended) over sinks, buffer and ring in place, in one softmax.
+
+    ``q [B, Hq, 1, D]``. Returns ``(out [B, 1, Hq, D], lse [B, 1, Hq] or None, received [B, Hkv, C] or None)``:
+    ``received`` (with a scorer) is the ring entries' share of the window's own softmax (the buffer left out),
+    averaged over the group's heads."""
+    B, Hq, _, D = q.shape
+    if parts.plain:
+        mask = view.mask.unsqueeze(2) if view.mask is not None else None  # [B, 1, 1, N]
+        out = F.scaled_dot_product_attention(q, view.keys, view.values, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2), None, None
+    Hkv, N = view.keys.shape[1], view.keys.shape[2]
+    qg = q.view(B, Hkv, Hq // Hkv, 1, D)
+    block_mask = view.mask.view(B, -1, 1, 1, N) if view.mask is not None else None
+    e, m, lse = window_softmax(_block_logits(qg, view.keys, block_mask, scale))
+    out = _grouped_matmul(e.to(view.values.dtype), view.values).float() * torch.exp(m - lse.unsqueeze(-1))
+    received = None
+    if parts.scorer is not None:
+        ring = e.detach()[..., view.ring_start:]  # [B, Hkv, R, 1, C]
+        window_sum = e.detach()[..., : view.sinks].sum(-1, keepdim=True) + ring.sum(-1, keepdim=True)
+        received = (ring / window_sum).squeeze(3).mean(2)
+    out = out.to(view.values.dtype).reshape(B, Hq, 1, -1).transpose(1, 2)  # [B, 1, Hq, D]
+    return out, lse.reshape(B, 1, Hq), received
+
+
+def decode(parts: LayerParts, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           ctx: AHNContext, layer: AHNCacheLayer, scale: float) -> torch.Tensor:
+    """One new token (slot t) with a filled cache: the decode form of :func:`prefill`. Returns ``[B, 1, Hq * D]``.
+
+    The token at slot t - W leaves the window: it is scored and offered to the buffer (with a scorer),
+    and written into the memory state with one recurrent step (its write strength gated by the score
+    when asked), before the new token overwrites its ring entry; the step's read with q_t is the
+    memory's output. The new token enters the cache, the query attends over sinks, buffer and ring
+    in place, and the ring's received attention grows.
+    """
+    B, Hq, _, D = q.shape
+    t, P = ctx.start, ctx.pad_offsets
+    memory, scorer = parts.memory, parts.scorer
+    score = None
+    if scorer is not None:
+        evicted = layer.evicted_salience(t, P)
+        if evicted is not None:
+            token_part, mass, valid = evicted
+            score = scorer.score(token_part, mass).masked_fill(~valid, float("-inf"))  # [B, Hkv, 1]
+            if layer.buffer_slots:
+                layer.offer_to_buffer(t, score, valid)
+    mem_out = gates = None
+    if memory is not None:
+        gated = score is not None and parts.gate_writes
+        gate = functools.partial(gate_one, score=score, strength=memory.step_spec.strength_channels) if gated else None
+        mem_out, gates = decode_memory(memory, hidden_states, q, ctx, layer, gate)
+    layer.write_sinks(k, v, P, t)
+    layer.append_one(k, v, gates, t, scorer.token_part(hidden_states) if scorer is not None else None)
+    attn, lse, received = decode_attention(q, layer.decode_view(t, P), scale, parts)
+    if received is not None:
+        layer.add_received(received)
+    if mem_out is not None:
+        attn = read_out(parts, attn, mem_out.unsqueeze(1), hidden_states, lse)
+    return attn.reshape(B, 1, Hq * D)
 
 
 def ahn_attention(module, query, key, value, attention_mask, scaling=None, ahn_context=None, **kwargs):
@@ -324,13 +581,17 @@ def ahn_attention(module, query, key, value, attention_mask, scaling=None, ahn_c
     B, Hq, T, D = query.shape
     if scaling is None:
         scaling = D**-0.5
-    memory = getattr(module, "ahn", None)
-    out = hybrid_attention(memory, hidden, query, key, value, ahn_context, module.layer_idx, scaling)
+    parts = LayerParts.of(getattr(module, "ahn", None), ahn_context)
+    layer = ahn_context.cache.layers[module.layer_idx] if ahn_context.cache is not None else None
+    if layer is not None and T == 1 and layer.is_initialized:
+        out = decode(parts, hidden, query, key, value, ahn_context, layer, scaling)
+    else:
+        out = prefill(parts, hidden, query, key, value, ahn_context, layer, scaling, module.layer_idx)
     return out.view(B, T, Hq, D), None
 
 
 def register_attention() -> None:
     """Register :func:`ahn_attention` as :data:`ATTENTION` (idempotent; done by ``add_memory``, not at import)."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # start-up time: `import ahn` does not import transformers
 
     AttentionInterface.register(ATTENTION, ahn_attention)

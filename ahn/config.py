@@ -7,6 +7,7 @@ passed to the forward call, never written into the config.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,11 +15,16 @@ from typing import Optional, Sequence
 CONFIG_NAME = "ahn_config.json"
 
 
+# Attention modes of an AHNModel: the base model's own attention, sinks + window, sinks + window + memory.
+MODES = ("full", "window", "ahn")
 # Bounds of the automatic attention block (AHNConfig.block_for): below 64 queries the per-block
 # overhead dominates; above 1024 the [bq, S + W + bq] mask and scores only cost memory.
 MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 64, 1024
-# Memory read-outs: the paper's (added to the attention output) and the one that defers to the window.
-READOUTS = ("paper", "defer")
+# Memory read-outs: "add" (the paper's: added to the attention output as it is) and "defer" (weighted by its
+# share of a softmax in which the memory is one more entry beside the attended keys).
+READOUTS = ("add", "defer")
+# Old spellings still accepted (with a FutureWarning), and what they mean now.
+DEPRECATED_READOUTS = {"paper": "add"}
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,12 @@ class AHNConfig:
             salient evicted tokens (a priority buffer attended in the same softmax as sinks and
             window; see :mod:`ahn.salience`). 0 (default): no buffer, the paper's mechanism.
         salience_writes: scale each evicted token's memory write strength by sigmoid(its salience).
-        readout: ``"paper"`` (default): the memory read-out is added to the attention output;
+        readout: ``"add"`` (default, the paper's): the memory read-out is added to the attention output;
             ``"defer"``: it is weighted by its share of a softmax in which the memory is one more
             entry beside the attended keys, with a learned logit, so it stands back when attention
             already has a strong match (see :mod:`ahn.salience`).
 
-    With ``buffer_slots=0``, ``salience_writes=False`` and ``readout="paper"`` everything is the
+    With ``buffer_slots=0``, ``salience_writes=False`` and ``readout="add"`` everything is the
     paper's mechanism; any of them adds a salience scorer (or the read-out's logit) to each memory.
     """
 
@@ -64,7 +70,7 @@ class AHNConfig:
     memory_kwargs: dict = field(default_factory=dict)
     buffer_slots: int = 0
     salience_writes: bool = False
-    readout: str = "paper"
+    readout: str = "add"
 
     def __post_init__(self):
         from ahn.kernels import BACKENDS
@@ -94,6 +100,11 @@ class AHNConfig:
             raise ValueError(f"memory_kwargs={self.memory_kwargs!r} must be a dict")
         if not isinstance(self.salience_writes, bool):
             raise ValueError(f"salience_writes={self.salience_writes!r} must be true or false")
+        if self.readout in DEPRECATED_READOUTS:
+            new = DEPRECATED_READOUTS[self.readout]
+            warnings.warn(f"readout={self.readout!r} is renamed readout={new!r} (the same read-out); the old name will "
+                          "be removed", FutureWarning, stacklevel=3)
+            object.__setattr__(self, "readout", new)
         if self.readout not in READOUTS:
             raise ValueError(f"readout={self.readout!r} must be one of {READOUTS}")
 

@@ -31,9 +31,13 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ahn.attention import ATTENTION, MODES, AHNContext, register_attention
-from ahn.cache import AHNCache
-from ahn.config import AHNConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import Cache
+
+from ahn.adapters import read_adapter, save_adapter
+from ahn.attention import ATTENTION, AHNContext, register_attention
+from ahn.cache import AHNCache, LayerGeometry
+from ahn.config import MODES, AHNConfig
 from ahn.memory import Memory, build_memory
 from ahn.memory.base import linear
 from ahn.salience import SalienceRecord, SalienceScorer
@@ -69,12 +73,26 @@ def output_cache(output):
 
 
 class _Runtime:
-    """Mutable per-model state that is not architecture: the attention mode and the base's implementation."""
+    """Mutable per-model state that is not architecture: the attention mode, and what ``add_memory`` changed on the
+    base model (its attention implementation, hooks, frozen parameters), so that ``remove_memory`` can undo it."""
 
-    def __init__(self, config: AHNConfig, base_implementation: str):
+    def __init__(self, config: AHNConfig, base_implementation: str, decoder: "_Decoder"):
         self.config = config
         self.mode = "ahn"
         self.base_implementation = base_implementation
+        self.decoder = decoder
+        self.hooks: list = []  # torch.utils.hooks.RemovableHandle of every hook add_memory registered
+        self.requires_grad: dict = {}  # base parameter -> its requires_grad before add_memory froze it
+        self.attached = True
+
+
+class AHNModelConfig(PretrainedConfig):
+    """The key under which :class:`AHNModel` is known to ``AutoModelForCausalLM`` (registered by ``add_memory``, through
+    ``AutoModelForCausalLM.register``), so that ``transformers.pipeline("text-generation", model=ahn_model)`` accepts
+    it without an error-level "not supported" message. ahn never builds a model from it: an AHNModel is made by
+    ``add_memory`` / ``AHNModel.from_pretrained`` from a base model."""
+
+    model_type = "ahn"
 
 
 def pad_offsets_from_mask(attention_mask: Optional[torch.Tensor], batch: int, length: int, device) -> torch.Tensor:
@@ -198,6 +216,7 @@ def add_memory(model: nn.Module, config: AHNConfig, memories: Optional[dict[int,
         memories = build_memories(model, config)
     decoder = _find_decoder(model)
     register_attention()
+    AutoModelForCausalLM.register(AHNModelConfig, AHNModel, exist_ok=True)  # idempotent (see AHNModelConfig)
     base_implementation = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     if model.config._attn_implementation != ATTENTION:
@@ -208,14 +227,16 @@ def add_memory(model: nn.Module, config: AHNConfig, memories: Optional[dict[int,
         )
     model.set_attn_implementation(base_implementation)
 
+    runtime = _Runtime(config, base_implementation, decoder)
     for p in model.parameters():
+        runtime.requires_grad[p] = p.requires_grad
         p.requires_grad_(False)
-    runtime = _Runtime(config, base_implementation)
-    decoder.module.register_forward_pre_hook(_decoder_pre_hook(runtime, decoder), with_kwargs=True)
+    hooks = runtime.hooks
+    hooks.append(decoder.module.register_forward_pre_hook(_decoder_pre_hook(runtime, decoder), with_kwargs=True))
     for i, attn in enumerate(decoder.attentions):
         attn.ahn = memories.get(i)  # a registered submodule (None: this layer has no memory)
-        attn.q_proj.register_forward_pre_hook(_keep_hidden_state(attn))
-        attn.register_forward_pre_hook(_check_dispatch(runtime), with_kwargs=True)
+        hooks.append(attn.q_proj.register_forward_pre_hook(_keep_hidden_state(attn)))
+        hooks.append(attn.register_forward_pre_hook(_check_dispatch(runtime), with_kwargs=True))
     model._ahn_runtime = runtime
     wrapped = AHNModel(model, config, runtime)
     wrapped._set_mode("ahn")
@@ -289,8 +310,6 @@ def _decoder_pre_hook(runtime: _Runtime, decoder: _Decoder):
         if use_cache is None:
             use_cache = bool(getattr(module.config, "use_cache", False))
         if cache is not None and not isinstance(cache, AHNCache):
-            from transformers.cache_utils import Cache
-
             if isinstance(cache, Cache) and cache.get_seq_length() == 0:
                 cache = None  # an empty default cache (e.g. made by generate): use ours
             else:
@@ -350,8 +369,38 @@ class AHNModel(nn.Module):
         except AttributeError:
             return getattr(self.base_model, name)
 
+    # ------------------------------------------------------------------ detaching
+    def remove_memory(self) -> nn.Module:
+        """Detach the memory and return the base model exactly as it was before ``add_memory``: its attention
+        implementation, no ahn hooks, no ``ahn`` submodules, every parameter's ``requires_grad`` as it was. This
+        AHNModel cannot run afterwards. ``with ahn.add_memory(base, config) as model:`` detaches on leaving."""
+        runtime = self._runtime
+        if not runtime.attached:
+            raise RuntimeError("the memory was already removed from this model")
+        base = self.base_model
+        base.set_attn_implementation(runtime.base_implementation)
+        for handle in runtime.hooks:
+            handle.remove()
+        for attn in runtime.decoder.attentions:
+            delattr(attn, "ahn")
+            attn.__dict__.pop("_ahn_hidden", None)
+        for p, flag in runtime.requires_grad.items():
+            p.requires_grad_(flag)
+        del base._ahn_runtime
+        runtime.attached, runtime.hooks, runtime.requires_grad = False, [], {}
+        return base
+
+    def __enter__(self) -> "AHNModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._runtime.attached:
+            self.remove_memory()
+
     # ------------------------------------------------------------------ running
     def forward(self, *args, **kwargs):
+        if not self._runtime.attached:
+            raise RuntimeError("this AHNModel's memory was removed (remove_memory()); run the base model it returned")
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -377,6 +426,20 @@ class AHNModel(nn.Module):
             buffer_slots(cfg, self.base_model.config.num_hidden_layers, self.mode),
             model=self,
         )
+
+    def cache_geometry(self) -> list[LayerGeometry]:
+        """Per decoder layer, what its cache layer holds in the current mode (checked when a saved state loads)."""
+        hf = self.base_model.config
+        out = []
+        for attn in self._runtime.decoder.attentions:
+            memory = attn.ahn if self.mode == "ahn" else None
+            out.append(LayerGeometry(
+                kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+                head_dim=_head_dim(attn, hf), heads=hf.num_attention_heads,
+                gate_channels=memory.gate_channels if memory is not None else None,
+                salience=memory is not None and memory.salience is not None, dtype=attn.q_proj.weight.dtype,
+            ))
+        return out
 
     @property
     def mode(self) -> str:
@@ -425,8 +488,6 @@ class AHNModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def save_pretrained(self, path) -> None:
         """Write the memory weights (safetensors) and ``ahn_config.json`` to ``path``, atomically as a whole."""
-        from ahn.adapters import save_adapter
-
         save_adapter(self, path)
 
     @classmethod
@@ -436,6 +497,25 @@ class AHNModel(nn.Module):
         ``overrides`` replace AHNConfig fields, e.g. ``window=8064`` for a shorter context.
         Everything is checked before ``base_model`` is touched: on any error it is left as it was.
         """
-        from ahn.adapters import load_adapter
-
-        return load_adapter(base_model, path, **overrides)
+        config, state = read_adapter(path, **overrides)
+        memories = build_memories(base_model, config)
+        expected = memory_parameter_names(base_model, memories)
+        unknown = sorted(set(state) - set(expected))
+        if unknown:
+            raise ValueError(
+                f"adapter {path} has key {unknown[0]!r} which this model does not have: the adapter was made for another "
+                f"base model or memory layout (memory={config.memory!r}, layers={config.layers})"
+            )
+        for name, param in expected.items():  # in the model's order: the first offending layer is named
+            if name in state and tuple(state[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"adapter {path}: {name!r} has shape {tuple(state[name].shape)} but the model expects "
+                    f"{tuple(param.shape)}: the adapter was made for another base model"
+                )
+        missing = [n for n in expected if n not in state]
+        if missing:
+            raise ValueError(f"adapter {path} lacks {len(missing)} memory weights, first {missing[0]!r}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                expected[name].copy_(tensor)
+        return add_memory(base_model, config, memories)

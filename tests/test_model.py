@@ -136,7 +136,7 @@ def run_incremental(model, x, splits, **kw):
     """Prefill in uneven chunks, then decode token by token; checks the cache bound (sinks + window, plus the
     priority buffer's slots where the config has one) throughout."""
     cache = model.new_cache(**kw)
-    bound = cache.sinks + max(cache.buffers) + cache.window
+    bound = cache.sinks + max(cache.buffer_slots) + cache.window
     outs, t = [], 0
     with torch.no_grad():
         for n in splits + [1] * (x.shape[1] - sum(splits)):
@@ -553,3 +553,53 @@ def test_decoding_without_grad_then_training_on_the_same_cache(model_dirs):
         model.zero_grad()
         out.sum().backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.memory_parameters())
+
+
+def test_remove_memory_leaves_the_base_model_as_it_was_loaded(model_dirs):
+    """Issue 23.9: add_memory, run, remove_memory: the base model computes, names, hooks and trains as before."""
+    base = load_base(model_dirs)
+    base.lm_head.weight.requires_grad_(False)  # a user's own freezing survives the round trip
+    x = ids(2, 40)
+    before = logits(base, x)
+    grads = {n: p.requires_grad for n, p in base.named_parameters()}
+    names, impl = list(base.state_dict()), base.config._attn_implementation
+    model = ahn.add_memory(base, AHNConfig(window=8, sinks=2, buffer_slots=2, readout="defer"))
+    randomize_memory(model)
+    assert not torch.equal(logits(model, x), before)
+    assert model.remove_memory() is base
+    assert torch.equal(logits(base, x), before)
+    assert list(base.state_dict()) == names and base.config._attn_implementation == impl
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == grads
+    hooks = [m for m in base.modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert not hooks and not hasattr(base, "_ahn_runtime")
+    with pytest.raises(RuntimeError, match="memory was removed"):
+        model(x)
+    with ahn.add_memory(base, AHNConfig(window=8, sinks=2)) as again:  # attachable again; detached on leaving
+        assert again(x).logits.shape == before.shape
+    assert torch.equal(logits(base, x), before) and not hasattr(base, "_ahn_runtime")
+
+
+def test_a_pipeline_takes_the_model_quietly(model_dirs, caplog):
+    """transformers.pipeline("text-generation") with an AHNModel logs no error-level "not supported"."""
+    import logging
+
+    from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE({c: i for i, c in enumerate(letters)},
+                                                                              merges=[])), eos_token="z")
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    finally:
+        hf_logging.disable_propagation()
+    assert pipe.model is model
+    out = pipe("a long text " * 3, max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith("a long text ") and len(out) > len("a long text " * 3)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

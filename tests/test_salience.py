@@ -16,7 +16,9 @@ import ahn
 from ahn import AHNConfig
 from ahn.distill.losses import evictable_positions, salience_loss
 from ahn.model import cache_kwargs
-from ahn.salience import Buffer, SalienceRecord, SalienceScorer, salient_window_attention
+from ahn.attention import gather_sinks, window_attention
+from ahn.cache import Buffer
+from ahn.salience import SalienceRecord, SalienceScorer
 from test_model import (  # noqa: F401 (model_dirs: the fixture)
     ATOL, MEMORIES, assert_padded_rows_generate_as_alone, ids, load_base, logits, model_dirs, randomize_memory,
     run_incremental,
@@ -82,10 +84,8 @@ def test_blocked_attention_equals_the_token_by_token_reference(window, sinks, sl
         scorer.mass_weight.copy_(torch.tensor([1.5, -2.0]))
     token_part = torch.randn(B, Hkv, T)
     P = torch.tensor([pad])
-    from ahn.attention import gather_sinks
-
     with torch.no_grad():
-        out, lse, scores, buffer, _ = salient_window_attention(
+        out, lse, scores, buffer, _ = window_attention(
             q, k, v, 0, gather_sinks(k, P, sinks), gather_sinks(v, P, sinks), start=0, window=window, sinks=sinks,
             pad_offsets=P, scale=D**-0.5, block=block, scorer=scorer, token_part=token_part,
             mass=torch.zeros(B, Hkv, T), buffer=Buffer.empty(k, v, slots))
@@ -116,8 +116,8 @@ def test_parallel_forward_equals_prefill_plus_decode(model_dirs, memory, options
     assert cache.kv_length == 3 + M + 10
     layer = cache.layers[0]
     if M:
-        assert layer.buf_slot.shape == (2, 2, M) and (layer.buf_slot >= 0).all()  # full after 90 tokens
-        assert all(0 <= s <= 90 - 1 - 10 for s in layer.buf_slot.flatten().tolist())
+        assert layer.buffer_slot.shape == (2, 2, M) and (layer.buffer_slot >= 0).all()  # full after 90 tokens
+        assert all(0 <= s <= 90 - 1 - 10 for s in layer.buffer_slot.flatten().tolist())
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama", "mistral"])
@@ -204,12 +204,12 @@ def test_overrides_that_change_the_learned_weights_are_refused(model_dirs, tmp_p
     model.save_pretrained(tmp_path / "a")
     resized = ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "a", buffer_slots=6)
     assert resized.ahn_config.buffer_slots == 6  # a scorer ranks for any M
-    for overrides in (dict(readout="paper"), dict(buffer_slots=0, salience_writes=False)):
+    for overrides in (dict(readout="add"), dict(buffer_slots=0, salience_writes=False)):
         with pytest.raises(ValueError, match="change which learned weights"):
             ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "a", **overrides)
     plain = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
     plain.save_pretrained(tmp_path / "p")
-    with pytest.raises(ValueError, match="buffer_slots=0, salience_writes=False, readout='paper'"):
+    with pytest.raises(ValueError, match="buffer_slots=0, salience_writes=False, readout='add'"):
         ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "p", buffer_slots=4)
 
 
@@ -323,8 +323,21 @@ def test_ties_go_to_the_newer_token(model_dirs):
     torch.testing.assert_close(incremental, parallel, rtol=0, atol=ATOL)
     newest = [30 - 1 - 6 - i for i in range(3)]  # the last three tokens to leave the window
     for layer in cache.layers:
-        assert all(sorted(row.tolist()) == sorted(newest) for row in layer.buf_slot.flatten(0, 1))
+        assert all(sorted(row.tolist()) == sorted(newest) for row in layer.buffer_slot.flatten(0, 1))
     with torch.no_grad():  # a prefill of the whole sequence keeps the same three
         cache = model.new_cache()
         model(x, **cache_kwargs(model, cache))
-    assert all(sorted(row.tolist()) == sorted(newest) for row in cache.layers[0].buf_slot.flatten(0, 1))
+    assert all(sorted(row.tolist()) == sorted(newest) for row in cache.layers[0].buffer_slot.flatten(0, 1))
+
+
+def test_the_old_readout_name_still_loads(model_dirs, tmp_path):
+    """readout="paper" was renamed "add": configs and adapters written with the old name load, with a FutureWarning."""
+    with pytest.warns(FutureWarning, match="readout='paper' is renamed readout='add'"):
+        assert AHNConfig(readout="paper").readout == "add"
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
+    model.save_pretrained(tmp_path / "a")
+    config = tmp_path / "a" / "ahn_config.json"
+    config.write_text(config.read_text().replace('"readout": "add"', '"readout": "paper"'))
+    with pytest.warns(FutureWarning, match="renamed"):
+        loaded = ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "a")
+    assert loaded.ahn_config.readout == "add"

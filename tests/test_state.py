@@ -11,6 +11,7 @@ import stat
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -168,6 +169,22 @@ def test_a_state_loads_only_into_its_model_adapter_config_and_mode(model_dirs, s
     assert AHNCache.load(path, compute).get_seq_length() == 40
 
 
+def _rewrite(path, out, tensors=None, meta=None, fix_checksums=False):
+    """Write a copy of the state at ``path`` to ``out`` with ``tensors`` / ``meta`` changed (the checksums recomputed
+    only with ``fix_checksums``: a file rewritten by other code, not damaged in transit)."""
+    import ahn.state
+
+    with safe_open(str(path), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+        old = json.loads(f.metadata()["ahn_state"])
+    stored = tensors(stored) if tensors is not None else stored
+    new = meta(old) if meta is not None else old
+    if fix_checksums:
+        new["sha256"] = {k: ahn.state._checksum(v) for k, v in stored.items()}
+    save_file(stored, str(out), metadata={"ahn_state": json.dumps(new)})
+    return out
+
+
 def test_damaged_or_foreign_state_files_are_named(state, tmp_path):
     model, path = state
     good = path.read_bytes()
@@ -187,12 +204,101 @@ def test_damaged_or_foreign_state_files_are_named(state, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "hollow"), metadata={"ahn_state": json.dumps(meta)})
     for name, message in [
         ("plain", "is a safetensors file but not an ahn state"),
-        ("future", "has state format 'ahn-state/9'; this ahn reads 'ahn-state/1'"),
-        ("hollow", "lacks the tensor 'layers.0.keys' its metadata lists"),
+        ("future", "has state format 'ahn-state/9'; this ahn reads 'ahn-state/2' and 'ahn-state/1'"),
+        ("hollow", "its tensors (1) and its checksums"),
         ("missing", "does not exist"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             AHNCache.load(tmp_path / name, model)
+
+
+def _scaled(key, factor):
+    return lambda t: {k: (v * factor if k == key else v) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("name, tensors, meta, fix, message", [
+    # Values changed after saving: the integrity check names the tensor.
+    ("memory x1.5", _scaled("layers.0.memory_state", 1.5), None, False, "'layers.0.memory_state' fails its integrity"),
+    ("memory NaN", _scaled("layers.1.memory_state", float("nan")), None, False, "'layers.1.memory_state' fails"),
+    ("keys changed", _scaled("layers.0.keys", 2.0), None, False, "'layers.0.keys' fails its integrity check"),
+    ("seen +1000 everywhere", lambda t: {k: (v + 1000 if k.endswith(".seen") else v) for k, v in t.items()}, None,
+     False, "'layers.0.seen' fails its integrity check"),
+    ("a tensor removed", lambda t: {k: v for k, v in t.items() if k != "layers.0.gates"}, None, False,
+     "its tensors (10) and its checksums (11) disagree (['layers.0.gates'])"),
+    # Rewritten by other code with fresh checksums: the contents are checked against the model.
+    ("one layer's seen", lambda t: dict(t, **{"layers.1.seen": torch.tensor(41)}), None, True,
+     "the layers disagree on the tokens read"),
+    ("wrong dtype", lambda t: dict(t, **{"layers.0.keys": t["layers.0.keys"].double()}), None, True,
+     "layer 0 keys (1, 2, 19, 12) torch.float64 do not fit [batch 1, 2 kv heads, 3 sinks + 0 buffer + ring of 16"),
+    ("wrong shape", lambda t: dict(t, **{"layers.1.gates": t["layers.1.gates"][:, :3]}), None, True,
+     "layer 1 gates is (1, 3, 4, 2), expected (1, 16, 4, 2)"),
+    ("a state without its gates", lambda t: {k: v for k, v in t.items() if k != "layers.0.gates"}, None, True,
+     "layer 0 gates is None, expected"),
+    ("NaN state, resummed", _scaled("layers.0.memory_state", float("nan")), None, True, "is not a finite"),
+    ("pads", lambda t: dict(t, pad_offsets=torch.tensor([99])), None, True, "pad_offsets (1,) torch.int64 is not"),
+    # The header: every field is needed and checked.
+    ("header lacks the window", None, lambda m: dict(m, cache={k: v for k, v in m["cache"].items() if k != "window"}),
+     False, "the state's header is incomplete or malformed"),
+    ("header lacks the checksums", None, lambda m: {k: v for k, v in m.items() if k != "sha256"}, False,
+     "the state's metadata lacks sha256"),
+    ("header's buffer slots", None, lambda m: dict(m, cache=dict(m["cache"], buffer_slots=[2, 2])), False,
+     "holds buffer slots [2, 2] per layer but the model's configuration gives [0, 0]"),
+    ("header's layers", None, lambda m: dict(m, cache=dict(m["cache"], layers=3)), False,
+     "holds 3 layers but the model has 2"),
+])
+def test_a_state_changed_after_saving_is_refused(state, tmp_path, name, tensors, meta, fix, message):
+    """Issue 25.4: contents changed after saving (values, positions, shapes, dtypes, header fields) are refused at load
+    with the file's name, never loaded into wrong logits or a crash at the first forward."""
+    model, path = state
+    bad = _rewrite(path, tmp_path / "bad.state", tensors, meta, fix)
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*" + re.escape(message)):
+        AHNCache.load(bad, model)
+
+
+def test_a_state_of_the_format_before_the_schema_still_loads(model_dirs, tmp_path):
+    """ahn-state/1 files (every cache-layer attribute under its attribute name, no checksums) load, with a warning,
+    and continue exactly as the cache they were saved from."""
+    model = make_model(model_dirs, **CONFIGS["gated_deltanet-salience"])
+    cache = model.new_cache()
+    read(model, [ids(1, 45, seed=1)[0].tolist()], cache, CHUNK)
+    cache.save(tmp_path / "v2.state")
+    v1_names = {"salience_token": "sal_token", "salience_mass": "sal_mass", "buffer_slot": "buf_slot",
+                "buffer_score": "buf_score"}
+
+    def to_v1(meta):
+        layers = []
+        for i in range(meta["cache"]["layers"]):
+            kinds = {"window": "int", "sinks": "int", "buffer_slots": "int", "ring_start": "int", "seen": "int",
+                     "is_initialized": "bool", "dtype": "dtype:float32", "device": "device"}
+            for field in ahn.state.LAYER_FIELDS:
+                kinds[v1_names.get(field, field)] = "tensor" if f"layers.{i}.{field}" in meta["sha256"] else "none"
+            layers.append(kinds)
+        c = meta["cache"]
+        return {"format": "ahn-state/1", "ahn_version": "0.1.0",
+                "fingerprint": dict(meta["fingerprint"], ahn_config=dict(meta["fingerprint"]["ahn_config"])),
+                "cache": {"window": c["window"], "sinks": c["sinks"], "mode": c["mode"], "buffers": c["buffer_slots"],
+                          "pad_offsets": True}, "layers": layers}
+
+    def tensors_v1(t):
+        out = {}
+        for k, v in t.items():
+            parts = k.split(".")
+            if parts[0] == "layers":
+                parts[2] = v1_names.get(parts[2], parts[2])
+            out[".".join(parts)] = v
+        for i in range(2):
+            out |= {f"layers.{i}.{n}": torch.tensor(x) for n, x in
+                    (("window", W), ("sinks", S), ("buffer_slots", 3), ("ring_start", S + 3), ("is_initialized", True))}
+        return out
+
+    import ahn.state
+
+    old = _rewrite(tmp_path / "v2.state", tmp_path / "v1.state", tensors_v1, to_v1)
+    with pytest.warns(FutureWarning, match="format 'ahn-state/1'"):
+        loaded = AHNCache.load(old, model)
+    assert_same_cache(loaded, cache)
+    tail = ids(1, 5, seed=7)
+    assert torch.equal(decode(model, loaded, tail), decode(model, cache, tail))
 
 
 def test_save_needs_its_model_writes_atomically_and_refuses_what_it_cannot_hold(model_dirs, tmp_path, monkeypatch):
@@ -223,6 +329,44 @@ def test_save_needs_its_model_writes_atomically_and_refuses_what_it_cannot_hold(
     assert (tmp_path / "s.state").read_bytes() == before and os.listdir(tmp_path) == ["s.state"]
     monkeypatch.undo()
 
+    # The file holds the schema's fields, not the layer's attributes: one added to a layer changes nothing.
     cache.layers[0].notes = ["a list"]
-    with pytest.raises(TypeError, match="cache layer 0 attribute 'notes' is a list"):
-        cache.save(tmp_path / "s.state", model)
+    cache.save(tmp_path / "t.state", model)
+    assert (tmp_path / "t.state").read_bytes() == (tmp_path / "s.state").read_bytes()
+
+
+def test_save_refuses_another_models_fingerprint(model_dirs, tmp_path):
+    """Issue 25.5: a cache filled by one model cannot be saved under another model's fingerprint."""
+    model, other = make_model(model_dirs), make_model(model_dirs, seed=1)
+    cache = model.new_cache()
+    read(model, [ids(1, 30)[0].tolist()], cache, CHUNK)
+    with pytest.raises(ValueError, match="this cache was filled by another model"):
+        cache.save(tmp_path / "s.state", model=other)
+    assert not (tmp_path / "s.state").exists()
+    cache.save(tmp_path / "s.state", model=model)  # its own model, named: fine
+    with pytest.raises(ValueError, match="other memory weights"):
+        AHNCache.load(tmp_path / "s.state", other)
+
+
+def test_save_through_a_symlink_writes_its_target(model_dirs, tmp_path):
+    """Issue 25.6: saving to a symlink replaces the file it points to (the link stays a link); a path that is
+    not a regular file (a device, a pipe) is refused before anything is written."""
+    model = make_model(model_dirs)
+    cache = model.new_cache()
+    read(model, [ids(1, 30)[0].tolist()], cache, CHUNK)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "book.state"
+    cache.save(target)
+    stale = target.read_bytes()
+    read(model, [ids(1, 9, seed=5)[0].tolist()], cache, CHUNK)
+    link = tmp_path / "link.state"
+    link.symlink_to(target)
+    cache.save(link)
+    assert link.is_symlink() and target.read_bytes() != stale
+    assert AHNCache.load(link, model).get_seq_length() == 39
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="is not a regular file"):
+        cache.save(tmp_path / "pipe")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        cache.save("/dev/null")
