@@ -64,14 +64,14 @@ def save_adapter(model, path, state: dict[str, torch.Tensor] | None = None) -> N
     the weights file is replaced first, then the config. ``state``: memory weights to write
     instead of the model's own (a gathered state dict under ZeRO-3 / FSDP).
     """
-    from ahn import __version__
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = model.memory_state_dict() if state is None else state
     tensors = {n: t.detach().contiguous().cpu() for n, t in state.items()}
     config_text = model.ahn_config.to_json_string()
-    weights = safetensors_bytes(tensors, {"format": "pt", "ahn_version": __version__, CONFIG_METADATA: config_text})
+    # One metadata entry (the config, which carries ahn_version): safetensors writes its metadata map in no fixed
+    # order, so several entries would make two saves of the same adapter differ in bytes (and in weights_sha256).
+    weights = safetensors_bytes(tensors, {CONFIG_METADATA: config_text})
     config = json.loads(config_text) | {"weights_sha256": hashlib.sha256(weights).hexdigest()}
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     remove_stale_temporaries(path.parent)

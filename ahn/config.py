@@ -17,6 +17,10 @@ CONFIG_NAME = "ahn_config.json"
 
 # Attention modes of an AHNModel: the base model's own attention, sinks + window, sinks + window + memory.
 MODES = ("full", "window", "ahn")
+# The largest priority buffer accepted (slots per memory layer and kv head): a decode step attends to every slot and
+# a prefill block sorts them, so a buffer is meant to be small beside the window; 65,536 is already 2x the paper's
+# longest window (32,640) and 4,096x the demo's 16.
+MAX_BUFFER_SLOTS = 65536
 # Bounds of the automatic attention block (AHNConfig.block_for): below 64 queries the per-block
 # overhead dominates; above 1024 the [bq, S + W + bq] mask and scores only cost memory.
 MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 64, 1024
@@ -84,6 +88,10 @@ class AHNConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise ValueError(f"{name}={value!r} must be an int >= {lo}" + (" or None" if name == "attention_block" else ""))
+        if self.buffer_slots > MAX_BUFFER_SLOTS:
+            raise ValueError(f"buffer_slots={self.buffer_slots} is above the bound of {MAX_BUFFER_SLOTS} slots per layer and "
+                             "kv head (ahn.config.MAX_BUFFER_SLOTS): the buffer is attended at every step; use fewer "
+                             "slots (the demo uses 16)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if self.backend == "triton" and not memory_class(self.memory).fused:

@@ -24,6 +24,7 @@ registry's documented ``(module, query, key, value, attention_mask, **kwargs)``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -83,6 +84,7 @@ class _Runtime:
         self.decoder = decoder
         self.hooks: list = []  # torch.utils.hooks.RemovableHandle of every hook add_memory registered
         self.requires_grad: dict = {}  # base parameter -> its requires_grad before add_memory froze it
+        self.configs: dict = {}  # module -> the config object it held before add_memory gave it a private copy
         self.attached = True
 
 
@@ -217,10 +219,12 @@ def add_memory(model: nn.Module, config: AHNConfig, memories: Optional[dict[int,
     decoder = _find_decoder(model)
     register_attention()
     AutoModelForCausalLM.register(AHNModelConfig, AHNModel, exist_ok=True)  # idempotent (see AHNModelConfig)
+    shared_configs = _own_configs(model)
     base_implementation = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     if model.config._attn_implementation != ATTENTION:
         model.set_attn_implementation(base_implementation)
+        _restore_configs(shared_configs)
         raise ValueError(
             f"{type(model).__name__} does not dispatch its attention through transformers' AttentionInterface "
             "(set_attn_implementation has no effect on it), which ahn attaches to"
@@ -228,6 +232,7 @@ def add_memory(model: nn.Module, config: AHNConfig, memories: Optional[dict[int,
     model.set_attn_implementation(base_implementation)
 
     runtime = _Runtime(config, base_implementation, decoder)
+    runtime.configs = shared_configs
     for p in model.parameters():
         runtime.requires_grad[p] = p.requires_grad
         p.requires_grad_(False)
@@ -241,6 +246,26 @@ def add_memory(model: nn.Module, config: AHNConfig, memories: Optional[dict[int,
     wrapped = AHNModel(model, config, runtime)
     wrapped._set_mode("ahn")
     return wrapped
+
+
+def _own_configs(model: nn.Module) -> dict:
+    """Give ``model`` private copies of its config objects (every submodule that holds one gets the copy) and return
+    ``{module: its original config}``. Selecting ahn's attention writes the config; two models built from one config
+    object share it, and attaching a memory to one must not change the other."""
+    memo: dict = {}
+    copy.deepcopy(model.config, memo)
+    originals = {}
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if isinstance(config, PretrainedConfig) and isinstance(memo.get(id(config)), PretrainedConfig):
+            originals[module] = config
+            module.config = memo[id(config)]
+    return originals
+
+
+def _restore_configs(originals: dict) -> None:
+    for module, config in originals.items():
+        module.config = config
 
 
 def _keep_hidden_state(attn: nn.Module):
@@ -379,6 +404,7 @@ class AHNModel(nn.Module):
             raise RuntimeError("the memory was already removed from this model")
         base = self.base_model
         base.set_attn_implementation(runtime.base_implementation)
+        _restore_configs(runtime.configs)
         for handle in runtime.hooks:
             handle.remove()
         for attn in runtime.decoder.attentions:
@@ -387,7 +413,7 @@ class AHNModel(nn.Module):
         for p, flag in runtime.requires_grad.items():
             p.requires_grad_(flag)
         del base._ahn_runtime
-        runtime.attached, runtime.hooks, runtime.requires_grad = False, [], {}
+        runtime.attached, runtime.hooks, runtime.requires_grad, runtime.configs = False, [], {}, {}
         return base
 
     def __enter__(self) -> "AHNModel":

@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ahn import __version__
 from ahn._io import make_readable, remove_stale_temporaries, replace_file
 from ahn.config import DEPRECATED_READOUTS
 
@@ -105,8 +106,10 @@ def fingerprint(model) -> dict:
         memory_hash.update(_tensor_bytes(p))
     config = {k: v for k, v in base.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
     ahn_config = {k: v for k, v in model.ahn_config.to_dict().items() if k not in COMPUTE_ONLY_FIELDS}
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for name, p in base.named_parameters() if name not in memory})
     return _canonical({
         "model_name": getattr(base.config, "_name_or_path", "") or "",
+        "model_dtype": ",".join(dtypes),
         "model_config": config,
         "model_weights_sha256": weights.hexdigest(),
         "ahn_config": ahn_config,
@@ -135,8 +138,6 @@ def write_state(path, tensors: dict[str, torch.Tensor], header: dict, model_fing
     ``header`` the cache's settings; each tensor's checksum goes into the metadata."""
     target = writable_target(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    from ahn import __version__
-
     meta = {"format": FORMAT, "ahn_version": __version__, "fingerprint": model_fingerprint, "cache": header,
             "sha256": {k: _checksum(v) for k, v in tensors.items()}}
 
@@ -237,6 +238,10 @@ def check_fingerprint(path, meta: dict, model) -> None:
     if diff:
         raise ValueError(f"{path} was saved with another base model{name}: its config differs in "
                          f"{'; '.join(diff[:4])}; load the model the state was saved with")
+    if saved.get("model_dtype", here["model_dtype"]) != here["model_dtype"]:  # ahn-state/1 files do not record it
+        raise ValueError(f"{path} was saved with the model in {saved['model_dtype']}, but this model is in "
+                         f"{here['model_dtype']}: load it in {saved['model_dtype']} (ahn generate: --dtype "
+                         f"{saved['model_dtype']})")
     if saved["model_weights_sha256"] != here["model_weights_sha256"]:
         raise ValueError(f"{path} was saved with a model of this architecture but other weights{name} (another "
                          "checkpoint or fine-tune); load the model the state was saved with")

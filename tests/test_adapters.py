@@ -127,3 +127,13 @@ def test_a_truncated_weights_file_names_the_file(tmp_path):
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"{w}.* the adapter is damaged"):
         read_adapter(tmp_path / "a")
+
+
+def test_saving_the_same_adapter_twice_gives_the_same_bytes(tmp_path):
+    """Issue 25.19: the weights file's metadata is written in a fixed order, so an identical re-save is byte-identical
+    (ahn eval's adapter_sha256 then lets a run resume)."""
+    files = []
+    for i in range(8):
+        save_adapter(OLD[0], tmp_path / str(i))
+        files.append(((tmp_path / str(i) / WEIGHTS_NAME).read_bytes(), (tmp_path / str(i) / CONFIG_NAME).read_bytes()))
+    assert all(f == files[0] for f in files)

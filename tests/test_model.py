@@ -603,3 +603,18 @@ def test_a_pipeline_takes_the_model_quietly(model_dirs, caplog):
     out = pipe("a long text " * 3, max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert out.startswith("a long text ") and len(out) > len("a long text " * 3)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_add_memory_leaves_a_model_sharing_its_config_alone():
+    """Issue 25.21: two models built from one config object; attaching a memory to one changes nothing in the other."""
+    cfg = tiny_config("qwen2")
+    torch.manual_seed(0)
+    a, b = AutoModelForCausalLM.from_config(cfg).eval(), AutoModelForCausalLM.from_config(cfg).eval()
+    x = ids(1, 30)
+    before = logits(b, x)
+    model = ahn.add_memory(a, AHNConfig(window=8, sinks=2))
+    assert torch.equal(logits(b, x), before)  # b still runs its own attention
+    other = ahn.add_memory(b, AHNConfig(window=8, sinks=2))
+    with other.attention_mode("full"):  # b's own implementation was recorded as it was, not as ahn's
+        assert torch.equal(logits(other, x), before)
+    assert model.remove_memory().config is cfg and other.remove_memory().config is cfg

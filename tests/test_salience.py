@@ -234,7 +234,10 @@ def test_cache_accounts_for_the_buffer(model_dirs):
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(buffer_slots=-1), "buffer_slots"), (dict(readout="mix"), "readout"),
-                                           (dict(salience_writes=1), "salience_writes")])
+                                           (dict(salience_writes=1), "salience_writes"),
+                                           # Issue 25.14: refused at once, not at the first forward's allocation.
+                                           (dict(buffer_slots=10**9, window=4),
+                                            "buffer_slots=1000000000 is above the bound of 65536 slots")])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AHNConfig(**kwargs)

@@ -245,6 +245,11 @@ def _scaled(key, factor):
      "holds buffer slots [2, 2] per layer but the model's configuration gives [0, 0]"),
     ("header's layers", None, lambda m: dict(m, cache=dict(m["cache"], layers=3)), False,
      "holds 3 layers but the model has 2"),
+    # Issue 25.16: the window and sinks of the header are checked against what the file holds.
+    ("header's window", None, lambda m: dict(m, cache=dict(m["cache"], window=8)), False,
+     "layer 0 keys (1, 2, 19, 12) torch.float32 do not fit [batch 1, 2 kv heads, 3 sinks + 0 buffer + ring of 8 to 8"),
+    ("header's sinks", None, lambda m: dict(m, cache=dict(m["cache"], sinks=5)), False,
+     "layer 0 keys (1, 2, 19, 12) torch.float32 do not fit [batch 1, 2 kv heads, 5 sinks"),
 ])
 def test_a_state_changed_after_saving_is_refused(state, tmp_path, name, tensors, meta, fix, message):
     """Issue 25.4: contents changed after saving (values, positions, shapes, dtypes, header fields) are refused at load
@@ -370,3 +375,12 @@ def test_save_through_a_symlink_writes_its_target(model_dirs, tmp_path):
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
     with pytest.raises(ValueError, match="is not a regular file"):
         cache.save("/dev/null")
+
+
+def test_a_state_continued_in_another_dtype_says_so(model_dirs, state):
+    """Issue 25.12: a state saved in float32 and loaded into a bfloat16 model names the dtypes and the flag."""
+    _, path = state
+    model = make_model(model_dirs).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"saved with the model in float32, but this model is in bfloat16: load it in "
+                                         r"float32 \(ahn generate: --dtype float32\)"):
+        AHNCache.load(path, model)
