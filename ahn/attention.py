@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
 
 from ahn.cache import AHNCache, AHNCacheLayer, Buffer, DecodeView
 from ahn.config import MODES  # noqa: F401 (re-exported: the attention modes)
@@ -592,6 +593,4 @@ def ahn_attention(module, query, key, value, attention_mask, scaling=None, ahn_c
 
 def register_attention() -> None:
     """Register :func:`ahn_attention` as :data:`ATTENTION` (idempotent; done by ``add_memory``, not at import)."""
-    from transformers import AttentionInterface  # start-up time: `import ahn` does not import transformers
-
     AttentionInterface.register(ATTENTION, ahn_attention)

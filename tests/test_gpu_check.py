@@ -61,7 +61,7 @@ def test_dry_run_writes_every_section(tmp_path):
         fused = interpreting() and row["rule"] in TRITON_RULES
         assert ("state_err" in row) == fused and (not fused or row["state_err"] <= gpu_check.TOL_STEP_STATE)
 
-    # End to end: every (length, mode), and the logits checks of DESIGN.md's invariants 1 and 2.
+    # End to end: every (length, mode), and the logits checks of docs/design.md's invariants 1 and 2.
     e2e = {(r["n"], r["mode"]): r for r in sections["end_to_end"]["rows"]}
     assert set(e2e) == {(n, mode) for n in sizes.e2e_lengths for mode in gpu_check.MODES}
     assert all(r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["cache_MiB"] > 0 for r in e2e.values())

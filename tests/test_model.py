@@ -1,4 +1,4 @@
-"""The AHN model on tiny random Qwen2 / Qwen3 models: the invariants of DESIGN.md and the user API."""
+"""The AHN model on tiny random Qwen2 / Qwen3 models: the invariants of docs/design.md and the user API."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ Four sections, in this order:
 4. ``end_to_end``: a random-weight Qwen2.5-3B-shaped model in bfloat16 prefills 32k and 128k
    tokens, then decodes tokens after them: full attention (sdpa) vs sinks + window vs ahn
    (window + gated DeltaNet memory), with time, cache size and peak GPU memory. Two logits
-   checks of DESIGN.md's invariants: ahn equals sinks + window (zero-initialised memory
+   checks of docs/design.md's invariants: ahn equals sinks + window (zero-initialised memory
    output), and sinks + window equals full attention when n <= sinks + window.
 
 Each section gets a share of the time budget (``--budget``; what one leaves, the next ones
