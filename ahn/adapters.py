@@ -160,11 +160,13 @@ def read_adapter(path, **overrides) -> tuple[AHNConfig, dict[str, torch.Tensor]]
         )
     if overrides:
         saved, config = config, replace(config, **overrides)
-        if (saved.uses_salience, saved.readout) != (config.uses_salience, config.readout):
+        learned = (lambda c: (c.uses_salience, c.readout, c.uses_salience and c.salience_mass))
+        if learned(saved) != learned(config):
             raise ValueError(
                 f"adapter {path} was trained with buffer_slots={saved.buffer_slots}, salience_writes="
-                f"{saved.salience_writes}, readout={saved.readout!r}; the overrides {overrides} change which learned "
-                "weights it needs (a salience scorer, the deferring read-out's logit). Keep readout and whether it "
-                "has a scorer; buffer_slots may change when it has one (buffer_slots > 0 or salience_writes)"
+                f"{saved.salience_writes}, readout={saved.readout!r}, salience_mass={saved.salience_mass}; the "
+                f"overrides {overrides} change which learned weights it needs (a salience scorer and its mass weight, "
+                "the deferring read-out's logit). Keep readout, salience_mass and whether it has a scorer; "
+                "buffer_slots may change when it has one (buffer_slots > 0 or salience_writes)"
             )
     return config, state

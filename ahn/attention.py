@@ -30,6 +30,7 @@ settings of the call arrive as the keyword ``ahn_context`` (an :class:`AHNContex
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -179,6 +180,74 @@ def received_attention(e: torch.Tensor, lse: torch.Tensor, m: torch.Tensor) -> t
     return torch.matmul(weight, e).squeeze(-2).mean(2)
 
 
+# torch's CPU flash-attention kernel returns the log-sum-exp beside the output (an underscore op of aten: used behind
+# the capability check of `_cpu_flash_with_lse`, with the explicit softmax as the public fallback).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class _FlashWithLSE(torch.autograd.Function):
+    """Attention and its log-sum-exp from torch's CPU flash kernel, both differentiable.
+
+    The kernel's backward takes the gradient of the output only; the log-sum-exp's gradient ``g`` adds ``g_i p_ij``
+    to the logits' gradient, i.e. it lowers the kernel's row term ``D_i = dO_i . O_i`` by ``g_i``. One extra zero
+    channel on q, k and v (logits unchanged) carries it: ``dO' = [dO, 1]``, ``O' = [O, -g]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous()
+        if g_lse is None:
+            dq, dk, dv = _CPU_FLASH_BACKWARD(g_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
+            return dq, dk, dv, None, None
+
+        def widen(x, value):
+            return F.pad(x, (0, 1), value=value)
+
+        carried = torch.cat([out, -g_lse.unsqueeze(-1).to(out.dtype)], dim=-1)
+        dq, dk, dv = _CPU_FLASH_BACKWARD(widen(g_out, 1.0), widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), carried, lse,
+                                         0.0, False, attn_mask=mask, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+
+
+def _cpu_flash_with_lse(q: torch.Tensor) -> bool:
+    return _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.device.type == "cpu" \
+        and q.dtype in _CPU_FLASH_DTYPES and os.environ.get("AHN_ATTENTION_LSE", "auto") != "explicit"
+
+
+def _explicit_attention(q, keys, values, mask, scale):
+    """:func:`attend` with an explicit float32 softmax (the fallback, and the reference the tests hold it to)."""
+    B, Hq, T, D = q.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    e, m, lse = window_softmax(_block_logits(q.view(B, Hkv, Hq // Hkv, T, D), keys, mask.view(B, 1, 1, T, N), scale))
+    out = (_grouped_matmul(e.to(values.dtype), values).float() * torch.exp(m - lse.unsqueeze(-1))).to(values.dtype)
+    return out.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Softmax attention and its log-sum-exp, both differentiable: ``q [B, Hq, T, D]``, ``keys, values
+    [B, Hkv, N, D]`` (GQA: query head h reads kv head h // (Hq / Hkv)), ``mask [B, T, N]`` bool (True: visible; every
+    row sees at least one key). Returns ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
+
+    On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); elsewhere, or with
+    ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd)."""
+    if _cpu_flash_with_lse(q):
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = _FlashWithLSE.apply(q, keys, values, bias.unsqueeze(1), scale)
+        return out, lse.float()
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, keys, values)):
+        return checkpoint(_explicit_attention, q, keys, values, mask, scale, use_reentrant=False)
+    return _explicit_attention(q, keys, values, mask, scale)
+
+
 def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """Indices sorting candidates by priority, best first: higher score, then newer slot (empty ones last)."""
     by_slot = torch.sort(slot, dim=-1, descending=True, stable=True).indices
@@ -189,26 +258,21 @@ def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- one block
 def buffered_block_attention(
     q: torch.Tensor,  # [B, Hkv, R, bq, D], a block of bq queries (R query heads per kv head)
-    window: tuple,  # window_softmax of the scaled logits over sinks + window [B, Hkv, R, bq, N]
-    values: torch.Tensor,  # [B, Hkv, N, Dv]
+    window_out: torch.Tensor,  # [B, Hkv, R, bq, Dv] attention over sinks + window (:func:`attend`)
+    window_lse: torch.Tensor,  # [B, Hkv, R, bq] its log-sum-exp (float32)
     scale: float,
-    buffer: Optional[Buffer],
-    evicted: Optional[tuple],  # (k [B,Hkv,bq,D], v, slot [B,Hkv,bq] (-1: none), score [B,Hkv,bq]): the token query i evicts
+    buffer: Buffer,
+    evicted: tuple,  # (k [B,Hkv,bq,D], v, slot [B,Hkv,bq] (-1: none), score [B,Hkv,bq]): the token query i evicts
 ):
-    """Softmax attention of a block of queries over sinks + window and the priority buffer as it evolves.
+    """Softmax attention of a block of queries over sinks + window and the priority buffer as it evolves, in one
+    softmax: the window's part enters through its log-sum-exp (``out = window_out * exp(window_lse - lse) + ...``).
 
-    Returns ``(out [B, Hkv, R, bq, Dv], lse [B, Hkv, R, bq] over every attended entry, the buffer
-    after the block or None)``. The window's weights are scaled per row after the matmul
-    (``(e @ v) * exp(m - lse)``), so the [bq, N] block is read once more, by the matmul only.
+    Returns ``(out [B, Hkv, R, bq, Dv], lse [B, Hkv, R, bq] over every attended entry, the buffer after the block)``.
 
     Inside the block the buffer evolves token by token without a loop: the candidates are the M entries at
     the block's start plus the tokens the block evicts; sorted by priority, a candidate is visible to query i
     iff it has been evicted by i and fewer than M candidates before it in that order have been.
     """
-    e, m, lse = window
-    window_out = _grouped_matmul(e.to(values.dtype), values).float()  # [B, Hkv, R, bq, Dv], unnormalised
-    if buffer is None:
-        return (window_out * torch.exp(m - lse.unsqueeze(-1))).to(values.dtype), lse, None
     bq = q.shape[3]
     M = buffer.slots
     ek, ev, eslot, escore = evicted
@@ -228,18 +292,11 @@ def buffered_block_attention(
     visible = evicted_by & (better < M)
     blogits = _grouped_matmul(q * scale, ck.transpose(-1, -2)).float()  # [B, Hkv, R, bq, M + bq]
     blogits = blogits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
-    lse = torch.logaddexp(lse, torch.logsumexp(blogits, dim=-1))
-    out = (window_out * torch.exp(m - lse.unsqueeze(-1))
+    lse = torch.logaddexp(window_lse, torch.logsumexp(blogits, dim=-1))
+    out = (window_out.float() * torch.exp(window_lse - lse).unsqueeze(-1)
            + _grouped_matmul(torch.exp(blogits - lse.unsqueeze(-1)).to(cv.dtype), cv).float())
     # Every candidate is evicted by the block's end: the new buffer is the best M (empty ones sort last).
-    return out.to(values.dtype), lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
-
-
-def _attend_block(qb, keys, values, block_mask, scale, buffer, evicted, window=None):
-    """One explicit-softmax block of :func:`window_attention` (``window``: its window_softmax, already computed)."""
-    if window is None:
-        window = window_softmax(_block_logits(qb, keys, block_mask, scale))
-    return buffered_block_attention(qb, window, values, scale, buffer, evicted)
+    return out.to(window_out.dtype), lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
 
 
 # ----------------------------------------------------------------------------- prefill attention
@@ -268,10 +325,12 @@ def window_attention(
 
     Query block [a, a+bq) needs only context slots [a-W+1, a+bq): cost O(T * (S + W + bq)), peak
     memory O(bq * (S + W + bq)) whatever T is. Without options (``need_lse`` False, no scorer, buffer
-    or probe) each block is one SDPA call. Otherwise the block's softmax is explicit: with a ``scorer``
-    the window attention each context slot receives is accumulated into ``mass`` and the token each
-    query evicts (slot t - W) is scored; with a ``buffer`` those tokens compete for it; ``probe_window``:
-    also return, per context slot, the attention mass received from queries at least that far ahead.
+    or probe) each block is one SDPA call; otherwise one :func:`attend` call, which also gives the
+    log-sum-exp. With a ``scorer`` the token each query evicts (slot t - W) is scored, and with a scorer
+    that reads the received attention (``scorer.uses_mass``) the window attention each context slot
+    receives is accumulated into ``mass`` (an explicit softmax of the block, without autograd); with a
+    ``buffer`` the evicted tokens compete for it; ``probe_window``: also return, per context slot, the
+    attention mass received from queries at least that far ahead.
 
     Returns ``(out [B, T, Hq, D], lse [B, Hq, T] or None, evict_scores [B, Hkv, T] (score of the token
     query i evicts; -inf where none) or None, buffer or None, probe [B, Hkv, L] or None)``.
@@ -308,16 +367,11 @@ def window_attention(
             continue
         qb = qg[:, :, :, a: a + bq]
         block_mask = mask.view(B, 1, 1, bq, -1)
-        # With autograd the block runs under activation checkpointing: its [bq, S' + L'] probabilities are
-        # recomputed in the backward instead of kept for every block (SDPA keeps none either).
-        checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (qb, keys, values))
-        softmax_parts = None
-        if scorer is not None or probe is not None:
+        if (scorer is not None and scorer.uses_mass) or probe is not None:
             # The window's own softmax gives each key's received mass (summed over queries, averaged over heads).
             with torch.no_grad():
-                softmax_parts = window_softmax(_block_logits(qb, keys, block_mask, scale))
-                e_w, m_w, lse_w = softmax_parts
-                if scorer is not None:
+                e_w, m_w, lse_w = window_softmax(_block_logits(qb, keys, block_mask, scale))
+                if scorer is not None and scorer.uses_mass:
                     mass[:, :, lo - ctx_start: hi - ctx_start] += received_attention(e_w, lse_w, m_w)[..., n_sinks:]
                 if probe is not None:
                     t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
@@ -336,13 +390,14 @@ def window_attention(
             if buffer is not None:
                 eslot = torch.where(valid, e.view(1, 1, bq), -1).expand(B, Hkv, bq)
                 evicted = (ctx_k.index_select(2, idx), ctx_v.index_select(2, idx), eslot, escore)
-        args = (qb, keys, values, block_mask, scale, buffer, evicted)
-        if checkpointed:  # the no-grad window softmax above cannot serve the autograd pass: recomputed inside
-            out, lse, new_buffer = checkpoint(_attend_block, *args, None, use_reentrant=False)
-        else:
-            out, lse, new_buffer = _attend_block(*args, softmax_parts)
-        if new_buffer is not None:
-            buffer = new_buffer
+        out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale)  # [B, Hq, bq, D], [B, Hq, bq]
+        if buffer is not None:
+            args = (qb, out.view(B, Hkv, R, bq, -1), lse.view(B, Hkv, R, bq), scale, buffer, evicted)
+            if torch.is_grad_enabled() and any(x.requires_grad for x in args[:3]):
+                # Its [bq, M + bq] candidate logits are recomputed in the backward instead of kept for every block.
+                out, lse, buffer = checkpoint(buffered_block_attention, *args, use_reentrant=False)
+            else:
+                out, lse, buffer = buffered_block_attention(*args)
         outs.append(out.reshape(B, Hq, bq, -1))
         lses.append(lse.reshape(B, Hq, bq))
     out = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, Hq, D]
@@ -515,7 +570,7 @@ def decode_attention(q: torch.Tensor, view: DecodeView, scale: float, parts: Lay
     e, m, lse = window_softmax(_block_logits(qg, view.keys, block_mask, scale))
     out = _grouped_matmul(e.to(view.values.dtype), view.values).float() * torch.exp(m - lse.unsqueeze(-1))
     received = None
-    if parts.scorer is not None:
+    if parts.scorer is not None and parts.scorer.uses_mass:
         ring = e.detach()[..., view.ring_start:]  # [B, Hkv, R, 1, C]
         window_sum = e.detach()[..., : view.sinks].sum(-1, keepdim=True) + ring.sum(-1, keepdim=True)
         received = (ring / window_sum).squeeze(3).mean(2)

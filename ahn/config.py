@@ -59,6 +59,9 @@ class AHNConfig:
             ``"defer"``: it is weighted by its share of a softmax in which the memory is one more
             entry beside the attended keys, with a learned logit, so it stands back when attention
             already has a strong match (see :mod:`ahn.salience`).
+        salience_mass: the salience score reads the attention a token received while in the window
+            (True, default) or only the token itself (False: the score is known when the token enters, so
+            prefill attention needs no explicit softmax for it; see :mod:`ahn.salience`).
 
     With ``buffer_slots=0``, ``salience_writes=False`` and ``readout="add"`` everything is the
     paper's mechanism; any of them adds a salience scorer (or the read-out's logit) to each memory.
@@ -75,6 +78,7 @@ class AHNConfig:
     buffer_slots: int = 0
     salience_writes: bool = False
     readout: str = "add"
+    salience_mass: bool = True
 
     def __post_init__(self):
         from ahn.kernels import BACKENDS
@@ -106,8 +110,9 @@ class AHNConfig:
             object.__setattr__(self, "layers", tuple(sorted(layers)))
         if not isinstance(self.memory_kwargs, dict):
             raise ValueError(f"memory_kwargs={self.memory_kwargs!r} must be a dict")
-        if not isinstance(self.salience_writes, bool):
-            raise ValueError(f"salience_writes={self.salience_writes!r} must be true or false")
+        for name in ("salience_writes", "salience_mass"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.readout in DEPRECATED_READOUTS:
             new = DEPRECATED_READOUTS[self.readout]
             warnings.warn(f"readout={self.readout!r} is renamed readout={new!r} (the same read-out); the old name will "

@@ -182,7 +182,8 @@ def build_memories(model: nn.Module, config: AHNConfig) -> dict[int, Memory]:
             use_qk_l2norm=config.use_qk_l2norm, options=config.memory_kwargs,
         )
         if config.uses_salience:
-            mem.salience = SalienceScorer(hf.hidden_size, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
+            mem.salience = SalienceScorer(hf.hidden_size, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+                                          mass=config.salience_mass)
             mem.salience_gates_writes = config.salience_writes
         if config.readout == "defer":
             mem.defer = linear(hf.hidden_size, hf.num_attention_heads, bias=True)

@@ -54,12 +54,18 @@ from ahn.memory.base import linear  # normal(INIT_STD) weights, zero bias
 
 
 class SalienceScorer(nn.Module):
-    """Per-kv-head salience of a token at eviction: ``proj(x) + mass_weight * log1p(mass)``."""
+    """Per-kv-head salience of a token at eviction: ``proj(x) + mass_weight * log1p(mass)``, or ``proj(x)`` alone
+    with ``mass=False`` (``AHNConfig.salience_mass``): then the score is known when the token enters, and attention
+    needs no explicit softmax for it."""
 
-    def __init__(self, hidden_size: int, num_kv_heads: int):
+    def __init__(self, hidden_size: int, num_kv_heads: int, mass: bool = True):
         super().__init__()
         self.proj = linear(hidden_size, num_kv_heads, bias=True)
-        self.mass_weight = nn.Parameter(torch.zeros(num_kv_heads))
+        self.mass_weight = nn.Parameter(torch.zeros(num_kv_heads)) if mass else None
+
+    @property
+    def uses_mass(self) -> bool:
+        return self.mass_weight is not None
 
     def token_part(self, x: torch.Tensor) -> torch.Tensor:
         """The part of the score known when the token enters: ``x [B, T, hidden]`` -> ``[B, Hkv, T]`` float32."""
@@ -67,6 +73,8 @@ class SalienceScorer(nn.Module):
 
     def score(self, token_part: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         """Scores at eviction: ``token_part, mass [B, Hkv, n]`` -> ``[B, Hkv, n]``."""
+        if self.mass_weight is None:
+            return token_part
         return token_part + self.mass_weight.float().view(-1, 1) * torch.log1p(mass)
 
 

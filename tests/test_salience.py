@@ -25,7 +25,8 @@ from test_model import (  # noqa: F401 (model_dirs: the fixture)
 )
 
 ALL_ON = dict(buffer_slots=3, salience_writes=True, readout="defer")
-OPTIONS = [ALL_ON, dict(buffer_slots=2), dict(salience_writes=True), dict(readout="defer")]
+OPTIONS = [ALL_ON, dict(buffer_slots=2), dict(salience_writes=True), dict(readout="defer"),
+           dict(buffer_slots=2, salience_writes=True, salience_mass=False, readout="defer")]
 
 
 def randomize_salience(model, seed=0):

@@ -1,0 +1,55 @@
+"""The attention with its log-sum-exp (ahn.attention.attend): torch's CPU flash kernel against the explicit softmax,
+outputs, log-sum-exp and every gradient (the log-sum-exp's included), with GQA and window masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ahn import attention
+from ahn.attention import attend, window_block_mask
+
+# The explicit form's softmax is float32 whatever the inputs (as in the model), so float64 inputs agree to float32's
+# rounding; float32 inputs also differ by flash's blocked online softmax.
+TOLERANCE = {torch.float64: 2e-6, torch.float32: 2e-5}
+
+
+def inputs(dtype, B=2, Hq=4, Hkv=2, T=37, N=70, D=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=dtype) for h, n in ((Hq, T), (Hkv, N), (Hkv, N)))
+    # A sliding-window mask with sinks and a left-padded row, as the prefill blocks build it.
+    P = torch.tensor([0, 5]).view(B, 1, 1)
+    mask = window_block_mask(N - T, T, 2, N, 16, 2, P, P + torch.arange(2).view(1, 1, -1))
+    keys = torch.cat([k[:, :, :2], k[:, :, 2:]], 2)
+    return q, keys, torch.cat([v[:, :, :2], v[:, :, 2:]], 2), mask
+
+
+@pytest.mark.skipif(attention._CPU_FLASH is None, reason="this torch has no CPU flash kernel")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flash_with_lse_equals_the_explicit_softmax_with_gradients(dtype, monkeypatch):
+    q, k, v, mask = inputs(dtype)
+    gen = torch.Generator().manual_seed(1)
+    g_out = torch.randn(q.shape, generator=gen, dtype=dtype)
+    g_lse = torch.randn(q.shape[:3], generator=gen, dtype=torch.float32)
+    results = {}
+    for form in ("auto", "explicit"):
+        monkeypatch.setenv("AHN_ATTENTION_LSE", form)
+        assert attention._cpu_flash_with_lse(q) == (form == "auto")
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = attend(*leaves, mask, 0.3)
+        assert lse.dtype == torch.float32 and out.dtype == dtype
+        ((out * g_out).sum() + (lse * g_lse).sum()).backward()
+        results[form] = (out.detach(), lse.detach(), *(x.grad for x in leaves))
+    tol = TOLERANCE[dtype]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), results["auto"], results["explicit"]):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.skipif(attention._CPU_FLASH is None, reason="this torch has no CPU flash kernel")
+def test_flash_with_lse_in_bfloat16(monkeypatch):
+    q, k, v, mask = inputs(torch.bfloat16)
+    out, lse = attend(q, k, v, mask, 0.3)
+    monkeypatch.setenv("AHN_ATTENTION_LSE", "explicit")
+    ref_out, ref_lse = attend(q.double(), k.double(), v.double(), mask, 0.3)
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=3e-2)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=0, atol=3e-2)
