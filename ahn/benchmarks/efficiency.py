@@ -22,10 +22,12 @@ import time
 from typing import Optional
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import ahn
+from ahn.configs import load_model_config
 from ahn.model import cache_kwargs, output_cache
+from ahn.plotting import line_panels
 
 
 def tiny_model(hidden: int, layers: int, heads: int, kv_heads: int, max_len: int, seed: int = 0):
@@ -43,10 +45,6 @@ def shaped_model(name: str, max_len: int, device: str, dtype: torch.dtype, seed:
     """A randomly initialised model with the architecture of a real one (a config shipped in
     ``configs/models``, a config.json, a model directory or a Hub id), built on ``device``;
     ``overrides`` replaces config fields (e.g. fewer layers for a dry run of a GPU benchmark)."""
-    from transformers import AutoModelForCausalLM
-
-    from ahn.configs import load_model_config
-
     cfg = load_model_config(name)
     for key, value in (overrides or {}).items():
         setattr(cfg, key, value)
@@ -221,8 +219,6 @@ def main(argv=None):
 
 def plot(rows, modes, path, title: str) -> None:
     """PNG: prefill seconds and decode ms/token against tokens, one line per mode."""
-    from ahn.plotting import line_panels
-
     def series(kind):
         pts = {m: sorted((n, t) for mode, k, n, t, _, _ in rows if mode == m and k == kind) for m in modes}
         return {m: ([n for n, _ in p], [t for _, t in p]) for m, p in pts.items()}
