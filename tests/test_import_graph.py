@@ -2,7 +2,8 @@
 
 Every module under ``ahn/`` is parsed with :mod:`ast` (never imported): imports at any depth count, function-local
 ones included, except those under ``if TYPE_CHECKING:``. Relative imports are resolved; ``from ahn.x import y``
-is an edge to the module ``ahn.x.y`` when that is a module, else to ``ahn.x``. Only explicit imports are edges:
+is an edge to the module ``ahn.x.y`` when that is a module, else to ``ahn.x`` (or, for a name that ``ahn.x``
+exports lazily through its ``_LAZY`` table, to the module that defines it). Only explicit imports are edges:
 the implicit import of a parent package (``ahn.x`` when ``ahn.x.y`` is imported) is not, so a package that
 re-exports its submodules does not make a loop with each of them.
 
@@ -11,7 +12,9 @@ above it (a run of consecutive imports shares one comment):
 
 * ``# optional dependency``: a package ahn runs without (lm_eval, matplotlib, triton, fla, ...), or one that is
   slow to import and used by a single command (datasets, jieba);
-* ``# start-up time``: keeps ``import ahn``, ``ahn --help`` and ``ahn --version`` free of torch / transformers.
+* ``# start-up time``: keeps ``import ahn``, ``ahn --help`` and ``ahn --version`` free of torch / transformers (and
+  the modules of ahn that import them), or keeps a heavy import that a command rarely needs (matplotlib, torch's
+  FLOP counter) out of its start.
 
 Run as a script (``python tests/test_import_graph.py``) it prints the cycles and the function-local imports.
 """
@@ -101,9 +104,24 @@ def _resolve_base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(parts + ([node.module] if node.module else []))
 
 
-def imports_of(module: str, source: str, is_package: bool, modules) -> list[Import]:
-    """The imports in ``source`` (the text of ``module``); ``modules`` is the set of ahn's module names."""
+def lazy_exports() -> dict[str, dict[str, str]]:
+    """Package -> {name: module} of the packages that export names lazily (a ``_LAZY`` table in ``__init__``):
+    ``from ahn import add_memory`` imports ``ahn.model`` when it runs."""
+    out = {}
+    for name, path in module_files().items():
+        if path.name != "__init__.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
+                out[name] = ast.literal_eval(node.value)
+    return out
+
+
+def imports_of(module: str, source: str, is_package: bool, modules, lazy: Optional[dict] = None) -> list[Import]:
+    """The imports in ``source`` (the text of ``module``); ``modules`` is the set of ahn's module names, ``lazy``
+    what :func:`lazy_exports` returns."""
     tree = ast.parse(source)
+    lazy = lazy or {}
     out = []
     for node, local in _walk(tree, False):
         if isinstance(node, ast.Import):
@@ -112,14 +130,15 @@ def imports_of(module: str, source: str, is_package: bool, modules) -> list[Impo
         base = _resolve_base(module, is_package, node)
         for alias in node.names:
             sub = f"{base}.{alias.name}"
-            out.append(Import(module, sub if sub in modules else base, node.lineno, local))
+            target = sub if sub in modules else lazy.get(base, {}).get(alias.name, base)
+            out.append(Import(module, target, node.lineno, local))
     return out
 
 
 def all_imports() -> list[Import]:
-    modules = module_files()
+    modules, lazy = module_files(), lazy_exports()
     return [imp for name, path in modules.items()
-            for imp in imports_of(name, path.read_text(), path.name == "__init__.py", modules)]
+            for imp in imports_of(name, path.read_text(), path.name == "__init__.py", modules, lazy)]
 
 
 def import_graph(imports: Optional[list[Import]] = None) -> dict[str, set[str]]:
@@ -169,7 +188,7 @@ def describe(comp: list[str], graph: dict[str, set[str]]) -> str:
     return f"{len(comp)} modules: " + "; ".join(edges)
 
 
-def unexplained_local_imports(imports: Optional[list[Import]] = None) -> list[str]:
+def unexplained_local_imports() -> list[str]:
     """'file:line: import' for each function-local import without a reason comment (see the module docstring)."""
     modules = module_files()
     bad = []
@@ -236,6 +255,9 @@ def test_the_parser_sees_local_relative_and_submodule_imports():
     assert found == [("typing", 1, False), ("ahn.lm_eval", 4, False), ("ahn.demo.teacher", 6, True), ("ahn._io", 7, True),
                      ("ahn.demo.teacher", 8, True)]
     assert imports_of("ahn.demo", "from . import x", True, {"ahn.demo", "ahn.demo.x"})[0].target == "ahn.demo.x"
+    assert lazy_exports()["ahn"]["add_memory"] == "ahn.model"
+    assert imports_of("ahn.x", "from ahn import add_memory, __version__", False, {"ahn", "ahn.model"},
+                      lazy_exports()) == [Import("ahn.x", "ahn.model", 1, False), Import("ahn.x", "ahn", 1, False)]
     assert cycles({"a": {"b"}, "b": {"a", "c"}, "c": set(), "d": {"e"}, "e": set()}) == [["a", "b"]]
 
 
@@ -344,6 +366,8 @@ if __name__ == "__main__":
     for c in cycles(g):
         print("cycle:", describe(c, g))
     local = [i for i in all_imports() if i.local]
-    print(f"{len(local)} function-local imports ({sum(i.target.startswith('ahn') for i in local)} of ahn modules)")
+    statements = {(i.module, i.line) for i in local}
+    of_ahn = {(i.module, i.line) for i in local if i.target == "ahn" or i.target.startswith("ahn.")}
+    print(f"{len(statements)} function-local import statements ({len(of_ahn)} of ahn's own modules)")
     for line in unexplained_local_imports():
         print("no reason:", line)

@@ -24,9 +24,10 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import ahn
+from ahn.cache import AHNCache
+from ahn.config import AHNConfig
 from ahn.configs import load_model_config
-from ahn.model import cache_kwargs, output_cache
+from ahn.model import add_memory, cache_kwargs, output_cache
 from ahn.plotting import line_panels
 
 
@@ -65,7 +66,7 @@ def peak_gpu_gb(device) -> Optional[float]:
 
 
 def cache_bytes(cache) -> int:
-    if isinstance(cache, ahn.AHNCache):
+    if isinstance(cache, AHNCache):
         return cache.nbytes
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
@@ -149,12 +150,12 @@ def main(argv=None):
     else:
         base = tiny_model(a.hidden, a.layers, a.heads, a.kv_heads, longest).to(a.device, dtype)
         what = f"Qwen2 hidden={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads}"
-    config = ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks)
+    config = AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks)
     models = {}
     if "salient" in a.modes:
         salient = dict(buffer_slots=a.buffer, salience_writes=a.salience_writes, readout=a.readout)
-        models["salient"] = ahn.add_memory(copy.deepcopy(base), ahn.AHNConfig(**config.to_dict() | salient))
-    model = ahn.add_memory(base, config)
+        models["salient"] = add_memory(copy.deepcopy(base), AHNConfig(**config.to_dict() | salient))
+    model = add_memory(base, config)
     models.update({mode: model for mode in ("full", "window", "ahn")})
 
     def running(mode):

@@ -52,13 +52,13 @@ from typing import Callable, Optional
 
 import torch
 
-import ahn
 from ahn.benchmarks.efficiency import cache_bytes, decode_ms, peak_gpu_gb, prefill, shaped_model
 from ahn.benchmarks.kernels import RULES, make_args, rule_fn, runs, step_args, step_fn, timed
-from ahn.config import MODES
+from ahn.config import MODES, AHNConfig
 from ahn.configs import load_model_config
 from ahn.kernels._common import fla_available
 from ahn.kernels._triton import interpreting
+from ahn.model import add_memory
 
 # ----------------------------------------------------------------------------- sizes
 # Issue 16: <= 8 minutes on one GPU, all sections together; 15 s of it are kept for start-up and writing.
@@ -352,7 +352,7 @@ def section_end_to_end(run: Run, sec: Section) -> None:
     s, dev = run.sizes, run.device
     base = shaped_model(E2E_SHAPE, max(s.e2e_lengths), str(dev), run.dtype, overrides=s.model_overrides)
     cfg = base.config
-    model = ahn.add_memory(base, ahn.AHNConfig(memory=MEMORY, window=s.window, sinks=s.sinks))
+    model = add_memory(base, AHNConfig(memory=MEMORY, window=s.window, sinks=s.sinks))
     sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), shape=E2E_SHAPE, overrides=s.model_overrides,
                       layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
                       kv_heads=cfg.num_key_value_heads, memory=MEMORY, sinks=s.sinks, window=s.window,

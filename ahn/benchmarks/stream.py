@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-import ahn
 from ahn._shipped import load_demo_teacher
+from ahn.config import AHNConfig
 from ahn.generate import read
+from ahn.model import add_memory
 
 DEFAULT_LENGTHS = (10_000, 100_000, 1_000_000)
 
@@ -46,9 +47,9 @@ def measure(a) -> dict:
     """One length, in this process: build the model, read ``a.child`` tokens, save the state."""
     if a.threads is not None:
         torch.set_num_threads(a.threads)
-    config = ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks, buffer_slots=a.buffer,
+    config = AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks, buffer_slots=a.buffer,
                            salience_writes=a.salience_writes, readout=a.readout)
-    model = ahn.add_memory(load_demo_teacher(), config)
+    model = add_memory(load_demo_teacher(), config)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
 
