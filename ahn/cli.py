@@ -133,11 +133,7 @@ def _add_eval(sub) -> None:
         formatter_class=HelpFormatter,
     )
     add_eval_arguments(p)
-    p.set_defaults(func=_run_eval)
-
-
-def _run_eval(args) -> int:
-    return run_eval(args)
+    p.set_defaults(func=run_eval)
 
 
 def _add_distill(sub) -> None:
@@ -242,11 +238,7 @@ def _add_demo(sub) -> None:
         formatter_class=HelpFormatter,
     )
     add_demo_arguments(p)
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args) -> int:
-    return run_demo(args)
+    p.set_defaults(func=run_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
