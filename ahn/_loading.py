@@ -27,7 +27,7 @@ def from_path_or_hub(load: Callable[[str], T], spec: str, what: str, hint: str =
 
 def load_tokenizer(spec: str):
     """The tokenizer of the model at ``spec`` (directory or Hub id); ValueError when it has none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # start-up time: the CLI's parser modules import this one
 
     tokenizer = from_path_or_hub(AutoTokenizer.from_pretrained, spec, "tokenizer")
     if not set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens):
@@ -38,6 +38,6 @@ def load_tokenizer(spec: str):
 
 def load_causal_lm(spec: str, **kwargs):
     """``AutoModelForCausalLM.from_pretrained(spec, **kwargs)`` with a "not found" error for an unknown model."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # start-up time
 
     return from_path_or_hub(lambda s: AutoModelForCausalLM.from_pretrained(s, **kwargs), spec, "model")

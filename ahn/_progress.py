@@ -12,6 +12,7 @@ def library_progress(enabled: bool):
     if enabled:
         yield
         return
+    # start-up time: `ahn demo` imports this module to build its flags
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 

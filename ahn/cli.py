@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 from ahn import __version__
-from ahn.config import READOUTS
+from ahn._cli_args import int_at_least, json_object
+from ahn.benchmarks.evaluate import add_eval_arguments
+from ahn.benchmarks.evaluate import run as run_eval
+from ahn.config import MODES, READOUTS
+from ahn.configs import load_model_config
+from ahn.demo.run import add_arguments as add_demo_arguments
+from ahn.demo.run import main_args as run_demo
+from ahn.distill.config import add_arguments as add_distill_arguments
+from ahn.distill.config import config_from_args
+
+# Everything above builds the parser without torch (`ahn --help`, `ahn --version` stay fast); what imports torch
+# (FLOPs, the trainer, generate) is imported by the command that runs it ("start-up time").
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -30,32 +42,6 @@ class HelpFormatter(argparse.HelpFormatter):
                 or action.default in (None, False, argparse.SUPPRESS)):
             return text
         return text + " (default: %(default)s)"
-
-
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an int >= ``low``; argparse names the flag in the error (exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-        return value
-
-    return parse
-
-
-def json_object(text: str) -> dict:
-    """An argparse ``type``: a JSON object (argparse names the flag in the error, exit 2)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"decay_rank\": 8}}'")
-    return value
 
 
 def _add_flops(sub) -> None:
@@ -97,10 +83,7 @@ def _add_flops(sub) -> None:
 
 
 def _run_flops(args) -> int:
-    from pathlib import Path
-
-    from ahn.configs import load_model_config
-    from ahn.flops import MODES, ModelShape, compare
+    from ahn.flops import ModelShape, compare, plot  # start-up time
 
     if args.plot and not Path(args.plot).parent.is_dir():
         raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; create it "
@@ -125,16 +108,12 @@ def _run_flops(args) -> int:
             cs = f"{r['cache_saving_pct']:.1f}%" if mode != "full" else "-"
             print(f"{mode:<8}{r['flops'] / 1e12:>12.1f}{fs:>9}{r['cache_bytes'] / 2**30:>12.3f}{cs:>9}   {parts}")
     if args.plot:
-        from ahn.flops import plot
-
         plot(shape, args.max_len or args.seq_len, args.plot, title=args.model, **kw)
         print(f"plot written to {args.plot}")
     return 0
 
 
 def _add_eval(sub) -> None:
-    from ahn.benchmarks.evaluate import add_eval_arguments  # torch-free at import
-
     p = sub.add_parser(
         "eval",
         help="long-context benchmarks (LV-Eval, InfiniteBench, LongBench, RULER, perplexity) per attention mode",
@@ -154,18 +133,10 @@ def _add_eval(sub) -> None:
         formatter_class=HelpFormatter,
     )
     add_eval_arguments(p)
-    p.set_defaults(func=_run_eval)
-
-
-def _run_eval(args) -> int:
-    from ahn.benchmarks.evaluate import run
-
-    return run(args)
+    p.set_defaults(func=run_eval)
 
 
 def _add_distill(sub) -> None:
-    from ahn.distill.config import add_arguments  # torch-free at import
-
     p = sub.add_parser(
         "distill",
         help="train a memory adapter by self-distillation from the frozen full-attention model",
@@ -185,13 +156,12 @@ def _add_distill(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(p)
+    add_distill_arguments(p)
     p.set_defaults(func=_run_distill)
 
 
 def _run_distill(args) -> int:
-    from ahn.distill.config import config_from_args
-    from ahn.distill.trainer import distill
+    from ahn.distill.trainer import distill  # start-up time
 
     distill(config_from_args(args))
     return 0
@@ -245,14 +215,12 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> int:
-    from ahn.generate import run
+    from ahn.generate import run  # start-up time
 
     return run(args)
 
 
 def _add_demo(sub) -> None:
-    from ahn.demo.run import add_arguments
-
     p = sub.add_parser(
         "demo",
         help="the built-in demo: a memory recovers what the window forgot (CPU, minutes, no download)",
@@ -269,14 +237,8 @@ def _add_demo(sub) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    add_arguments(p)
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args) -> int:
-    from ahn.demo.run import main_args
-
-    return main_args(args)
+    add_demo_arguments(p)
+    p.set_defaults(func=run_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ahn import __version__
+
 CONFIG_NAME = "ahn_config.json"
+# The attention modes of a model with memory: full attention (the base model as it is), sinks + sliding window,
+# and window + memory. Defined here, in a module without torch, for the CLI, the benchmarks and the model alike.
+MODES = ("full", "window", "ahn")
 
 
 # Attention modes of an AHNModel: the base model's own attention, sinks + window, sinks + window + memory.
@@ -81,6 +86,7 @@ class AHNConfig:
     salience_mass: bool = True
 
     def __post_init__(self):
+        # start-up time: the CLI imports this module to build its flags; the memory rules and backends import torch
         from ahn.kernels import BACKENDS
         from ahn.memory import available_memories, memory_class
 
@@ -157,8 +163,6 @@ class AHNConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_json_string(self) -> str:
-        from ahn import __version__
-
         return json.dumps({**self.to_dict(), "ahn_version": __version__}, indent=2, sort_keys=True) + "\n"
 
     @classmethod

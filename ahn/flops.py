@@ -27,10 +27,10 @@ from typing import Optional
 
 import torch
 
-from ahn.config import READOUTS
+from ahn.config import MODES, READOUTS
 from ahn.memory import memory_class
+from ahn.plotting import line_panels
 
-MODES = ("full", "window", "ahn")
 FLOAT32_BYTES = 4  # AHNCache keeps memory gates and states in float32
 INT64_BYTES = 8  # the priority buffer's slot indices
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -152,8 +152,6 @@ def compare(shape: ModelShape, seq_len: int, **kwargs) -> dict:
 
 def plot(shape: ModelShape, max_len: int, path, title: str = "", points: int = 64, **kwargs) -> None:
     """PNG of FLOPs and cache bytes against sequence length for the three modes."""
-    from ahn.plotting import line_panels
-
     lengths = sorted({max(1, round(max_len * (i + 1) / points)) for i in range(points)})
     rows = {mode: [count(shape, n, mode, **kwargs) for n in lengths] for mode in MODES}
     flops = {m: (lengths, [r["flops"] / 1e12 for r in rs]) for m, rs in rows.items()}
@@ -181,6 +179,7 @@ def measured_flops(fn) -> int:
     that counts the pairs each call really attends (the boolean mask or the causal triangle),
     so the measurement is comparable with :func:`count`.
     """
+    # start-up time: torch.utils.flop_counter takes ~0.6 s to import and `ahn flops` never measures
     from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -33,9 +33,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+from tqdm import tqdm
+from transformers import TextStreamer
 
+from ahn._loading import load_causal_lm, load_tokenizer
+from ahn._progress import library_progress
 from ahn.cache import AHNCache
-from ahn.model import cache_kwargs
+from ahn.config import AHNConfig
+from ahn.model import AHNModel, add_memory, cache_kwargs
+from ahn.state import read_metadata
 
 READ_BYTES = 1 << 16  # bytes read from the input per call
 PIECE_CHARS = 1 << 16  # characters tokenized per call (about: a piece ends at a line start)
@@ -264,15 +270,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 def _load(args):
     """(AHNModel, tokenizer) for the command's --model / --adapter / --window / --sinks / --dtype / --device."""
-    from ahn import AHNConfig, AHNModel, add_memory
-    from ahn._loading import load_causal_lm, load_tokenizer
-    from ahn._progress import library_progress
-
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     window, sinks = args.window, args.sinks
     if args.state is not None and (window is None or sinks is None):  # continue with the state's window and sinks
-        from ahn.state import read_metadata
-
         saved = read_metadata(args.state)["fingerprint"]["ahn_config"]
         window = saved["window"] if window is None else window
         sinks = saved["sinks"] if sinks is None else sinks
@@ -288,8 +288,6 @@ def _load(args):
 def _check_paths(args) -> None:
     """Refuse unusable --state / --save-state / --device before anything is read or loaded."""
     if args.state is not None:
-        from ahn.state import read_metadata
-
         if not Path(args.state).exists():
             raise ValueError(f"--state {args.state}: no such file; give a state written by --save-state")
         read_metadata(args.state)
@@ -308,9 +306,6 @@ def _check_paths(args) -> None:
 
 def run(args) -> int:
     """``ahn generate``: read ``--input`` (after ``--state``), optionally save the state, then generate greedily."""
-    from tqdm import tqdm
-    from transformers import TextStreamer
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

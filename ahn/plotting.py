@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend, imported on first use."""
+    import matplotlib  # start-up time: about a second, and most runs that import this module never plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # start-up time
+
+    return plt
+
+
 def line_panels(path, title: str, panels, figsize=(11, 4)) -> None:
     """Side-by-side line plots written to ``path``.
 
     ``panels``: a list of ``(xlabel, ylabel, series, log2_x)`` where ``series`` maps a label
     to ``(xs, ys)``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=figsize, squeeze=False)
     for ax, (xlabel, ylabel, series, log2_x) in zip(axes[0], panels):
         for label, (xs, ys) in series.items():
@@ -30,11 +36,7 @@ def line_panels(path, title: str, panels, figsize=(11, 4)) -> None:
 def scatter_panels(path, title: str, panels, figsize=None) -> None:
     """Side-by-side scatter plots written to ``path``; ``panels``: ``(xlabel, ylabel, series)`` as in
     :func:`line_panels`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=figsize or (5.5 * len(panels), 4), squeeze=False)
     for ax, (xlabel, ylabel, series) in zip(axes[0], panels):
         for label, (xs, ys) in series.items():

@@ -27,6 +27,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+from safetensors import safe_open
+
+from ahn._io import check_writable_folder, replace_file
+from ahn.adapters import WEIGHTS_NAME
+from ahn.demo.run import DemoSettings, max_pairs, run_demo  # this benchmark is made of demo runs
+from ahn.demo.teacher import DEMO_TASK, load_teacher
+from ahn.memory import available_memories
+from ahn.model import AHNModel, cache_kwargs
+from ahn.plotting import line_panels
+
 CONFIGURATIONS = {
     "memory": {"buffer_slots": 0, "salience_writes": False, "readout": "paper"},
     "recommended": {},  # the demo's defaults
@@ -41,10 +52,6 @@ def cell_dir(out: Path, memory: str, pairs: int) -> Path:
 
 def run_cell(memory: str, pairs: int, out: str, settings: dict, threads: Optional[int]) -> dict:
     """One demo run (in a worker process when ``--jobs`` > 1); returns its results.json plus the cache sizes."""
-    import torch
-
-    from ahn.demo.run import DemoSettings, run_demo
-
     if threads and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     folder = cell_dir(Path(out), memory, pairs)
@@ -59,10 +66,6 @@ def run_cell(memory: str, pairs: int, out: str, settings: dict, threads: Optiona
 
 def adapter_params(adapter: Path) -> int:
     """The trained parameters (every tensor of the adapter's weights file), read from its header."""
-    from safetensors import safe_open
-
-    from ahn.adapters import WEIGHTS_NAME
-
     with safe_open(str(adapter / WEIGHTS_NAME), framework="pt") as f:
         return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
 
@@ -70,12 +73,6 @@ def adapter_params(adapter: Path) -> int:
 def cache_sizes(adapter: Path) -> dict:
     """Bytes the memory keeps for one sequence, read off a real cache after one held-out-length sequence:
     the state (all layers) and the write gates per window token (all layers)."""
-    import torch
-
-    from ahn import AHNModel
-    from ahn.demo.teacher import DEMO_TASK, load_teacher
-    from ahn.model import cache_kwargs
-
     model = AHNModel.from_pretrained(load_teacher(), str(adapter))
     with torch.no_grad():
         cache = model.new_cache()
@@ -104,8 +101,6 @@ def summary_table(cells: dict, memories: Sequence[str], pairs: Sequence[int]) ->
 
 
 def plot(path: Path, cells: dict, memories: Sequence[str], pairs: Sequence[int], title: str) -> None:
-    from ahn.plotting import line_panels
-
     series = {}
     for mem in memories:
         done = [(p, cells[(mem, p)]) for p in pairs if (mem, p) in cells]
@@ -116,10 +111,6 @@ def plot(path: Path, cells: dict, memories: Sequence[str], pairs: Sequence[int],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ahn._io import check_writable_folder, replace_file
-    from ahn.demo.run import DemoSettings, max_pairs
-    from ahn.memory import available_memories
-
     p = argparse.ArgumentParser(prog="python -m ahn.benchmarks.capacity", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--memories", nargs="+", default=None, metavar="RULE",

@@ -22,10 +22,13 @@ import time
 from typing import Optional
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import ahn
-from ahn.model import cache_kwargs, output_cache
+from ahn.cache import AHNCache
+from ahn.config import AHNConfig
+from ahn.configs import load_model_config
+from ahn.model import add_memory, cache_kwargs, output_cache
+from ahn.plotting import line_panels
 
 
 def tiny_model(hidden: int, layers: int, heads: int, kv_heads: int, max_len: int, seed: int = 0):
@@ -43,10 +46,6 @@ def shaped_model(name: str, max_len: int, device: str, dtype: torch.dtype, seed:
     """A randomly initialised model with the architecture of a real one (a config shipped in
     ``configs/models``, a config.json, a model directory or a Hub id), built on ``device``;
     ``overrides`` replaces config fields (e.g. fewer layers for a dry run of a GPU benchmark)."""
-    from transformers import AutoModelForCausalLM
-
-    from ahn.configs import load_model_config
-
     cfg = load_model_config(name)
     for key, value in (overrides or {}).items():
         setattr(cfg, key, value)
@@ -67,7 +66,7 @@ def peak_gpu_gb(device) -> Optional[float]:
 
 
 def cache_bytes(cache) -> int:
-    if isinstance(cache, ahn.AHNCache):
+    if isinstance(cache, AHNCache):
         return cache.nbytes
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
@@ -151,12 +150,12 @@ def main(argv=None):
     else:
         base = tiny_model(a.hidden, a.layers, a.heads, a.kv_heads, longest).to(a.device, dtype)
         what = f"Qwen2 hidden={a.hidden} layers={a.layers} heads={a.heads}/{a.kv_heads}"
-    config = ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks)
+    config = AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks)
     models = {}
     if "salient" in a.modes:
         salient = dict(buffer_slots=a.buffer, salience_writes=a.salience_writes, readout=a.readout)
-        models["salient"] = ahn.add_memory(copy.deepcopy(base), ahn.AHNConfig(**config.to_dict() | salient))
-    model = ahn.add_memory(base, config)
+        models["salient"] = add_memory(copy.deepcopy(base), AHNConfig(**config.to_dict() | salient))
+    model = add_memory(base, config)
     models.update({mode: model for mode in ("full", "window", "ahn")})
 
     def running(mode):
@@ -221,8 +220,6 @@ def main(argv=None):
 
 def plot(rows, modes, path, title: str) -> None:
     """PNG: prefill seconds and decode ms/token against tokens, one line per mode."""
-    from ahn.plotting import line_panels
-
     def series(kind):
         pts = {m: sorted((n, t) for mode, k, n, t, _, _ in rows if mode == m and k == kind) for m in modes}
         return {m: ([n for n, _ in p], [t for _, t in p]) for m, p in pts.items()}

@@ -32,17 +32,28 @@ builds its parser from it).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from ahn._cli_args import int_at_least
 from ahn._io import replace_file
+from ahn._jsonl import append_line, read_appended, read_jsonl
+from ahn._loading import load_causal_lm, load_tokenizer
+from ahn.config import CONFIG_NAME, MODES, AHNConfig
+from ahn.plotting import pyplot
+
+# `ahn --help` builds its parser from this module: torch, transformers, datasets, tqdm, matplotlib and the
+# modules of ahn that import them are imported inside the functions that use them ("start-up time").
 
 BENCHMARKS = ("lveval", "infinitebench", "longbench", "ruler", "perplexity")
-MODES = ("full", "window", "ahn")
 RUN_FILE = "run.json"
 
 
@@ -74,21 +85,6 @@ class Dataset:
     samples: list[Sample]
     score: Callable[[str, Sample], float]
     meta: dict = field(default_factory=dict)
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, record)`` for each non-empty line; a malformed line raises ValueError naming it."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
-            yield n, record
 
 
 def field_of(record: dict, name: str, kind: str, where: str):
@@ -131,7 +127,7 @@ def load_records(data: Optional[str], names: Sequence[str], hub: Callable[[str],
             rows = read_jsonl(path)
             out[n] = [(f"{path}, line {line}", r) for i, (line, r) in zip(range(limit or 2**62), rows)]
         return out
-    from datasets import load_dataset
+    from datasets import load_dataset  # start-up time
 
     for n in names:
         config, split = hub(n)
@@ -193,9 +189,7 @@ def build_input_ids(tokenizer, sample: Sample, text: str, use_chat: bool) -> lis
 def load_model(model: str, adapter: Optional[str], window: Optional[int], sinks: Optional[int], dtype: str,
                device: str):
     """(AHNModel, tokenizer): the base model with the adapter at ``adapter``, or a fresh memory (= window)."""
-    import torch
-
-    from ahn._loading import load_causal_lm, load_tokenizer
+    import torch  # start-up time
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -212,7 +206,7 @@ def attach_memory(base, adapter: Optional[str], window: Optional[int], sinks: Op
     adapter's values where given. ``ahn eval`` and the lm-evaluation-harness model (``ahn.lm_eval``)
     both load through here, so an adapter, window and sinks mean the same in both.
     """
-    from ahn import AHNConfig, AHNModel, add_memory
+    from ahn.model import AHNModel, add_memory  # start-up time
 
     overrides = {k: v for k, v in (("window", window), ("sinks", sinks), *overrides.items()) if v is not None}
     if not adapter:
@@ -222,8 +216,7 @@ def attach_memory(base, adapter: Optional[str], window: Optional[int], sinks: Op
 
 def adapter_files(adapter: str) -> list[Path]:
     """The files an adapter is read from: ahn's config + weights, else the official release's."""
-    from ahn.adapters import OFFICIAL_WEIGHTS_NAME, WEIGHTS_NAME
-    from ahn.config import CONFIG_NAME
+    from ahn.adapters import OFFICIAL_WEIGHTS_NAME, WEIGHTS_NAME  # start-up time
 
     path = Path(adapter)
     names = (CONFIG_NAME, WEIGHTS_NAME) if (path / CONFIG_NAME).exists() else ("config.json", OFFICIAL_WEIGHTS_NAME)
@@ -232,8 +225,6 @@ def adapter_files(adapter: str) -> list[Path]:
 
 def adapter_fingerprint(adapter: Optional[str]) -> Optional[str]:
     """SHA-256 of the adapter's files (names and contents): a run resumes only with the same weights."""
-    import hashlib
-
     if not adapter:
         return None
     digest = hashlib.sha256()
@@ -250,7 +241,7 @@ def resolve_device(name: Optional[str], shard: Optional["Shard"] = None) -> str:
 
     In a multi-process run "cuda" (given or by default) is this process's GPU, ``cuda:LOCAL_RANK``.
     """
-    import torch
+    import torch  # start-up time
 
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -270,7 +261,7 @@ def generate(model, tokenizer, ids: list[int], mode: str, max_new_tokens: int) -
     A fresh generation config: greedy, no repetition penalty or sampling settings from the
     checkpoint; it stops at the checkpoint's EOS token(s).
     """
-    import torch
+    import torch  # start-up time
     from transformers import GenerationConfig
 
     eos = model.generation_config.eos_token_id
@@ -319,9 +310,7 @@ def barrier(shard: Shard) -> None:
     """
     if shard.world == 1:
         return
-    from datetime import timedelta
-
-    import torch.distributed as dist
+    import torch.distributed as dist  # start-up time
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=shard.rank, world_size=shard.world, timeout=timedelta(weeks=52))
@@ -380,21 +369,8 @@ def predictions_path(out: Path, mode: str, dataset: str) -> Path:
     return out / mode / f"{dataset}.jsonl"
 
 
-def read_predictions(path: Path) -> list[dict]:
-    """Lines already written; an unfinished last line (a run killed mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    return [record for _, record in read_jsonl(path)]
-
-
-def append_line(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
+# The predictions files are appended a sample at a time; a run killed mid-line leaves an unfinished last line.
+read_predictions = read_appended
 
 
 def check_run_settings(out: Path, settings: dict) -> None:
@@ -422,7 +398,7 @@ def run_generation(model, tokenizer, datasets: list[Dataset], modes: Sequence[st
     ``skip[(dataset, mode)]`` (done by another rank). The progress bar counts samples and shows
     tokens per second (prompt + generated tokens over generation time).
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # start-up time
 
     skip = skip or {}
     done = {(d.name, m): read_predictions(predictions_path(out, m, d.name)) for d in datasets for m in modes}
@@ -488,11 +464,7 @@ def markdown_table(scores: dict, modes: Sequence[str], metric: str, average: boo
 
 def plot_scores(path: Path, scores: dict, modes: Sequence[str], title: str, ylabel: str) -> None:
     """Grouped bars: one group per dataset, one bar per mode (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(scores)
     width = 0.8 / len(modes)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) * len(modes) * 0.5 + 2), 4.5))
@@ -533,8 +505,6 @@ def _csv(value: str) -> list[str]:
 
 def parse_token_counts(value: str, minimum: int = 1) -> list[int]:
     """``"4096,8k"`` -> ``[4096, 8192]`` (``k`` = 1024), each at least ``minimum``."""
-    import re
-
     out = []
     for item in _csv(value):
         m = re.fullmatch(r"(\d+)([kK]?)", item)
@@ -548,8 +518,6 @@ def parse_token_counts(value: str, minimum: int = 1) -> list[int]:
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``ahn eval`` (the CLI calls this; :func:`run` executes them)."""
-    from ahn.cli import int_at_least
-
     p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark to run")
     p.add_argument("--model", required=True, help="base model: local directory or Hub id")
     p.add_argument("--adapter", help="trained memory adapter directory (default: a fresh memory, i.e. sinks + window)")
@@ -580,8 +548,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``ahn eval`` (see :func:`add_eval_arguments`); prints the results table."""
-    import importlib
-
     modes = _csv(args.modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:

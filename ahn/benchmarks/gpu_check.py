@@ -54,6 +54,11 @@ import torch
 
 from ahn.benchmarks.efficiency import cache_bytes, decode_ms, peak_gpu_gb, prefill, shaped_model
 from ahn.benchmarks.kernels import RULES, make_args, rule_fn, runs, step_args, step_fn, timed
+from ahn.config import MODES, AHNConfig
+from ahn.configs import load_model_config
+from ahn.kernels._common import fla_available
+from ahn.kernels._triton import interpreting
+from ahn.model import add_memory
 
 # ----------------------------------------------------------------------------- sizes
 # Issue 16: <= 8 minutes on one GPU, all sections together; 15 s of it are kept for start-up and writing.
@@ -69,7 +74,6 @@ E2E_SHAPE = "Qwen2.5-3B-Instruct"
 # 32768, Qwen2.5-3B's max_position_embeddings, the context its attention was trained on.
 SINKS, WINDOW = 128, 32640
 MEMORY = "gated_deltanet"
-MODES = ("full", "window", "ahn")
 # Tolerances, relative to max(1, |reference| max), from the tests: bf16 outputs and states
 # (tests/test_kernels.py TOL), bf16 gradients (TOL_BF16_GRAD of tests/test_triton_kernels.py),
 # the decode step's float32 state (test_fused_step_bfloat16_on_cuda).
@@ -185,9 +189,6 @@ def version(dist: str) -> Optional[str]:
 
 def unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` here, or None if it can."""
-    from ahn.kernels._common import fla_available
-    from ahn.kernels._triton import interpreting
-
     if backend == "fla":
         if device.type != "cuda":
             return "fla needs CUDA"
@@ -202,8 +203,6 @@ def unavailable(backend: str, device: torch.device) -> Optional[str]:
 
 def shape_of(name: str, divisor: int) -> dict:
     """Query heads, k / v heads and head size of a shipped model config, divided by ``divisor``."""
-    from ahn.configs import load_model_config
-
     cfg = load_model_config(name)
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {"H": max(1, cfg.num_attention_heads // divisor), "Hk": max(1, cfg.num_key_value_heads // divisor),
@@ -350,12 +349,10 @@ def section_decode_step(run: Run, sec: Section) -> None:
 
 def section_end_to_end(run: Run, sec: Section) -> None:
     """Prefill n tokens and decode after them, per n (small first) and mode, on one random-weight model."""
-    import ahn
-
     s, dev = run.sizes, run.device
     base = shaped_model(E2E_SHAPE, max(s.e2e_lengths), str(dev), run.dtype, overrides=s.model_overrides)
     cfg = base.config
-    model = ahn.add_memory(base, ahn.AHNConfig(memory=MEMORY, window=s.window, sinks=s.sinks))
+    model = add_memory(base, AHNConfig(memory=MEMORY, window=s.window, sinks=s.sinks))
     sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), shape=E2E_SHAPE, overrides=s.model_overrides,
                       layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
                       kv_heads=cfg.num_key_value_heads, memory=MEMORY, sinks=s.sinks, window=s.window,

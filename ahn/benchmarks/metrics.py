@@ -15,6 +15,7 @@ edge cases); the docstrings name the source. Shared by :mod:`ahn.benchmarks.lvev
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import Counter
@@ -57,9 +58,7 @@ def qa_f1(prediction: str, ground_truth: str) -> float:
 
 def jieba_cut(text: str) -> list[str]:
     """jieba's default (precise mode, ``cut_all=False``) segmentation, as every official Chinese metric uses."""
-    import logging
-
-    import jieba
+    import jieba  # optional dependency: only the Chinese metrics use it (the rest of ahn.benchmarks runs without)
 
     jieba.setLogLevel(logging.WARNING)  # jieba logs its dictionary loading at INFO on first use
     return list(jieba.cut(text, cut_all=False))

@@ -17,7 +17,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ahn.benchmarks.evaluate import append_line, parse_token_counts, predictions_path, read_jsonl, read_predictions
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ahn._jsonl import append_line, read_appended, read_jsonl
+from ahn.benchmarks.evaluate import parse_token_counts, predictions_path
 
 METRIC = "mean NLL (nats/token)"
 DEFAULT_LENGTHS = (8192,)
@@ -47,7 +52,7 @@ def read_text(data, text_field: str, split: str) -> str:
         return "\n\n".join(parts)
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    from datasets import load_dataset
+    from datasets import load_dataset  # optional dependency: slow to import (seconds), only a Hub dataset needs it
 
     rows = load_dataset(data, split=split)
     if text_field not in rows.column_names:
@@ -55,14 +60,11 @@ def read_text(data, text_field: str, split: str) -> str:
     return "\n\n".join(rows[text_field])
 
 
-def token_nll(model, ids) -> "torch.Tensor":
+def token_nll(model, ids) -> torch.Tensor:
     """NLL of tokens 1..T-1 given their prefix, in the current attention mode: ``[T - 1]`` float32.
 
     ``ids``: ``[1, T]``. The decoder runs once; ``lm_head`` in chunks of ``LOGITS_CHUNK`` positions.
     """
-    import torch
-    import torch.nn.functional as F
-
     base = model.base_model
     with torch.no_grad():
         hidden = base.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # [T-1, hidden]
@@ -79,9 +81,6 @@ def run(model, tokenizer, args, modes, out: Path, lengths: list[int], shard=None
     ``shard`` (an :class:`~ahn.benchmarks.evaluate.Shard`): score only its sequences, numbered over the
     lengths in order; ``skip[(f"ppl_{length}", mode)]``: ids done by another rank.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     ids = tokenizer(read_text(args.data, args.text_field, args.split), add_special_tokens=False)["input_ids"]
     span = model.ahn_config.sinks + model.ahn_config.window
     plans = {}
@@ -92,7 +91,7 @@ def run(model, tokenizer, args, modes, out: Path, lengths: list[int], shard=None
         plans[length] = min(n, args.limit) if args.limit else n
     first = {L: sum(plans[x] for x in lengths[:i]) for i, L in enumerate(lengths)}  # sequence numbers over lengths
     skip = skip or {}
-    done = {(L, m): read_predictions(predictions_path(out, m, f"ppl_{L}")) for L in lengths for m in modes}
+    done = {(L, m): read_appended(predictions_path(out, m, f"ppl_{L}")) for L in lengths for m in modes}
     finished = {(L, m): {r["id"] for r in done[L, m]} | skip.get((f"ppl_{L}", m), set()) for L in lengths for m in modes}
     todo = {(L, m): [k for k in range(plans[L]) if (shard is None or shard.owns(first[L] + k))
                      and str(k) not in finished[L, m]]

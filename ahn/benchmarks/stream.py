@@ -29,6 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from ahn._shipped import load_demo_teacher
+from ahn.config import AHNConfig
+from ahn.generate import read
+from ahn.model import add_memory
+
 DEFAULT_LENGTHS = (10_000, 100_000, 1_000_000)
 
 
@@ -38,17 +45,11 @@ def peak_rss_mib() -> float:
 
 def measure(a) -> dict:
     """One length, in this process: build the model, read ``a.child`` tokens, save the state."""
-    import torch
-
-    import ahn
-    from ahn.demo.teacher import load_teacher
-    from ahn.generate import read
-
     if a.threads is not None:
         torch.set_num_threads(a.threads)
-    config = ahn.AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks, buffer_slots=a.buffer,
+    config = AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks, buffer_slots=a.buffer,
                            salience_writes=a.salience_writes, readout=a.readout)
-    model = ahn.add_memory(load_teacher(), config)
+    model = add_memory(load_demo_teacher(), config)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
 

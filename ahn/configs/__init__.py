@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ahn._loading import from_path_or_hub
+
 MODELS_DIR = Path(__file__).parent / "models"
 
 
@@ -14,9 +16,7 @@ def shipped_models() -> list[str]:
 def load_model_config(spec: str):
     """A transformers config from a shipped name (``Qwen2.5-3B-Instruct``, also with its ``Qwen/``
     prefix), a ``config.json`` path, a model directory, or a Hub id (needs network)."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    from ahn._loading import from_path_or_hub
+    from transformers import AutoConfig, PretrainedConfig  # start-up time: `ahn flops --help` and the CLI import this
 
     path = Path(spec)
     if path.is_file():

@@ -21,6 +21,7 @@ import torch
 
 from ahn.distill.synthetic import NUM_SPECIAL, RecallTask
 from ahn.model import cache_kwargs
+from ahn.plotting import scatter_panels
 from ahn.salience import SalienceRecord
 
 KINDS = ("key", "value", "filler", "other")
@@ -102,8 +103,6 @@ def drift(model, batch: dict, window: int) -> dict:
 
 def plot_salience(path, ids: torch.Tensor, scores: dict, task: RecallTask, window: int) -> None:
     """PNG of one sequence's salience at eviction along its positions, per layer (kv head 0), one series per kind."""
-    from ahn.plotting import scatter_panels
-
     kind = token_kinds(ids[None], task)[0]
     panels = []
     for layer, s in sorted(scores.items()):

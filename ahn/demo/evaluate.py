@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ahn.attention import MODES
+from ahn.config import MODES
+from ahn.plotting import line_panels
 
 EVAL_BATCH = 32  # sequences per forward pass: bounds peak memory, not results
 
@@ -86,8 +87,6 @@ def evaluate_modes(model, batch: dict[str, torch.Tensor], window: int, modes: Se
 def plot_accuracy(results: dict, path, title: str) -> None:
     """PNG of accuracy vs distance of the answer from its query, one line per mode in ``results``
     (as returned by :func:`evaluate_modes`); buckets without answers are left out."""
-    from ahn.plotting import line_panels
-
     series = {}
     for mode, detail in results["detail"].items():
         points = [((b["lo"] + b["hi"]) / 2, b["accuracy"]) for b in detail["by_distance"] if b["accuracy"] is not None]

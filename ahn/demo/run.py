@@ -11,19 +11,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import argparse
-
-from ahn._io import check_writable_folder
+from ahn._cli_args import int_at_least
+from ahn._io import check_writable_folder, replace_file
+from ahn._progress import library_progress
 from ahn.config import READOUTS
+from ahn.distill.config import DistillConfig
 
-# torch, the model and the trainer are imported when the demo runs, so that building the
-# command line (``ahn --help``) stays instant.
+# torch, the model, the trainer and this package's modules that import them (teacher, evaluate, analysis) are
+# imported when the demo runs, so that building the command line (``ahn --help``) stays instant ("start-up time").
 
 RESULTS_NAME = "results.json"
 DEFAULT_MEMORY = "gated_deltanet"
@@ -71,7 +73,7 @@ class DemoSettings:
 
 
 def _memories(memory: str) -> list[str]:
-    from ahn.memory import available_memories
+    from ahn.memory import available_memories  # start-up time
 
     if memory == "all":  # the default rule first: it is the one "ahn" in results.json reports
         return sorted(available_memories(), key=lambda m: (m != DEFAULT_MEMORY, m))
@@ -82,7 +84,7 @@ def _memories(memory: str) -> list[str]:
 
 def max_pairs() -> int:
     """The most key-value pairs the demo's sequences hold (the recall task's own checks decide)."""
-    from .teacher import DEMO_TASK
+    from .teacher import DEMO_TASK  # start-up time
 
     def fits(n: int) -> bool:
         try:
@@ -109,13 +111,11 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
     out = Path(out) if out is not None else default_out_dir()
     check_writable_folder(out, "--out")  # before the slow imports below
 
-    import torch
+    import torch  # start-up time
 
-    from ahn import AHNModel
-    from ahn._progress import library_progress
-    from ahn.distill.config import DistillConfig
     from ahn.distill.synthetic import sample_recall
     from ahn.distill.trainer import distill
+    from ahn.model import AHNModel
 
     from .analysis import format_analysis
     from .evaluate import evaluate_modes
@@ -180,7 +180,7 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
 
 def analyse(model, held_out: dict, task, out: Path, plot: bool) -> dict:
     """The analysis of :mod:`ahn.demo.analysis` on the held-out sequences; ``plot``: also write salience.png."""
-    from .analysis import buffer_at_query, drift, plot_salience, salience_by_kind
+    from .analysis import buffer_at_query, drift, plot_salience, salience_by_kind  # start-up time (torch)
     from .teacher import DEMO_WINDOW
 
     by_kind, scores = salience_by_kind(model, held_out, task)
@@ -192,9 +192,7 @@ def analyse(model, held_out: dict, task, out: Path, plot: bool) -> dict:
 
 
 def write_outputs(results: dict, out: Path) -> None:
-    from ahn._io import replace_file
-
-    from .evaluate import plot_accuracy
+    from .evaluate import plot_accuracy  # start-up time
 
     replace_file(out / RESULTS_NAME, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     detail = dict(results["detail"])
@@ -223,7 +221,7 @@ def format_table(results: dict) -> str:
 
 def main_args(args) -> int:
     """Entry point of ``ahn demo`` (argparse namespace from :func:`ahn.cli`)."""
-    import torch
+    import torch  # start-up time
 
     if args.pairs is not None and args.pairs > max_pairs():
         raise ValueError(f"--pairs {args.pairs}: the demo's sequences hold at most {max_pairs()} key-value pairs")
@@ -239,8 +237,6 @@ def main_args(args) -> int:
 
 
 def add_arguments(p) -> None:
-    from ahn.cli import int_at_least
-
     p.add_argument("--memory", default=DEFAULT_MEMORY,
                    help="memory rule to distil: gated_deltanet, deltanet, mamba2, kda, gdn2, gated_deltaproduct "
                         "(ahn.available_memories()), or all "

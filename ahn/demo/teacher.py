@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from ahn._shipped import DEMO_TEACHER_DIR, load_demo_teacher
 from ahn.distill.synthetic import IGNORE_INDEX, NUM_SPECIAL, RecallTask, sample_recall
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # the shipped teacher
+WEIGHTS_DIR = DEMO_TEACHER_DIR  # the shipped teacher
+load_teacher = load_demo_teacher  # the teacher at a path (default: the shipped one), in eval mode, float32
 TRAINING_RECORD = "training.json"
 
 # The demo's task and attention setting: a 32-token window over 256-token sequences, so most
@@ -67,8 +71,6 @@ class TeacherRecipe:
 
 def teacher_config(task: RecallTask, recipe: TeacherRecipe = TeacherRecipe()):
     """The teacher's ``transformers.Qwen2Config`` (tied embeddings, vocabulary of ``task``)."""
-    from transformers import Qwen2Config
-
     return Qwen2Config(
         vocab_size=task.vocab_size, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
@@ -116,9 +118,6 @@ def train_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, task: Rec
 
     Single-threaded use (``torch.set_num_threads(1)``) is what the shipped teacher was timed with.
     """
-    from tqdm.auto import tqdm
-    from transformers import Qwen2ForCausalLM
-
     if steps is not None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an int >= 1")
@@ -152,10 +151,3 @@ def train_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, task: Rec
     model.save_pretrained(out)
     (out / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
     return record
-
-
-def load_teacher(path=WEIGHTS_DIR):
-    """The teacher saved at ``path`` (default: the shipped one), in eval mode, float32."""
-    from transformers import Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()

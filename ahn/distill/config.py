@@ -26,6 +26,8 @@ from typing import Optional, Union
 
 import yaml
 
+from ahn.configs import MODELS_DIR
+
 from .sampling import PAPER_BUDGETS, PAPER_MAX_SINK_FRACTION, PAPER_MIN_BUDGET_FRACTION, PAPER_SINKS, WindowSampler
 
 
@@ -251,8 +253,6 @@ def find_config(spec) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
-    from ahn.configs import MODELS_DIR
-
     shipped = MODELS_DIR.parent
     name = str(spec).removeprefix("ahn/").removeprefix("configs/")
     for candidate in (name, f"{name}.yaml", f"distill/{name}", f"distill/{name}.yaml"):

@@ -18,15 +18,17 @@ as ``ahn eval`` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import datasets
 import torch
 
-from ahn.benchmarks.evaluate import read_jsonl
+from ahn._jsonl import read_jsonl
 
 from .losses import IGNORE_INDEX
+from .synthetic import RecallTask, recall_records
 
 FORMATS = ("input_ids", "text", "messages")
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -104,10 +106,6 @@ def synthetic_records(num_examples: int = 1024, seed: int = 0, **task) -> list[d
     """``num_examples`` multi-query associative-recall sequences (:mod:`ahn.distill.synthetic`) as
     ``input_ids`` + ``labels`` records; labels mark the answers, so ``response_only`` distils
     exactly the recall predictions. ``task``: :class:`~ahn.distill.synthetic.RecallTask` fields."""
-    from dataclasses import fields
-
-    from .synthetic import RecallTask, recall_records
-
     allowed = {f.name for f in fields(RecallTask)}
     unknown = sorted(set(task) - allowed)
     if unknown:
@@ -121,8 +119,6 @@ def synthetic_records(num_examples: int = 1024, seed: int = 0, **task) -> list[d
 def _common_schema(ds):
     """Bring a file's records to one schema (the three fields, absent ones None), so files of
     different formats and integer widths concatenate."""
-    import datasets
-
     features = datasets.Features({
         "input_ids": datasets.List(datasets.Value("int64")),
         "text": datasets.Value("string"),
@@ -140,8 +136,6 @@ def load_records(source: str, *, split: str = "train", synthetic_options: Option
     ``source`` is a file, a directory, ``"synthetic"`` or a Hub dataset id (tried last).
     ``vocab_size``: the model's; a token id at or above it is an error naming the record.
     """
-    import datasets
-
     if source == SYNTHETIC:
         records = synthetic_records(**(synthetic_options or {}))
         for i, record in enumerate(records):

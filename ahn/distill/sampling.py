@@ -67,7 +67,7 @@ class WindowSampler:
         """``(window, sinks)`` for a batch of sequence length ``seq_len`` at optimizer step ``step``."""
         if not self.is_random:
             return self.window, self.sinks
-        import torch  # here, so that building the CLI's flags does not import torch
+        import torch  # start-up time: building the CLI's flags (DistillConfig) imports this module
 
         gen = torch.Generator().manual_seed(hash((self.seed, step, micro)) & (2**63 - 1))
         lo = self.min_budget_fraction * seq_len

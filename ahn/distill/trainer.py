@@ -44,15 +44,17 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ahn._io import check_writable_folder, replace_file
-from ahn._progress import library_progress
+from ahn._jsonl import read_appended
 from ahn._loading import load_causal_lm, load_tokenizer
+from ahn._progress import library_progress
+from ahn._shipped import DEMO_TEACHER, DEMO_TEACHER_DIR
 from ahn.adapters import save_adapter
-from ahn.benchmarks.evaluate import read_predictions
 from ahn.config import CONFIG_NAME, AHNConfig
+from ahn.model import add_memory
 from ahn.salience import SalienceRecord
 
 from .config import DistillConfig
@@ -64,7 +66,6 @@ from .sampling import WindowSampler
 LOG_NAME = "train_log.jsonl"
 RUN_CONFIG_NAME = "distill_config.yaml"
 CHECKPOINTS = "checkpoints"
-DEMO_TEACHER = "demo-teacher"  # --model alias of the teacher shipped in ahn/demo/weights
 # AHNConfig defaults for an adapter trained with random windows: the paper's evaluation setting.
 DEFAULT_INFERENCE_WINDOW, DEFAULT_INFERENCE_SINKS = 32640, 128
 
@@ -256,7 +257,7 @@ class JsonlLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.exists():
-            kept = [r for r in read_predictions(self.path) if r.get("step", 0) <= state.global_step]
+            kept = [r for r in read_appended(self.path) if r.get("step", 0) <= state.global_step]
             replace_file(self.path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -295,9 +296,7 @@ def _use_bf16(cfg: DistillConfig) -> bool:
 def resolve_model(name: str) -> str:
     """A model path or Hub id; ``demo-teacher`` (unless such a directory exists) is the shipped demo teacher."""
     if name == DEMO_TEACHER and not Path(name).exists():
-        from ahn.demo.teacher import WEIGHTS_DIR
-
-        return str(WEIGHTS_DIR)
+        return str(DEMO_TEACHER_DIR)
     return name
 
 
@@ -310,10 +309,6 @@ def _load_tokenizer(path: str):
 
 def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> DistillTrainer:
     """Load the base model and data and set up the Trainer for ``cfg`` (nothing is trained yet)."""
-    from transformers import set_seed
-
-    from ahn import AHNConfig, add_memory
-
     cfg.check_required()
     out = Path(cfg.output)
     bf16 = _use_bf16(cfg)

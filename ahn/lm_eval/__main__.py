@@ -9,17 +9,17 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from lm_eval.__main__ import cli_evaluate
+
+from ahn.lm_eval import TASKS_DIR  # importing the package registers the "ahn" model with lm-eval
+
 
 def shipped_task_names() -> set[str]:
-    from ahn.lm_eval import TASKS_DIR
-
     return {p.name for p in TASKS_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
 
 
 def with_shipped_tasks(argv: Sequence[str]) -> list[str]:
     """``argv`` plus ``--include_path TASKS_DIR`` when it names a shipped task and includes no path itself."""
-    from ahn.lm_eval import TASKS_DIR
-
     argv = list(argv)
     if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
         return argv
@@ -36,9 +36,6 @@ def with_shipped_tasks(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import ahn.lm_eval  # noqa: F401  (registers the "ahn" model)
-    from lm_eval.__main__ import cli_evaluate
-
     argv = with_shipped_tasks(sys.argv[1:] if argv is None else argv)
     sys.argv = ["lm-eval", *argv]  # lm-eval's CLI reads sys.argv
     cli_evaluate()

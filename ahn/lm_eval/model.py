@@ -32,7 +32,8 @@ from typing import Optional
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ahn.attention import MODES
+from ahn.benchmarks.evaluate import attach_memory
+from ahn.config import MODES
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # max_length of "window" / "ahn" modes unless given: no truncation, no rolling windows.
@@ -82,8 +83,6 @@ class AHNLM(HFLM):
     # ------------------------------------------------------------------ HFLM's seams
     def _create_model(self, pretrained, *args, **kwargs) -> None:
         """HFLM loads the base model; the memory is attached as ``ahn eval`` attaches it."""
-        from ahn.benchmarks.evaluate import attach_memory
-
         super()._create_model(pretrained, *args, **kwargs)
         a = self._ahn_args
         try:
