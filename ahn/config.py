@@ -19,9 +19,6 @@ CONFIG_NAME = "ahn_config.json"
 # and window + memory. Defined here, in a module without torch, for the CLI, the benchmarks and the model alike.
 MODES = ("full", "window", "ahn")
 
-
-# Attention modes of an AHNModel: the base model's own attention, sinks + window, sinks + window + memory.
-MODES = ("full", "window", "ahn")
 # The largest priority buffer accepted (slots per memory layer and kv head): a decode step attends to every slot and
 # a prefill block sorts them, so a buffer is meant to be small beside the window; 65,536 is already 2x the paper's
 # longest window (32,640) and 4,096x the demo's 16.
