@@ -12,7 +12,7 @@ from ahn import __version__
 from ahn._cli_args import int_at_least, json_object
 from ahn.benchmarks.evaluate import add_eval_arguments
 from ahn.benchmarks.evaluate import run as run_eval
-from ahn.config import MODES, READOUTS
+from ahn.config import MODES, READOUTS, readout_choice
 from ahn.configs import load_model_config
 from ahn.demo.run import add_arguments as add_demo_arguments
 from ahn.demo.run import main_args as run_demo
@@ -72,7 +72,8 @@ def _add_flops(sub) -> None:
     p.add_argument("--buffer", type=int_at_least(0), default=0,
                    help="priority-buffer slots per memory layer and kv head (AHNConfig.buffer_slots)")
     p.add_argument("--salience-writes", action="store_true", help="salience-gated writes (AHNConfig.salience_writes)")
-    p.add_argument("--readout", choices=READOUTS, default="paper", help="memory read-out (AHNConfig.readout)")
+    p.add_argument("--readout", type=readout_choice, choices=READOUTS, default="add",
+                   help="memory read-out (AHNConfig.readout): add (the paper's) or defer")
     p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (memory gates and states are float32)")
     p.add_argument("--batch", type=int_at_least(1), default=1, help="sequences processed together")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -97,7 +98,7 @@ def _run_flops(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         options = f", buffer {args.buffer}" * bool(args.buffer) + ", salience writes" * args.salience_writes + (
-            f", {args.readout} read-out" if args.readout != "paper" else "")
+            f", {args.readout} read-out" if args.readout != "add" else "")
         print(f"{args.model}: {args.seq_len:,} tokens, sinks {args.sinks}, window {args.window}, memory {args.memory}"
               f"{options}, KV {args.dtype}")
         print(f"{'mode':<8}{'TFLOPs':>12}{'saving':>9}{'cache GiB':>12}{'saving':>9}   FLOPs breakdown (TFLOPs)")

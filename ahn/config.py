@@ -33,6 +33,15 @@ READOUTS = ("add", "defer")
 DEPRECATED_READOUTS = {"paper": "add"}
 
 
+def readout_choice(value: str) -> str:
+    """The ``--readout`` flags' argparse type: a read-out name, an old spelling mapped to its new name (FutureWarning)."""
+    if value in DEPRECATED_READOUTS:
+        warnings.warn(f"--readout {value} is renamed --readout {DEPRECATED_READOUTS[value]} (the same read-out)",
+                      FutureWarning, stacklevel=2)
+        return DEPRECATED_READOUTS[value]
+    return value
+
+
 @dataclass(frozen=True)
 class AHNConfig:
     """Configuration of an AHN memory adapter.

@@ -24,7 +24,7 @@ def test_capacity_study_runs_every_cell_once_and_resumes(tmp_path, capsys):
     data = json.loads((tmp_path / capacity.SUMMARY_NAME).read_text())
     cells = {(c["memory"], c["pairs"]): c for c in data["cells"]}
     assert set(cells) == {("kda", 2), ("kda", 3), ("deltanet", 2), ("deltanet", 3)}
-    assert data["settings"]["buffer_slots"] == 0 and data["settings"]["readout"] == "paper"  # the memory alone
+    assert data["settings"]["buffer_slots"] == 0 and data["settings"]["readout"] == "add"  # the memory alone
     # Same state size (H D x D float32 per layer), more cached gate bytes for KDA (its decay code).
     assert cells[("kda", 2)]["state_bytes"] == cells[("deltanet", 2)]["state_bytes"] > 0
     assert cells[("kda", 2)]["gate_bytes_per_window_token"] == 5 * cells[("deltanet", 2)]["gate_bytes_per_window_token"]

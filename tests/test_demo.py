@@ -198,13 +198,13 @@ def test_demo_retrains_the_teacher_and_rejects_bad_memory(tmp_path, capsys):
     from ahn.cli import main
 
     rc = main(["demo", "--retrain-teacher", "--teacher-steps", "2", "--steps", "1", "--out", str(tmp_path / "d"),
-               "--no-progress", "--buffer", "0", "--no-salience-writes", "--readout", "paper"])  # the paper's mechanism
+               "--no-progress", "--buffer", "0", "--no-salience-writes", "--readout", "paper"])  # the paper's mechanism (old name)
     assert rc == 0
     assert (tmp_path / "d" / "teacher" / "model.safetensors").exists()
     saved = json.loads((tmp_path / "d" / "results.json").read_text())
     assert saved["settings"]["steps"] == 1
     assert (saved["settings"]["buffer_slots"], saved["settings"]["salience_writes"], saved["settings"]["readout"]) == (
-        0, False, "paper")
+        0, False, "add")
     assert saved["memories"]["gated_deltanet"]["analysis"]["buffer_at_query"] == {}
     assert not (tmp_path / "d" / "salience.png").exists()
     with pytest.raises(SystemExit) as e:

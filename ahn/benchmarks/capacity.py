@@ -39,7 +39,7 @@ from ahn.model import AHNModel, cache_kwargs
 from ahn.plotting import line_panels
 
 CONFIGURATIONS = {
-    "memory": {"buffer_slots": 0, "salience_writes": False, "readout": "paper"},
+    "memory": {"buffer_slots": 0, "salience_writes": False, "readout": "add"},
     "recommended": {},  # the demo's defaults
 }
 DEFAULT_PAIRS = (4, 8, 16)

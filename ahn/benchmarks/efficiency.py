@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from ahn.cache import AHNCache
-from ahn.config import AHNConfig
+from ahn.config import READOUTS, AHNConfig, readout_choice
 from ahn.configs import load_model_config
 from ahn.model import add_memory, cache_kwargs, output_cache
 from ahn.plotting import line_panels
@@ -116,7 +116,8 @@ def main(argv=None):
     p.add_argument("--buffer", type=int, default=16, help="'salient' mode: priority-buffer slots")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=True,
                    help="'salient' mode: salience-gated writes")
-    p.add_argument("--readout", default="defer", choices=["paper", "defer"], help="'salient' mode: memory read-out")
+    p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS,
+                   help="'salient' mode: memory read-out")
     p.add_argument("--memory", default="gated_deltanet")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--sinks", type=int, default=64)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ahn._shipped import load_demo_teacher
-from ahn.config import AHNConfig
+from ahn.config import READOUTS, AHNConfig, readout_choice
 from ahn.generate import read
 from ahn.model import add_memory
 
@@ -92,7 +92,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--buffer", type=int, default=16, help="priority-buffer slots per kv head")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--readout", default="defer", choices=["paper", "defer"])
+    p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 keeps timings stable on a shared machine")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")

@@ -21,7 +21,7 @@ from typing import Optional
 from ahn._cli_args import int_at_least
 from ahn._io import check_writable_folder, replace_file
 from ahn._progress import library_progress
-from ahn.config import READOUTS
+from ahn.config import READOUTS, readout_choice
 from ahn.distill.config import DistillConfig
 
 # torch, the model, the trainer and this package's modules that import them (teacher, evaluate, analysis) are
@@ -50,8 +50,9 @@ class DemoSettings:
     buffer_slots / salience_writes / readout: the memory's :mod:`ahn.salience` options. The demo
         runs the recommended configuration, 16 buffer slots per layer and kv head (32 tokens per
         layer: 15% of the ~220 evicted), salience-gated writes and the deferring read-out; the
-        README's ablation gives each one's share. ``--buffer 0 --no-salience-writes --readout
-        paper`` is the paper's mechanism.
+        ablation in docs/salience.md gives each one's share. ``--buffer 0 --no-salience-writes
+        --readout add`` is the paper's mechanism.
+    salience_mass: whether the salience score reads the attention each token received in the window.
     salience_weight: weight of the scorer's loss against the teacher's attention mass.
     """
 
@@ -67,6 +68,7 @@ class DemoSettings:
     buffer_slots: int = 16
     salience_writes: bool = True
     readout: str = "defer"
+    salience_mass: bool = True
     salience_weight: float = 1.0
     seed: int = 0
     eval_seed: int = 20261  # never used for training data (train_teacher draws from seed + 1)
@@ -132,7 +134,7 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
                    "seed": settings.seed, **task},
         min_length=0, max_length=None, response_weight=settings.response_weight, window=DEMO_WINDOW,
         sinks=DEMO_SINKS, buffer_slots=settings.buffer_slots, salience_writes=settings.salience_writes,
-        readout=settings.readout, salience_weight=settings.salience_weight, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
+        readout=settings.readout, salience_mass=settings.salience_mass, salience_weight=settings.salience_weight, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
         lr_scheduler=settings.lr_scheduler,
         batch_size=settings.batch_size, max_steps=settings.steps, logging_steps=max(1, settings.steps // 10),
         save_steps=settings.steps, save_total_limit=1, seed=settings.seed, progress=progress,
@@ -228,7 +230,7 @@ def main_args(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     given = (("steps", args.steps), ("seed", args.seed), ("num_pairs", args.pairs), ("buffer_slots", args.buffer),
-             ("salience_writes", args.salience_writes), ("readout", args.readout),
+             ("salience_writes", args.salience_writes), ("readout", args.readout), ("salience_mass", args.salience_mass),
              ("salience_weight", args.salience_weight))
     settings = DemoSettings(**{k: v for k, v in given if v is not None})
     run_demo(memory=args.memory, out=args.out, settings=settings, retrain_teacher=args.retrain_teacher,
@@ -251,8 +253,11 @@ def add_arguments(p) -> None:
                    help=f"priority-buffer slots per layer and kv head (default {DemoSettings.buffer_slots}; 0: none)")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=None,
                    help=f"gate memory writes by salience (default {DemoSettings.salience_writes})")
-    p.add_argument("--readout", choices=READOUTS, default=None,
-                   help=f"memory read-out (default {DemoSettings.readout})")
+    p.add_argument("--readout", type=readout_choice, choices=READOUTS, default=None,
+                   help=f"memory read-out: add (the paper's) or defer (default {DemoSettings.readout})")
+    p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"the salience score reads the attention each token received in the window (default "
+                        f"{DemoSettings.salience_mass})")
     p.add_argument("--salience-weight", type=float, default=None,
                    help=f"weight of the scorer's loss against the teacher's attention mass (default "
                         f"{DemoSettings.salience_weight}; 0: the scorer learns through the gated writes only)")

@@ -89,8 +89,10 @@ class DistillConfig:
     buffer_slots: int = _f(0, "priority buffer: exact KV slots per memory layer and kv head for the most salient "
                               "evicted tokens (0: none, the paper's mechanism)")
     salience_writes: bool = _f(False, "scale each evicted token's memory write by sigmoid(its salience)")
-    readout: str = _f("paper", "memory read-out: paper (added to attention) or defer (weighted by its share of a "
-                               "softmax beside the attended keys)")
+    readout: str = _f("add", "memory read-out: add (added to attention, the paper's) or defer (weighted by its share "
+                             "of a softmax beside the attended keys)")
+    salience_mass: bool = _f(True, "the salience score reads the attention a token received in the window (false: "
+                                   "the token alone, and prefill attention needs no explicit softmax for it)")
     # ---------------------------------------------------------------- data
     data: Optional[str] = _f(None, "training data: .jsonl/.json/.parquet file or directory, Hub id, or 'synthetic'",
                              required=True)
