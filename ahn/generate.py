@@ -43,6 +43,9 @@ from ahn.config import AHNConfig
 from ahn.model import AHNModel, add_memory, cache_kwargs
 from ahn.state import read_metadata
 
+# Seed of a fresh (untrained) memory's initialisation when `ahn generate` runs without --adapter.
+FRESH_MEMORY_SEED = 0
+
 READ_BYTES = 1 << 16  # bytes read from the input per call
 PIECE_CHARS = 1 << 16  # characters tokenized per call (about: a piece ends at a line start)
 DEFAULT_CHUNK = 4096  # tokens per forward call while reading
@@ -282,7 +285,11 @@ def _load(args):
         base = load_causal_lm(args.model, dtype=dtypes[args.dtype]).to(args.device).eval()
     if args.adapter:
         return AHNModel.from_pretrained(base, args.adapter, **overrides), tokenizer
-    return add_memory(base, AHNConfig(**overrides)), tokenizer
+    # A fresh memory (no adapter) is drawn from a fixed seed, so that a state saved by one process continues in
+    # another (its fingerprint holds the memory's weights); the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FRESH_MEMORY_SEED)
+        return add_memory(base, AHNConfig(**overrides)), tokenizer
 
 
 def _check_paths(args) -> None:

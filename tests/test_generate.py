@@ -209,3 +209,21 @@ def test_stream_benchmark_runs_at_small_sizes(capsys):
     out = capsys.readouterr().out
     assert [r["tokens"] for r in rows] == [300, 900] and rows[0]["state_bytes"] == rows[1]["state_bytes"]
     assert re.search(r"^\| 900 \| .* \| [\d,]+ B \|$", out, re.M), out
+
+
+def test_a_state_read_without_an_adapter_continues_in_another_process(tiny, tmp_path, capsys):
+    """Issue 25.11: without --adapter the fresh memory is drawn from a fixed seed, so a state saved by one command
+    continues in the next (each process starts from its own random state: reseeded here between the commands)."""
+    model_dir = tiny[0]
+    (tmp_path / "book.txt").write_text("the quick brown fox\n" * 4)
+    (tmp_path / "q.txt").write_text("What did the fox do?\n")
+    state = tmp_path / "s.state"
+    flags = ["generate", "--model", model_dir, "--no-progress", "--chunk", "32", "--window", str(WINDOW), "--sinks",
+             str(SINKS)]
+    torch.manual_seed(11)
+    assert main([*flags, "--input", str(tmp_path / "book.txt"), "--save-state", str(state),
+                 "--max-new-tokens", "0"]) == 0
+    torch.manual_seed(12)
+    assert main([*flags, "--state", str(state), "--input", str(tmp_path / "q.txt"), "--max-new-tokens", "4"]) == 0
+    assert "tokens in the state" in capsys.readouterr().err
+    assert torch.initial_seed() == 12  # the caller's random state is its own

@@ -7,7 +7,7 @@
 
 For each mode (``full``: the base model with a growing KV cache; ``window``: sinks + window;
 ``ahn``: window + memory; ``salient``: window + memory with the :mod:`ahn.salience` options of
-``--buffer`` / ``--salience-writes`` / ``--readout``, on a copy of the same base) it prefills N tokens (time, peak RSS growth, cache size) and
+``--buffer`` / ``--salience-writes`` / ``--readout`` / ``--salience-mass``, on a copy of the same base) it prefills N tokens (time, peak RSS growth, cache size) and
 decodes tokens after contexts of several lengths (ms per token: the median of ``--steps``
 steps, best of ``--rounds`` interleaved rounds), then prints ratios against full attention. A random model: the figures are about cost, not quality.
 """
@@ -118,6 +118,8 @@ def main(argv=None):
                    help="'salient' mode: salience-gated writes")
     p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS,
                    help="'salient' mode: memory read-out")
+    p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=True,
+                   help="'salient' mode: the salience score reads the attention received in the window")
     p.add_argument("--memory", default="gated_deltanet")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--sinks", type=int, default=64)
@@ -154,7 +156,8 @@ def main(argv=None):
     config = AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks)
     models = {}
     if "salient" in a.modes:
-        salient = dict(buffer_slots=a.buffer, salience_writes=a.salience_writes, readout=a.readout)
+        salient = dict(buffer_slots=a.buffer, salience_writes=a.salience_writes, readout=a.readout,
+                       salience_mass=a.salience_mass)
         models["salient"] = add_memory(copy.deepcopy(base), AHNConfig(**config.to_dict() | salient))
     model = add_memory(base, config)
     models.update({mode: model for mode in ("full", "window", "ahn")})
