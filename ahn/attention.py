@@ -227,21 +227,26 @@ def _explicit_attention(q, keys, values, mask, scale):
     """:func:`attend` with an explicit float32 softmax (the fallback, and the reference the tests hold it to)."""
     B, Hq, T, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
-    e, m, lse = window_softmax(_block_logits(q.view(B, Hkv, Hq // Hkv, T, D), keys, mask.view(B, 1, 1, T, N), scale))
+    block_mask = None if mask is None else mask.view(B, -1, 1, T, N)  # [B, 1 or Hkv, 1, T, N]
+    e, m, lse = window_softmax(_block_logits(q.view(B, Hkv, Hq // Hkv, T, D), keys, block_mask, scale))
     out = (_grouped_matmul(e.to(values.dtype), values).float() * torch.exp(m - lse.unsqueeze(-1))).to(values.dtype)
     return out.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], scale: float):
     """Softmax attention and its log-sum-exp, both differentiable: ``q [B, Hq, T, D]``, ``keys, values
-    [B, Hkv, N, D]`` (GQA: query head h reads kv head h // (Hq / Hkv)), ``mask [B, T, N]`` bool (True: visible; every
-    row sees at least one key). Returns ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
+    [B, Hkv, N, D]`` (GQA: query head h reads kv head h // (Hq / Hkv)), ``mask [B, T, N]`` or per kv head
+    ``[B, Hkv, T, N]`` bool (True: visible; every row sees at least one key), or None (all visible). Returns
+    ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
 
     On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); elsewhere, or with
     ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd)."""
     if _cpu_flash_with_lse(q):
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        out, lse = _FlashWithLSE.apply(q, keys, values, bias.unsqueeze(1), scale)
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            bias = bias.unsqueeze(1) if mask.dim() == 3 else repeat_heads(bias, q.shape[1] // keys.shape[1], 1)
+        out, lse = _FlashWithLSE.apply(q, keys, values, bias, scale)
         return out, lse.float()
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, keys, values)):
         return checkpoint(_explicit_attention, q, keys, values, mask, scale, use_reentrant=False)
@@ -564,6 +569,12 @@ def decode_attention(q: torch.Tensor, view: DecodeView, scale: float, parts: Lay
         mask = view.mask.unsqueeze(2) if view.mask is not None else None  # [B, 1, 1, N]
         out = F.scaled_dot_product_attention(q, view.keys, view.values, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.transpose(1, 2), None, None
+    if parts.scorer is None or not parts.scorer.uses_mass:  # no received mass to count: attention and its lse
+        mask = view.mask  # [B, 1 or Hkv, N] or None
+        if mask is not None:  # one query: [B, T = 1, N], or per kv head [B, Hkv, 1, N]
+            mask = mask.view(B, 1, -1) if mask.shape[1] == 1 else mask.unsqueeze(2)
+        out, lse = attend(q, view.keys, view.values, mask, scale)
+        return out.transpose(1, 2), lse.reshape(B, 1, Hq), None
     Hkv, N = view.keys.shape[1], view.keys.shape[2]
     qg = q.view(B, Hkv, Hq // Hkv, 1, D)
     block_mask = view.mask.view(B, -1, 1, 1, N) if view.mask is not None else None

@@ -53,3 +53,17 @@ def test_flash_with_lse_in_bfloat16(monkeypatch):
     ref_out, ref_lse = attend(q.double(), k.double(), v.double(), mask, 0.3)
     torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=3e-2)
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=0, atol=3e-2)
+
+
+@pytest.mark.skipif(attention._CPU_FLASH is None, reason="this torch has no CPU flash kernel")
+@pytest.mark.parametrize("per_head", [False, True])
+def test_per_kv_head_masks_and_no_mask(per_head, monkeypatch):
+    """A mask per kv head (the priority buffer's entries differ by head) and no mask at all: flash == explicit."""
+    q, k, v, mask = inputs(torch.float32, T=1, N=40)
+    if per_head:
+        mask = torch.stack([mask, mask.roll(3, dims=-1) | mask[..., :1]], dim=1)  # [B, Hkv, T, N]
+    got = attend(q, k, v, mask, 0.3)
+    none = attend(q, k, v, None, 0.3)
+    monkeypatch.setenv("AHN_ATTENTION_LSE", "explicit")
+    for a, b in zip(got + none, attend(q, k, v, mask, 0.3) + attend(q, k, v, None, 0.3)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
