@@ -261,6 +261,12 @@ def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one block
+# Queries per step of the buffer's evolution inside an attention block: the candidates of a step are the M entries
+# at its start plus the tokens its queries evict, so its cost is O(sub * (M + sub)) and a whole prefill's
+# O(T * (M + BUFFER_STEP)), a few percent of the window's O(T * W); fewer would cost Python overhead per step.
+BUFFER_STEP = 64
+
+
 def buffered_block_attention(
     q: torch.Tensor,  # [B, Hkv, R, bq, D], a block of bq queries (R query heads per kv head)
     window_out: torch.Tensor,  # [B, Hkv, R, bq, Dv] attention over sinks + window (:func:`attend`)
@@ -273,6 +279,21 @@ def buffered_block_attention(
     softmax: the window's part enters through its log-sum-exp (``out = window_out * exp(window_lse - lse) + ...``).
 
     Returns ``(out [B, Hkv, R, bq, Dv], lse [B, Hkv, R, bq] over every attended entry, the buffer after the block)``.
+    The buffer evolves in steps of :data:`BUFFER_STEP` queries (:func:`_buffer_step`); any split gives the same
+    buffer, since each step applies the same top-M rule token by token.
+    """
+    outs, lses = [], []
+    for a in range(0, q.shape[3], BUFFER_STEP):
+        part = slice(a, a + BUFFER_STEP)
+        out, lse, buffer = _buffer_step(q[:, :, :, part], window_out[:, :, :, part], window_lse[:, :, :, part], scale,
+                                        buffer, tuple(x[:, :, part] for x in evicted))
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=3), torch.cat(lses, dim=3), buffer
+
+
+def _buffer_step(q, window_out, window_lse, scale: float, buffer: Buffer, evicted: tuple):
+    """:func:`buffered_block_attention` of a few queries at once (shapes as there, bq of them).
 
     Inside the block the buffer evolves token by token without a loop: the candidates are the M entries at
     the block's start plus the tokens the block evicts; sorted by priority, a candidate is visible to query i
