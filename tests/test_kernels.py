@@ -1,6 +1,6 @@
 """ahn.kernels: chunkwise torch vs the recurrent reference, varlen, state carry, errors.
 
-Tolerances are fixed per dtype here (float64: the maths agrees to rounding; float32 and
+Tolerances are fixed per dtype in kernel_cases.TOL (float64: the maths agrees to rounding; float32 and
 bfloat16: the torch paths accumulate in float32, compared against float64 references).
 """
 
@@ -10,26 +10,7 @@ import pytest
 import torch
 
 from ahn.kernels import gated_delta_rule
-from kernel_cases import FUNCS, GATES, RULES, STEPS, assert_close, make_inputs
-
-TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
-
-
-def call(rule, x, **kw):
-    f = FUNCS[rule]
-    args = [x["q"], x["k"], x["v"]] + [x[n] for n in ("g", "beta") if n in x]
-    return f(*args, initial_state=x.get("initial_state"), output_final_state=True, **kw)
-
-
-def outputs_and_grads(rule, x, **kw):
-    """Run with grad on every input; return output, final state and every input's grad."""
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-    o, s = call(rule, leaves, **kw)
-    gen = torch.Generator().manual_seed(1)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)  # o's device and dtype
-    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s)
-    ((o * do).sum() + (s * ds).sum()).backward()
-    return o.detach(), s.detach(), {n: t.grad for n, t in leaves.items()}
+from kernel_cases import GATES, RULES, STEPS, TOL, assert_close, call, make_inputs, outputs_and_grads
 
 
 def compare(rule, x, tol, ref_kw=None, **kw):
