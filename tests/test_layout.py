@@ -68,7 +68,7 @@ def test_no_test_module_imports_another():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):  # from test_x import y, from tests.test_x import y, from . import test_x
+            elif isinstance(node, ast.ImportFrom):  # from test_x / tests.test_x import y; from . import test_x
                 names = [node.module or ""] + [f"{node.module or ''}.{alias.name}" for alias in node.names]
             else:
                 continue
