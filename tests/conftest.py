@@ -1,4 +1,7 @@
-"""Test configuration: CPU-first, deterministic, Triton interpreted where there is no GPU."""
+"""Test configuration: CPU-first, deterministic, Triton interpreted where there is no GPU; the shared fixtures.
+
+Plain helpers (tiny configs, inputs, runs, tolerances) are in helpers.py and, for the kernels, kernel_cases.py.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+
+import ahn  # noqa: E402  (after TRITON_INTERPRET: ahn's kernels import triton)
+from helpers import BYTE_LM_SINKS, BYTE_LM_WINDOW, FAMILIES, save_byte_lm, tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +35,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny random models of every family (helpers.FAMILIES, seed 1) saved with save_pretrained; a test loads a
+    fresh copy through AutoModelForCausalLM with helpers.load_base."""
+    dirs = {}
+    for family in FAMILIES:
+        torch.manual_seed(1)
+        model = tiny_model(family)
+        d = tmp_path_factory.mktemp(family)
+        model.save_pretrained(d)
+        dirs[family] = str(d)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def byte_lm(tmp_path_factory):
+    """(model dir with a byte tokenizer and a chat template, adapter dir of a gated-deltanet memory with
+    window BYTE_LM_WINDOW, BYTE_LM_SINKS sinks and non-zero random output projections): the model that the
+    `ahn eval` and lm-eval tests run."""
+
+    def randomize_output_projections(model):
+        with torch.no_grad():
+            for name, p in model.named_memory_parameters():
+                if name.endswith("o_proj.weight"):
+                    p.copy_(torch.randn(p.shape) * 0.3)
+
+    model_dir, adapter_dir, _ = save_byte_lm(
+        tmp_path_factory, ahn.AHNConfig(window=BYTE_LM_WINDOW, sinks=BYTE_LM_SINKS), randomize_output_projections)
+    return model_dir, adapter_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, TrainerCallback
 
 from ahn import AHNModel
 from ahn.cli import main as cli
@@ -32,6 +32,7 @@ from ahn.distill.losses import (
 )
 from ahn.distill.sampling import PAPER_BUDGETS, PAPER_SINKS, WindowSampler
 from ahn.distill.trainer import LOG_NAME, RUN_CONFIG_NAME, build_trainer, distill
+from helpers import tiny_qwen2_config
 
 VOCAB = 64
 
@@ -40,8 +41,8 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+    cfg = tiny_qwen2_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=256,
+                            tie_word_embeddings=False, initializer_range=0.2)
     path = tmp_path_factory.mktemp("tiny") / "model"
     Qwen2ForCausalLM(cfg).save_pretrained(path)
     return str(path)

@@ -16,59 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM
 
 import ahn
 import ahn.benchmarks
 from ahn.benchmarks import ruler
 from ahn.benchmarks.evaluate import Sample, build_input_ids, truncate_prompt
 from ahn.cli import main
+from helpers import BYTE_LM_SINKS as SINKS, BYTE_LM_WINDOW as WINDOW, byte_tokenizer
 
 SAMPLES = Path(ahn.benchmarks.__file__).parent / "data" / "samples"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WINDOW, SINKS = 32, 4
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Every byte one token (any text, Chinese included) plus three ChatML special tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE)
-    return fast
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model dir with tokenizer, adapter dir with a non-zero random memory)."""
-    tok = byte_tokenizer()
-    torch.manual_seed(3)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)  # large init: varied greedy outputs
-    base = AutoModelForCausalLM.from_config(cfg)
-    model_dir = tmp_path_factory.mktemp("tiny")
-    base.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    model = ahn.add_memory(base, ahn.AHNConfig(window=WINDOW, sinks=SINKS))
-    with torch.no_grad():
-        for name, p in model.named_memory_parameters():
-            if name.endswith("o_proj.weight"):
-                p.copy_(torch.randn(p.shape) * 0.3)
-    adapter_dir = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(adapter_dir)
-    return str(model_dir), str(adapter_dir)
-
-
-def eval_args(tiny, bench, out, *extra):
-    model_dir, adapter_dir = tiny
+def eval_args(byte_lm, bench, out, *extra):
+    model_dir, adapter_dir = byte_lm
     return ["eval", bench, "--model", model_dir, "--adapter", adapter_dir, "--window", str(WINDOW), "--sinks",
             str(SINKS), "--out", str(out), "--dtype", "float32", "--device", "cpu", *extra]
 
@@ -86,12 +45,12 @@ MODES = ("full", "window", "ahn")
 
 
 @pytest.mark.parametrize("bench, n_datasets", [("lveval", 4), ("infinitebench", 12), ("longbench", 6)])
-def test_benchmark_samples_run_in_every_mode(tiny, tmp_path, capsys, bench, n_datasets):
+def test_benchmark_samples_run_in_every_mode(byte_lm, tmp_path, capsys, bench, n_datasets):
     out = tmp_path / bench
     extra = ["--data", str(SAMPLES / bench), "--max-new-tokens", "3"]
     if bench == "lveval":
         extra += ["--datasets", "hotpotwikiqa_mixup,factrecall_zh,cmrc_mixup,dureader_mixup", "--lengths", "16k"]
-    assert main(eval_args(tiny, bench, out, *extra)) == 0
+    assert main(eval_args(byte_lm, bench, out, *extra)) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert len(results["scores"]) == n_datasets and results["chat_template"] is True
@@ -109,16 +68,16 @@ def test_benchmark_samples_run_in_every_mode(tiny, tmp_path, capsys, bench, n_da
     assert (out / "results.png").stat().st_size > 0
 
 
-def test_modes_differ_beyond_the_window_and_full_is_the_base_model(tiny, tmp_path):
+def test_modes_differ_beyond_the_window_and_full_is_the_base_model(byte_lm, tmp_path):
     """Prompts are longer than sinks + window: window and ahn see different contexts than full."""
     out = tmp_path / "lb"
-    main(eval_args(tiny, "longbench", out, "--data", str(SAMPLES / "longbench"), "--datasets", "narrativeqa",
+    main(eval_args(byte_lm, "longbench", out, "--data", str(SAMPLES / "longbench"), "--datasets", "narrativeqa",
                    "--max-new-tokens", "8"))
     preds = {m: read_lines(out / m / "narrativeqa.jsonl")[0] for m in MODES}
     assert preds["full"]["input_tokens"] > SINKS + WINDOW
     assert len({preds[m]["pred"] for m in MODES}) == 3
     # "full" is the unmodified base model's greedy continuation
-    model_dir, _ = tiny
+    model_dir, _ = byte_lm
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = byte_tokenizer()
     rec = json.loads((SAMPLES / "longbench" / "narrativeqa.jsonl").read_text())
@@ -132,38 +91,38 @@ def test_modes_differ_beyond_the_window_and_full_is_the_base_model(tiny, tmp_pat
     assert tok.decode(gen[0, len(ids):], skip_special_tokens=True) == preds["full"]["pred"]
 
 
-def test_resumed_run_produces_the_same_files(tiny, tmp_path):
+def test_resumed_run_produces_the_same_files(byte_lm, tmp_path):
     args = ["--data", str(SAMPLES / "infinitebench"), "--datasets", "passkey,kv_retrieval,math_find",
             "--max-new-tokens", "4"]
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
-    assert main(eval_args(tiny, "infinitebench", fresh, *args)) == 0
+    assert main(eval_args(byte_lm, "infinitebench", fresh, *args)) == 0
     # an interrupted run: one dataset done in one mode only, and a half-written line elsewhere
-    main(eval_args(tiny, "infinitebench", resumed, *args[:3], "passkey", "--max-new-tokens", "4",
+    main(eval_args(byte_lm, "infinitebench", resumed, *args[:3], "passkey", "--max-new-tokens", "4",
                    "--modes", "window"))
     (resumed / "ahn").mkdir()
     (resumed / "ahn" / "math_find.jsonl").write_text('{"id": "0", "pred": "8')
-    assert main(eval_args(tiny, "infinitebench", resumed, *args)) == 0
+    assert main(eval_args(byte_lm, "infinitebench", resumed, *args)) == 0
     assert files_of(resumed) == files_of(fresh)
     # a finished run is not redone
     before = (resumed / "full" / "passkey.jsonl").stat().st_mtime_ns
-    assert main(eval_args(tiny, "infinitebench", resumed, *args)) == 0
+    assert main(eval_args(byte_lm, "infinitebench", resumed, *args)) == 0
     assert (resumed / "full" / "passkey.jsonl").stat().st_mtime_ns == before
 
 
-def test_resume_refuses_other_settings(tiny, tmp_path, capsys):
+def test_resume_refuses_other_settings(byte_lm, tmp_path, capsys):
     args = ["--data", str(SAMPLES / "infinitebench"), "--datasets", "passkey", "--max-new-tokens", "2"]
-    main(eval_args(tiny, "infinitebench", tmp_path, *args, "--modes", "full"))
+    main(eval_args(byte_lm, "infinitebench", tmp_path, *args, "--modes", "full"))
     with pytest.raises(SystemExit) as e:
-        main(eval_args(tiny, "infinitebench", tmp_path, *args[:-1], "3", "--modes", "full"))
+        main(eval_args(byte_lm, "infinitebench", tmp_path, *args[:-1], "3", "--modes", "full"))
     assert e.value.code == 2 and "max_new_tokens: 2 -> 3" in capsys.readouterr().err
 
 
-def test_resume_refuses_an_overwritten_adapter(tiny, tmp_path, capsys):
+def test_resume_refuses_an_overwritten_adapter(byte_lm, tmp_path, capsys):
     """The adapter is fingerprinted by content: new weights at the same path never mix with old predictions."""
-    _, adapter_dir = tiny
+    _, adapter_dir = byte_lm
     adapter = tmp_path / "adapter"
     shutil.copytree(adapter_dir, adapter)
-    model_dir = tiny[0]
+    model_dir = byte_lm[0]
     args = ["--data", str(SAMPLES / "infinitebench"), "--datasets", "passkey", "--max-new-tokens", "1", "--modes",
             "ahn"]
     out = tmp_path / "out"
@@ -179,19 +138,19 @@ def test_resume_refuses_an_overwritten_adapter(tiny, tmp_path, capsys):
     assert (out / "ahn" / "passkey.jsonl").read_bytes() == before
 
 
-def test_model_loading_errors_name_the_path(tiny, tmp_path, capsys):
-    model_dir, _ = tiny
+def test_model_loading_errors_name_the_path(byte_lm, tmp_path, capsys):
+    model_dir, _ = byte_lm
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(Path(model_dir) / name, no_tokenizer)
     truncated = tmp_path / "truncated"
-    shutil.copytree(tiny[1], truncated)
+    shutil.copytree(byte_lm[1], truncated)
     weights = truncated / "ahn_adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     for model, adapter, message in [
-        (str(no_tokenizer), tiny[1], f"the tokenizer of '{no_tokenizer}' is missing"),
-        (str(tmp_path / "nowhere"), tiny[1],
+        (str(no_tokenizer), byte_lm[1], f"the tokenizer of '{no_tokenizer}' is missing"),
+        (str(tmp_path / "nowhere"), byte_lm[1],
          f"ahn eval: error: model '{tmp_path / 'nowhere'}' not found: no such directory, and not a reachable Hub id"),
         (model_dir, str(truncated), f"{weights} is not a readable safetensors file"),
     ]:
@@ -208,17 +167,17 @@ def test_model_loading_errors_name_the_path(tiny, tmp_path, capsys):
      r"line 2: field 'context' must be a str"),
     ('{"input": "q", "context": "c", "answers": ["a"]}\n{not json\n', r"line 2: not valid JSON"),
 ])
-def test_malformed_data_exits_2_naming_file_line_and_field(tiny, tmp_path, capsys, content, message):
+def test_malformed_data_exits_2_naming_file_line_and_field(byte_lm, tmp_path, capsys, content, message):
     data = tmp_path / "data"
     data.mkdir()
     (data / "hotpotwikiqa_mixup_16k.jsonl").write_text(content)
     with pytest.raises(SystemExit) as e:
-        main(eval_args(tiny, "lveval", tmp_path / "out", "--data", str(data), "--datasets", "hotpotwikiqa_mixup",
+        main(eval_args(byte_lm, "lveval", tmp_path / "out", "--data", str(data), "--datasets", "hotpotwikiqa_mixup",
                        "--lengths", "16k"))
     assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
-def test_input_errors_exit_2(tiny, tmp_path, capsys):
+def test_input_errors_exit_2(byte_lm, tmp_path, capsys):
     for extra, message in [
         (["--data", str(SAMPLES / "lveval"), "--lengths", "16k"], "lacks loogle_SD_mixup_16k.jsonl"),
         (["--data", str(SAMPLES / "lveval"), "--lengths", "20k"], "LV-Eval length levels"),
@@ -226,7 +185,7 @@ def test_input_errors_exit_2(tiny, tmp_path, capsys):
         ([], "--data is required"),
     ]:
         with pytest.raises(SystemExit) as e:
-            main(eval_args(tiny, "lveval", tmp_path / "o", *extra))
+            main(eval_args(byte_lm, "lveval", tmp_path / "o", *extra))
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -240,7 +199,7 @@ def test_truncation_keeps_start_and_end():
     assert truncate_prompt(tok, "short", 40, True) == ("short", 5, False)
 
 
-def test_truncation_needs_two_tokens(tiny, tmp_path, capsys):
+def test_truncation_needs_two_tokens(byte_lm, tmp_path, capsys):
     """Middle truncation keeps max_length // 2 tokens from each end: below 2 it would keep everything."""
     tok = byte_tokenizer()
     prompt = "START " + "middle " * 20 + "END"
@@ -249,14 +208,14 @@ def test_truncation_needs_two_tokens(tiny, tmp_path, capsys):
     assert truncate_prompt(tok, prompt, 3, decode_halves=False)[0] == "SD"  # odd: 1 + 1, as the official harnesses
     for value in ("1", "-5"):
         with pytest.raises(SystemExit) as e:
-            main(eval_args(tiny, "longbench", tmp_path / "o", "--data", str(SAMPLES / "longbench"), "--max-length",
+            main(eval_args(byte_lm, "longbench", tmp_path / "o", "--data", str(SAMPLES / "longbench"), "--max-length",
                            value))
         assert e.value.code == 2 and f"argument --max-length: {value} must be >= 2" in capsys.readouterr().err
 
 
-def test_truncation_applies_to_long_samples(tiny, tmp_path):
+def test_truncation_applies_to_long_samples(byte_lm, tmp_path):
     out = tmp_path / "t"
-    main(eval_args(tiny, "longbench", out, "--data", str(SAMPLES / "longbench"), "--datasets", "hotpotqa",
+    main(eval_args(byte_lm, "longbench", out, "--data", str(SAMPLES / "longbench"), "--datasets", "hotpotqa",
                    "--max-length", "64", "--max-new-tokens", "1", "--modes", "window"))
     line = read_lines(out / "window" / "hotpotqa.jsonl")[0]
     assert line["truncated"] and line["prompt_tokens"] > 64 and line["input_tokens"] < line["prompt_tokens"]
@@ -312,20 +271,20 @@ def test_ruler_is_deterministic_per_seed_and_reads_a_haystack_file(tmp_path):
         ruler.load(_Args(datasets="vt", lengths="10"), tok, True)
 
 
-def test_ruler_end_to_end(tiny, tmp_path):
+def test_ruler_end_to_end(byte_lm, tmp_path):
     out = tmp_path / "r"
-    assert main(eval_args(tiny, "ruler", out, "--lengths", "3000", "--datasets", "niah_single_1,vt", "--limit", "1",
+    assert main(eval_args(byte_lm, "ruler", out, "--lengths", "3000", "--datasets", "niah_single_1,vt", "--limit", "1",
                           "--max-new-tokens", "2")) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["scores"]) == {"niah_single_1_3000", "vt_3000"} and results["seed"] == 42
 
 
 # ----------------------------------------------------------------------------- perplexity
-def test_perplexity_by_position(tiny, tmp_path):
+def test_perplexity_by_position(byte_lm, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(random.Random(0).choice(["alpha", "beta", "gamma", "delta"]) for _ in range(120)))
     out = tmp_path / "p"
-    assert main(eval_args(tiny, "perplexity", out, "--data", str(text), "--lengths", "128", "--limit", "2")) == 0
+    assert main(eval_args(byte_lm, "perplexity", out, "--data", str(text), "--lengths", "128", "--limit", "2")) == 0
     results = json.loads((out / "results.json").read_text())
     inside, beyond = f"128 tokens, p < {SINKS + WINDOW}", f"128 tokens, p >= {SINKS + WINDOW}"
     assert set(results["scores"]) == {inside, beyond}
@@ -338,17 +297,17 @@ def test_perplexity_by_position(tiny, tmp_path):
     assert abs(s[beyond]["full"] - s[beyond]["window"]) > 1e-3 and abs(s[beyond]["window"] - s[beyond]["ahn"]) > 1e-3
     before = files_of(out)
     (out / "ahn" / "ppl_128.jsonl").write_text((out / "ahn" / "ppl_128.jsonl").read_text().splitlines()[0] + "\n")
-    assert main(eval_args(tiny, "perplexity", out, "--data", str(text), "--lengths", "128", "--limit", "2")) == 0
+    assert main(eval_args(byte_lm, "perplexity", out, "--data", str(text), "--lengths", "128", "--limit", "2")) == 0
     assert files_of(out) == before
     with pytest.raises(SystemExit):
-        main(eval_args(tiny, "perplexity", tmp_path / "q", "--data", str(text), "--lengths", "100000"))
+        main(eval_args(byte_lm, "perplexity", tmp_path / "q", "--data", str(text), "--lengths", "100000"))
 
 
-def test_perplexity_lengths_below_two_tokens_name_the_flag(tiny, tmp_path, capsys):
+def test_perplexity_lengths_below_two_tokens_name_the_flag(byte_lm, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("alpha beta " * 50)
     with pytest.raises(SystemExit) as e:
-        main(eval_args(tiny, "perplexity", tmp_path / "p", "--data", str(text), "--lengths", "1"))
+        main(eval_args(byte_lm, "perplexity", tmp_path / "p", "--data", str(text), "--lengths", "1"))
     assert e.value.code == 2 and "--lengths 1: each length must be at least 2 tokens" in capsys.readouterr().err
 
 
@@ -385,12 +344,12 @@ def top_level(out: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny, tmp_path_factory):
+def two_ranks(byte_lm, tmp_path_factory):
     """(one-process run, two-process run) of the same infinitebench samples."""
     root = tmp_path_factory.mktemp("dist")
     single, double = root / "single", root / "double"
-    one_process(eval_args(tiny, "infinitebench", single, *DIST_ARGS))
-    torchrun(eval_args(tiny, "infinitebench", double, *DIST_ARGS), cwd=root)
+    one_process(eval_args(byte_lm, "infinitebench", single, *DIST_ARGS))
+    torchrun(eval_args(byte_lm, "infinitebench", double, *DIST_ARGS), cwd=root)
     return single, double
 
 
@@ -405,7 +364,7 @@ def test_two_processes_write_the_files_of_one(two_ranks):
     assert full == read_lines(double / "ranks" / "0" / "full" / "passkey.jsonl") and full[0]["pred"] != ""
 
 
-def test_a_rerun_with_another_world_size_resumes_from_the_rank_folders(tiny, two_ranks, tmp_path):
+def test_a_rerun_with_another_world_size_resumes_from_the_rank_folders(byte_lm, two_ranks, tmp_path):
     """An interrupted two-process run (rank 1 lost its last sample in two modes), resumed by one process."""
     single, double = two_ranks
     out = tmp_path / "resumed"
@@ -419,7 +378,7 @@ def test_a_rerun_with_another_world_size_resumes_from_the_rank_folders(tiny, two
     marked = out / "ranks" / "0" / "full" / "passkey.jsonl"
     marked.write_text("".join(json.dumps({**r, "mark": 1}, ensure_ascii=False) + "\n" for r in read_lines(marked)))
     rank0 = files_of(out / "ranks" / "0")
-    one_process(eval_args(tiny, "infinitebench", out, *DIST_ARGS))
+    one_process(eval_args(byte_lm, "infinitebench", out, *DIST_ARGS))
     merged = read_lines(out / "full" / "passkey.jsonl")
     assert [r.pop("mark") for r in merged] == [1]
     (out / "full" / "passkey.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
@@ -427,12 +386,12 @@ def test_a_rerun_with_another_world_size_resumes_from_the_rank_folders(tiny, two
     assert files_of(out / "ranks" / "0") == rank0  # rank folders are read, never rewritten
 
 
-def test_perplexity_across_two_processes(tiny, tmp_path):
+def test_perplexity_across_two_processes(byte_lm, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(random.Random(0).choice(["alpha", "beta", "gamma", "delta"]) for _ in range(150)))
     args = ["--data", str(text), "--lengths", "128", "--limit", "4"]
-    one_process(eval_args(tiny, "perplexity", tmp_path / "single", *args))
-    torchrun(eval_args(tiny, "perplexity", tmp_path / "double", *args), cwd=tmp_path)
+    one_process(eval_args(byte_lm, "perplexity", tmp_path / "single", *args))
+    torchrun(eval_args(byte_lm, "perplexity", tmp_path / "double", *args), cwd=tmp_path)
     assert top_level(tmp_path / "double") == top_level(tmp_path / "single")
     for r, ids in ((0, ["0", "2"]), (1, ["1", "3"])):
         assert [x["id"] for x in read_lines(tmp_path / "double" / "ranks" / str(r) / "ahn" / "ppl_128.jsonl")] == ids

@@ -44,15 +44,15 @@ from ahn.kernels.gated_delta_rule import RULE as GATED_DELTA_RULE  # noqa: E402
 from ahn.kernels.ssd import RULE as SSD  # noqa: E402
 from ahn.kernels._common import run_rule_unchecked  # noqa: E402
 from ahn.kernels._triton import interpreting  # noqa: E402
-from kernel_cases import FUNCS, GATES, RULES, assert_close, make_inputs  # noqa: E402
+from kernel_cases import FUNCS, GATES, RULES, TOL, assert_close, call, make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not interpreting(), reason="runs fla's kernels in Triton's CPU interpreter (TRITON_INTERPRET=1, set by "
                                "conftest.py without CUDA); on CUDA, test_kernels.py's `cuda` tests run backend='fla'")
 
-# Relative max error against the float64 torch path (kernel_cases.assert_close). float32: fla's kernels
-# accumulate in float32 as ahn's do. float16: fla keeps its WY / pseudo-value tiles in the input dtype.
-TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
+# Relative max error against the float64 torch path (kernel_cases.assert_close): outputs and states TOL
+# (kernel_cases; float32: fla's kernels accumulate in float32 as ahn's do; float16: fla keeps its WY /
+# pseudo-value tiles in the input dtype), gradients TOL_GRAD.
 TOL_GRAD = {torch.float32: 2e-4, torch.float16: 5e-2}
 # The dtypes fla is run with per rule: chunk_delta_rule refuses float32.
 DTYPES = {"gated_delta_rule": [torch.float32, torch.float16], "delta_rule": [torch.float16],
@@ -182,8 +182,6 @@ def test_fla_delta_rule_refuses_float32_naming_the_fix():
 # chunk_gdn2 and chunk_gated_delta_product through a closure of the public function; resolving
 # backend="fla" on CPU is allowed here (it is refused to users: fla's kernels need CUDA), so that closure
 # runs fla's real kernels in the interpreter. chunk_gated_delta_product refuses float32 q / k / v.
-from test_channel_kernels import call as channel_call, make_inputs as channel_inputs  # noqa: E402
-
 CHANNEL_DTYPES = {"kda": torch.float32, "gdn2": torch.float32, "gated_delta_product": torch.float16}
 
 
@@ -198,7 +196,7 @@ def fla_on_cpu(monkeypatch):
 
 def channel_run(rule, x, backend, **kw):
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-    o, s = channel_call(rule, leaves, backend=backend, **kw)
+    o, s = call(rule, leaves, backend=backend, **kw)
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
     ds = torch.randn(s.shape, generator=gen, dtype=torch.float64)
@@ -213,10 +211,10 @@ def test_fla_glue_newer_rules_match_torch(rule, varlen, fla_on_cpu):
     kw = dict(scale=0.5, use_qk_l2norm=True)
     if varlen:  # one token, a two-chunk sequence and a short one, packed along T
         cu = torch.tensor([0, 1, 71, 76])
-        x = channel_inputs(rule, B=1, T=76, H=2, K=12, V=20, n_states=3)
+        x = make_inputs(rule, B=1, T=76, H=2, K=12, V=20, n_states=3)
         kw["cu_seqlens"] = cu
     else:
-        x = channel_inputs(rule, B=1, T=70, H=2, K=12, V=20)
+        x = make_inputs(rule, B=1, T=70, H=2, K=12, V=20)
     x["q"], x["k"] = x["q"] * 2.0, x["k"] * 3.0  # far from unit norm: a dropped L2 normalisation shows
     x = {n: t.to(dtype if n in ("q", "k", "v") else torch.float32) for n, t in x.items()}
     o, s, grads = channel_run(rule, x, "fla", **kw)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 import ahn
 from ahn.model import cache_kwargs, output_cache
 from ahn.flops import ModelShape, compare, count, measured_flops
+from helpers import tiny_qwen2_config
 
 W, S, T = 48, 8, 300
 
@@ -21,8 +21,7 @@ W, S, T = 48, 8, 300
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_qwen2_config(vocab_size=500, hidden_size=64, intermediate_size=128, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     return ahn.add_memory(Qwen2ForCausalLM(config).eval(), ahn.AHNConfig(window=W, sinks=S))
 
@@ -68,8 +67,7 @@ def test_analytic_cache_bytes_equal_the_real_caches(model, n):
 @pytest.mark.parametrize("n", [30, T])
 def test_cache_bytes_with_a_priority_buffer(n):
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_qwen2_config(vocab_size=500, hidden_size=64, intermediate_size=128, tie_word_embeddings=False)
     options = dict(buffer_slots=5, salience_writes=True, readout="defer")
     model = ahn.add_memory(Qwen2ForCausalLM(config).eval(), ahn.AHNConfig(window=W, sinks=S, layers=[1], **options))
     with torch.no_grad():
@@ -87,8 +85,7 @@ def test_every_rule_declares_its_cache_and_update(memory, options):
     """Each rule's MemoryCost: its cached gates equal the real cache's, byte for byte (options included), and the
     memory FLOPs grow with the declared update."""
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_qwen2_config(vocab_size=500, hidden_size=64, intermediate_size=128, tie_word_embeddings=False)
     model = ahn.add_memory(Qwen2ForCausalLM(config).eval(),
                            ahn.AHNConfig(memory=memory, memory_kwargs=options, window=W, sinks=S))
     with torch.no_grad():
@@ -124,8 +121,7 @@ def test_savings_grow_with_length():
 
 
 def test_cli_json_and_plot(tmp_path):
-    cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_qwen2_config(vocab_size=1000, hidden_size=64, intermediate_size=128, tie_word_embeddings=False)
     cfg.save_pretrained(tmp_path)
     png = tmp_path / "flops.png"
     out = subprocess.run(

@@ -11,15 +11,14 @@ import sys
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from transformers import PreTrainedTokenizerFast
 
 import ahn
 from ahn.cli import build_parser, main
 from ahn.generate import (
     DEFAULT_CHUNK, chat_frame, line_pieces, read, special_prefix, splits_at_line_starts, token_pieces,
 )
-from test_eval_run import byte_tokenizer
-from test_state import assert_same_cache
+from helpers import assert_same_cache, byte_tokenizer, save_byte_lm
 
 WINDOW, SINKS = 16, 3
 LINES = ["Alpha beta, gamma.", "  indented line", "", "\ttabbed", "数字 123 and 4567.", "(end) don't", "x" * 90]
@@ -76,25 +75,16 @@ def test_token_pieces_are_the_whole_texts_ids():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(model dir with a byte tokenizer and a chat template, adapter dir with a non-zero random memory)."""
-    tok = byte_tokenizer()
-    torch.manual_seed(3)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=False, initializer_range=0.5, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)  # large init: varied greedy outputs
-    base = AutoModelForCausalLM.from_config(cfg)
-    model_dir = tmp_path_factory.mktemp("tiny")
-    base.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    model = ahn.add_memory(base, ahn.AHNConfig(window=WINDOW, sinks=SINKS, buffer_slots=2, salience_writes=True,
-                                               readout="defer"))
-    with torch.no_grad():
-        for name, p in model.named_memory_parameters():
-            p.add_(torch.randn(p.shape) * 0.3)
-    adapter_dir = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(adapter_dir)
-    return str(model_dir), str(adapter_dir), model
+    """(model dir with a byte tokenizer and a chat template, adapter dir with a non-zero random memory and every
+    salience option, the AHN model)."""
+
+    def perturb(model):
+        with torch.no_grad():
+            for name, p in model.named_memory_parameters():
+                p.add_(torch.randn(p.shape) * 0.3)
+
+    return save_byte_lm(tmp_path_factory, ahn.AHNConfig(window=WINDOW, sinks=SINKS, buffer_slots=2,
+                                                        salience_writes=True, readout="defer"), perturb)
 
 
 def test_read_does_not_depend_on_how_the_ids_arrive(tiny):

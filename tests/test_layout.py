@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -55,3 +56,23 @@ def test_no_private_transformers_seam_is_used():
     found = [f"{p.relative_to(ROOT)}: {what} ({needle!r})" for p in sources for needle, what in PRIVATE_SEAMS.items()
              if needle in p.read_text()]
     assert not found, "\n".join(found)
+
+
+def test_no_test_module_imports_another():
+    """Tests share fixtures through conftest.py and plain helpers through helpers.py and kernel_cases.py; no file
+    under tests/ imports a test module (which would run its module-level code twice and tie the files together)."""
+    tests = ROOT / "tests"
+    test_modules = {p.stem for p in tests.rglob("test_*.py")}
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):  # from test_x / tests.test_x import y; from . import test_x
+                names = [node.module or ""] + [f"{node.module or ''}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            hits = sorted({part for name in names for part in name.split(".") if part in test_modules})
+            if hits:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {', '.join(hits)}")
+    assert not found, "move what is shared into tests/helpers.py or tests/conftest.py:\n" + "\n".join(found)

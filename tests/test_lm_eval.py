@@ -1,4 +1,4 @@
-"""lm-evaluation-harness integration (ahn.lm_eval), offline, on the tiny random Qwen2 of test_eval_run.
+"""lm-evaluation-harness integration (ahn.lm_eval), offline, on the tiny random Qwen2 of the byte_lm fixture.
 
 "full" must be lm-eval's plain HFLM on the bare base model, request by request and metric by
 metric; "window" / "ahn" must run every request type with ahn's bounded cache and differ from
@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,12 +20,11 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
-from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 import ahn  # noqa: E402
 from ahn.lm_eval import TASKS_DIR, UNBOUNDED, AHNLM  # noqa: E402
 from ahn.model import output_cache  # noqa: E402
-from test_eval_run import SINKS, WINDOW, byte_tokenizer, tiny  # noqa: E402,F401  (tiny: the model fixture)
+from helpers import BYTE_LM_SINKS as SINKS, BYTE_LM_WINDOW as WINDOW, byte_tokenizer, tiny_model  # noqa: E402
 
 SPAN = SINKS + WINDOW
 SHORT = "The cat sat."  # 12 byte tokens: inside sinks + window
@@ -53,9 +51,9 @@ def run_all(lm) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tiny):
+def results(byte_lm):
     """Every request type through plain HFLM and through the ahn model in each mode."""
-    model_dir, adapter_dir = tiny
+    model_dir, adapter_dir = byte_lm
     out = {"hf": run_all(HFLM(pretrained=model_dir, **ARGS))}
     for mode in ("full", "window", "ahn"):
         lm = AHNLM(pretrained=model_dir, adapter=adapter_dir, window=WINDOW, sinks=SINKS, mode=mode, **ARGS)
@@ -87,10 +85,10 @@ def test_window_and_ahn_differ_from_full_only_beyond_the_window(results):
     assert abs(results["ahn"]["loglikelihood_rolling"][1] - results["window"]["loglikelihood_rolling"][1]) > 1e-2
 
 
-def test_rolling_loglikelihood_runs_with_the_bounded_cache(tiny):
+def test_rolling_loglikelihood_runs_with_the_bounded_cache(byte_lm):
     """The decoder's output cache on the long document: an AHNCache of sinks + window entries and the
     same size as after a short one in "ahn" mode; a DynamicCache of every token in "full" mode."""
-    model_dir, adapter_dir = tiny
+    model_dir, adapter_dir = byte_lm
     seen = {}
     for mode in ("ahn", "full"):
         lm = AHNLM(pretrained=model_dir, adapter=adapter_dir, window=WINDOW, sinks=SINKS, mode=mode, **ARGS)
@@ -113,8 +111,8 @@ def test_rolling_loglikelihood_runs_with_the_bounded_cache(tiny):
     assert [(c[1], c[2]) for c in seen["full"]] == [("DynamicCache", t_mid), ("DynamicCache", t_long)]
 
 
-def test_max_length_is_unbounded_in_window_and_ahn_modes(tiny):
-    model_dir, adapter_dir = tiny
+def test_max_length_is_unbounded_in_window_and_ahn_modes(byte_lm):
+    model_dir, adapter_dir = byte_lm
     lm = AHNLM(pretrained=model_dir, adapter=adapter_dir, mode="window", **ARGS)
     assert lm.max_length == UNBOUNDED
     assert lm.model.ahn_config.window == WINDOW and lm.model.ahn_config.sinks == SINKS  # the adapter's
@@ -124,8 +122,8 @@ def test_max_length_is_unbounded_in_window_and_ahn_modes(tiny):
     assert lm.max_length == 100 and lm.model.ahn_config.window == 8 and lm.model.ahn_config.sinks == 2
 
 
-def test_task_metrics_match_plain_hflm_in_full_mode(tiny, task_manager):
-    model_dir, adapter_dir = tiny
+def test_task_metrics_match_plain_hflm_in_full_mode(byte_lm, task_manager):
+    model_dir, adapter_dir = byte_lm
     scores = {}
     for name, lm in (("hf", HFLM(pretrained=model_dir, **ARGS)),
                      ("full", AHNLM(pretrained=model_dir, adapter=adapter_dir, mode="full", **ARGS))):
@@ -135,9 +133,9 @@ def test_task_metrics_match_plain_hflm_in_full_mode(tiny, task_manager):
     assert set(scores["full"]["ahn_smoke_ppl"]) >= {"word_perplexity,none", "bits_per_byte,none"}
 
 
-def test_cli_writes_a_scores_file_from_any_directory(tiny, tmp_path):
+def test_cli_writes_a_scores_file_from_any_directory(byte_lm, tmp_path):
     """``python -m ahn.lm_eval`` registers the model and finds the shipped task without --include_path."""
-    model_dir, adapter_dir = tiny
+    model_dir, adapter_dir = byte_lm
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     cmd = [sys.executable, "-m", "ahn.lm_eval", "run", "--model", "ahn", "--model_args",
@@ -152,8 +150,8 @@ def test_cli_writes_a_scores_file_from_any_directory(tiny, tmp_path):
     assert result["config"]["model"] == "ahn"
 
 
-def test_bad_model_args_name_the_value_and_the_fix(tiny, tmp_path):
-    model_dir, _ = tiny
+def test_bad_model_args_name_the_value_and_the_fix(byte_lm, tmp_path):
+    model_dir, _ = byte_lm
     cases = [
         (dict(mode="sliding"), "mode='sliding': must be one of full, window, ahn"),
         (dict(adapter=str(tmp_path / "nowhere")), f"adapter='{tmp_path / 'nowhere'}': no such directory"),
@@ -168,9 +166,7 @@ def test_bad_model_args_name_the_value_and_the_fix(tiny, tmp_path):
         assert message in str(e.value)
     # an adapter trained for another base model (other hidden size)
     tok = byte_tokenizer()
-    other = AutoModelForCausalLM.from_config(Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False))
+    other = tiny_model(vocab_size=len(tok), hidden_size=64, intermediate_size=64, tie_word_embeddings=False)
     ahn.add_memory(other, ahn.AHNConfig(window=WINDOW, sinks=SINKS)).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError) as e:
         AHNLM(pretrained=model_dir, adapter=str(tmp_path / "other"), **ARGS)

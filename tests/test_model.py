@@ -10,69 +10,15 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM
 
 import ahn
 from ahn import AHNCache, AHNConfig, AHNModel
 from ahn.model import cache_kwargs
-
-MEMORIES = list(ahn.available_memories())
-ATOL = 2e-5  # float32 logits; SDPA over different key blocks agrees to ~1e-7
-VOCAB = 97
-
-
-# Families tested against every invariant; any family whose attention goes through transformers'
-# AttentionInterface should work the same way (README, "Supported models").
-FAMILIES = ["qwen2", "qwen3", "llama", "mistral"]
-
-
-def tiny_config(family: str, **overrides):
-    common = dict(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-    ) | overrides
-    if family == "qwen3":
-        return Qwen3Config(head_dim=12, **common)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "mistral":
-        return MistralConfig(sliding_window=None, **common)
-    return Qwen2Config(**common)
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory):
-    """Tiny random models saved with save_pretrained, loaded back through AutoModelForCausalLM."""
-    dirs = {}
-    for family in FAMILIES:
-        torch.manual_seed(1)
-        model = AutoModelForCausalLM.from_config(tiny_config(family))
-        d = tmp_path_factory.mktemp(family)
-        model.save_pretrained(d)
-        dirs[family] = str(d)
-    return dirs
-
-
-def load_base(model_dirs, family="qwen2", attn_implementation="sdpa"):
-    return AutoModelForCausalLM.from_pretrained(model_dirs[family], attn_implementation=attn_implementation).eval()
-
-
-def randomize_memory(model: AHNModel, seed: int = 0, std: float = 0.3):
-    """Non-zero output projections (a fresh memory contributes nothing), so the memory path is exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_memory_parameters():
-            if name.endswith("o_proj.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def ids(B=1, T=60, seed=0):
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, x, **kw):
-    with torch.no_grad():
-        return model(x, use_cache=False, **kw).logits
+from helpers import (
+    ATOL, FAMILIES, LOGITS_ATOL, MEMORIES, VOCAB, assert_padded_rows_generate_as_alone, ids, load_base, logits,
+    randomize_memory, run_incremental, tiny_model,
+)
 
 
 # ------------------------------------------------------------------------------ invariants
@@ -130,21 +76,6 @@ def test_fresh_adapter_equals_sinks_plus_window(model_dirs, memory):
     torch.testing.assert_close(fresh, window_only, rtol=0, atol=0)
     assert (fresh[:, 20:] - full[:, 20:]).abs().max() > 1e-3, "the window must actually cut the context"
     torch.testing.assert_close(fresh[:, :20], full[:, :20], rtol=0, atol=ATOL)
-
-
-def run_incremental(model, x, splits, **kw):
-    """Prefill in uneven chunks, then decode token by token; checks the cache bound (sinks + window, plus the
-    priority buffer's slots where the config has one) throughout."""
-    cache = model.new_cache(**kw)
-    bound = cache.sinks + max(cache.buffer_slots) + cache.window
-    outs, t = [], 0
-    with torch.no_grad():
-        for n in splits + [1] * (x.shape[1] - sum(splits)):
-            outs.append(model(x[:, t : t + n], **cache_kwargs(model, cache)).logits)
-            t += n
-            assert cache.kv_length <= bound
-            assert cache.get_seq_length() == t
-    return torch.cat(outs, 1), cache
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -256,20 +187,6 @@ def test_generate_batch_with_left_padding_equals_rows_alone(model_dirs, memory):
     assert_padded_rows_generate_as_alone(model)
 
 
-def assert_padded_rows_generate_as_alone(model):
-    """A left-padded batch of two rows generates what each row generates alone."""
-    long, short = ids(1, 25, seed=5)[0], ids(1, 17, seed=6)[0]
-    pad = 0
-    batch = torch.stack([long, torch.cat([torch.full((8,), pad), short])])
-    mask = torch.stack([torch.ones(25, dtype=torch.long), torch.cat([torch.zeros(8, dtype=torch.long), torch.ones(17, dtype=torch.long)])])
-    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=pad)
-    with torch.no_grad():
-        both = model.generate(batch, attention_mask=mask, **gen)
-        alone = [model.generate(row[None], attention_mask=torch.ones_like(row[None]), **gen)[0] for row in (long, short)]
-    assert torch.equal(both[0], alone[0])
-    assert torch.equal(both[1, 8:], alone[1])
-
-
 def test_generate_keeps_the_cache_bounded_and_samples(model_dirs):
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=6, sinks=2))
     randomize_memory(model)
@@ -312,10 +229,7 @@ def test_save_and_load_round_trip(model_dirs, tmp_path):
 def test_mismatched_adapters_fail_clearly(model_dirs, tmp_path):
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2))
     model.save_pretrained(tmp_path / "gdn")
-    bigger = AutoModelForCausalLM.from_config(
-        Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2)
-    )
+    bigger = tiny_model(hidden_size=64, tie_word_embeddings=False)
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.ahn\.\S+' has shape .* made for another base"):
         AHNModel.from_pretrained(bigger, tmp_path / "gdn")
     cfg = json.loads((tmp_path / "gdn" / "ahn_config.json").read_text())
@@ -426,7 +340,7 @@ def test_a_failed_load_leaves_the_base_model_as_it_was(model_dirs, tmp_path):
     """Loading a 2-layer adapter into a 3-layer model fails before anything is changed; the right one then loads."""
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, layers=[0, 1]))
     model.save_pretrained(tmp_path / "two")
-    three = AutoModelForCausalLM.from_config(tiny_config("qwen2", num_hidden_layers=3)).eval()
+    three = tiny_model("qwen2", num_hidden_layers=3).eval()
     x = ids(1, 40)
     before = logits(three, x)
     impl = three.config._attn_implementation
@@ -513,7 +427,7 @@ def test_bfloat16_model(model_dirs, memory):
     parallel = logits(model, x).float()
     incremental, cache = run_incremental(model, x, [20])
     assert cache.layers[0].memory_state.dtype == torch.float32
-    torch.testing.assert_close(incremental.float(), parallel, rtol=0, atol=2e-2)  # bf16 rounding of activations
+    torch.testing.assert_close(incremental.float(), parallel, rtol=0, atol=LOGITS_ATOL[torch.bfloat16])
     loss = model(x, labels=x, use_cache=False).loss
     loss.backward()
     assert all(p.grad is not None for p in model.memory_parameters())

@@ -19,23 +19,14 @@ from ahn.model import cache_kwargs
 from ahn.attention import gather_sinks, window_attention
 from ahn.cache import Buffer
 from ahn.salience import SalienceRecord, SalienceScorer
-from test_model import (  # noqa: F401 (model_dirs: the fixture)
-    ATOL, MEMORIES, assert_padded_rows_generate_as_alone, ids, load_base, logits, model_dirs, randomize_memory,
+from helpers import (
+    ATOL, MEMORIES, assert_padded_rows_generate_as_alone, ids, load_base, logits, randomize_memory, randomize_salience,
     run_incremental,
 )
 
 ALL_ON = dict(buffer_slots=3, salience_writes=True, readout="defer")
 OPTIONS = [ALL_ON, dict(buffer_slots=2), dict(salience_writes=True), dict(readout="defer"),
            dict(buffer_slots=2, salience_writes=True, salience_mass=False, readout="defer")]
-
-
-def randomize_salience(model, seed=0):
-    """Random scorer and deferring-logit weights (fresh ones are near zero), so that they matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_memory_parameters():
-            if ".salience." in name or ".defer." in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
 
 
 def reference_attention(q, k, v, token_part, mass_weight, *, window, sinks, pad, slots, scale):

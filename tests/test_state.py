@@ -13,14 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM
 
 import ahn
 from ahn import AHNCache, AHNConfig
 from ahn.generate import read
 from ahn.model import cache_kwargs, output_cache
-from test_model import ids, load_base, model_dirs, randomize_memory  # noqa: F401 (model_dirs: the fixture)
-from test_salience import randomize_salience
+from helpers import assert_same_cache, ids, load_base, randomize_memory, randomize_salience, tiny_model
 
 W, S, CHUNK = 16, 3, 16
 CONFIGS = {
@@ -38,23 +37,6 @@ def make_model(model_dirs, family="qwen2", seed=0, **config):
     randomize_memory(model, seed)
     randomize_salience(model, seed)
     return model
-
-
-def layer_tensors(cache: AHNCache) -> dict:
-    out = {"pad_offsets": cache.pad_offsets}
-    for i, layer in enumerate(cache.layers):
-        out |= {f"{i}.{k}": v for k, v in vars(layer).items() if not k.startswith("_")}
-    return out
-
-
-def assert_same_cache(a: AHNCache, b: AHNCache) -> None:
-    ta, tb = layer_tensors(a), layer_tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        if isinstance(ta[k], torch.Tensor):
-            assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
-        else:
-            assert ta[k] == tb[k], k
 
 
 def decode(model, cache, tokens) -> torch.Tensor:
@@ -108,9 +90,9 @@ def test_one_read_with_the_same_chunk_boundaries_equals_a_continued_read(model_d
 
 def tiniest_model(**config):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=1024)
-    return ahn.add_memory(AutoModelForCausalLM.from_config(cfg).eval(), AHNConfig(window=16, sinks=2, **config))
+    base = tiny_model(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=False)
+    return ahn.add_memory(base.eval(), AHNConfig(window=16, sinks=2, **config))
 
 
 def state_size_after(model, n: int, path, chunk: int = 16384) -> int:

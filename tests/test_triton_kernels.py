@@ -3,7 +3,7 @@
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported): tiny shapes, float32, chunk 16, so the whole
 file stays within a few minutes on two CPU cores. The reference runs in float64 on the same
-(float32-rounded) inputs; tolerances are fixed per dtype below. The `cuda` tests repeat the
+(float32-rounded) inputs; tolerances are fixed per dtype (kernel_cases.TOL). The `cuda` tests repeat the
 comparison in bfloat16 at real sizes on a GPU.
 """
 
@@ -16,12 +16,10 @@ pytest.importorskip("triton")
 
 import kernel_cases  # noqa: E402
 from ahn.kernels import gated_delta_rule, ssd, ssd_step  # noqa: E402
-from kernel_cases import FUNCS, GATES, RULES, STEPS, assert_close  # noqa: E402
+from kernel_cases import FUNCS, GATES, RULES, STEPS, TOL, TOL_BF16_GRAD, assert_close  # noqa: E402
 
-# float32 kernels vs a float64 reference (relative max error); bf16: inputs rounded, fp32 accumulation.
-TOL = {torch.float32: 2e-4, torch.bfloat16: 5e-2}
-# bf16 gradients go through a triangular inverse and long sums: looser, as in test_kernels' fla check.
-TOL_BF16_GRAD = 0.1
+# TOL (kernel_cases): float32 kernels vs a float64 reference (relative max error); bf16: inputs rounded, fp32
+# accumulation; TOL_BF16_GRAD for bf16 gradients.
 CHUNK = 16  # the smallest chunk the kernels take; T = 1, 20, 33 then cover one, two and three chunks
 
 
