@@ -5,7 +5,7 @@ recurrent references of the rules are it in a loop. :func:`step_unchecked` runs 
 three backends sharing its arguments:
 
 * ``"torch"``: :func:`step_ref` as a few batched tensor ops (any device and dtype, autograd);
-* ``"cpp"``: one compiled C++ call (``ahn/_cpu_decode.py``; float32 CPU tensors, no autograd);
+* ``"cpp"``: one compiled C++ call (``cpu_step.cpp``, loaded by :mod:`.cpu_step`; float32 CPU tensors, no autograd);
 * ``"triton"``: one fused launch (``_triton/step.py``; CUDA, or the Triton interpreter; no autograd).
 
 :func:`resolve_step_backend` is the dispatcher (``"auto"`` picks C++ for float32 CPU tensors,
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .. import _cpu_decode
+from . import cpu_step
 from ._common import BACKENDS, L2NORM_EPS, Rule, compute_dtype, l2norm
 from ._triton import MAX_STEP_HEAD_DIM, require_triton
 
@@ -130,7 +130,7 @@ def resolve_step_backend(backend: str, q: torch.Tensor, *tensors: Optional[torch
         if needs_backward(*everything):
             return "torch"
         if q.is_cpu:
-            return "cpp" if _cpp_takes(everything) and _cpu_decode.compiled() is not None else "torch"
+            return "cpp" if _cpp_takes(everything) and cpu_step.compiled() is not None else "torch"
         if (q.is_cuda and q.dtype != torch.float64 and head_dim <= MAX_STEP_HEAD_DIM
                 and importlib.util.find_spec("triton") is not None):
             return "triton"
@@ -142,7 +142,7 @@ def resolve_step_backend(backend: str, q: torch.Tensor, *tensors: Optional[torch
         if not _cpp_takes(everything):
             found = sorted({f"{t.dtype} on {t.device}" for t in everything if t is not None})
             raise ValueError(f"backend='cpp' takes float32 CPU tensors, got {found}; use backend='torch'")
-        if _cpu_decode.compiled() is None:
+        if cpu_step.compiled() is None:
             raise ValueError("backend='cpp': the compiled CPU step is unavailable (AHN_CPU_DECODE=0, or it could "
                              "not be built: see the warning above); use backend='torch'")
         return backend
@@ -227,7 +227,7 @@ def step_unchecked(
     if scale is None:
         scale = K ** -0.5
     if backend == "cpp":
-        return _cpu_decode.step(q, k, v, g, beta, state, mask, scale=scale, use_qk_l2norm=use_qk_l2norm,
+        return cpu_step.step(q, k, v, g, beta, state, mask, scale=scale, use_qk_l2norm=use_qk_l2norm,
                                 l2_eps=L2NORM_EPS, delta=rule.has_beta)
     if backend == "triton":
         from ._triton.step import fused_step

@@ -17,7 +17,7 @@ A memory module turns the frozen attention's q/k/v into a memory read-out:
 * ``step(...)`` and ``decode(..., backend)``: the same for one generated token. ``decode`` is the
   token's gates, the recurrent step (the evicted token's write and the read) and the read-out,
   with one of the step's backends (``ahn.kernels.step``): torch ops, one compiled C++ call
-  (float32 CPU, no autograd; ``ahn._cpu_decode``) or the Triton step (CUDA).
+  (float32 CPU, no autograd; ``ahn.kernels.cpu_step``) or the Triton step (CUDA).
 
 A new rule is one file: subclass :class:`Memory`, declare its ``step_spec``, decorate it with
 ``@register_memory``.

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn import _cpu_decode
 from ahn.kernels._common import DEFAULT_CHUNK_SIZE, L2NORM_EPS, Rule, constant, run_rule
+from ahn.kernels import cpu_step
 from ahn.kernels.step import resolve_step_backend, step_unchecked
 
 _REGISTRY: dict[str, type["Memory"]] = {}
@@ -40,8 +40,8 @@ class Gate:
     """One channel of a rule's write gates: ``activation(projection(x) + bias)`` per head, float32.
 
     ``projection``: the ``nn.Linear`` attribute (hidden -> H * channels) that reads the token;
-    ``activation``: a key of ``ahn._cpu_decode.GATE_ACTIVATIONS`` (one table of its torch and C++
-    forms); ``bias``: a parameter attribute ``[H * channels]`` added before the activation, or None;
+    ``activation``: a key of ``ahn.kernels.cpu_step.GATE_ACTIVATIONS`` (its torch form there, its C++
+    form in ``cpu_step.cpp``); ``bias``: a parameter attribute ``[H * channels]`` added before the activation, or None;
     ``channels``: values per head (the compiled decode steps take one).
     """
 
@@ -82,10 +82,10 @@ class StepSpec:
     scale: Optional[float] = None
 
     def __post_init__(self):
-        unknown = [gate.activation for gate in self.gates if gate.activation not in _cpu_decode.GATE_ACTIVATIONS]
+        unknown = [gate.activation for gate in self.gates if gate.activation not in cpu_step.GATE_ACTIVATIONS]
         if unknown:
             raise ValueError(f"gate activations {unknown} are unknown; "
-                             f"choose from {list(_cpu_decode.GATE_ACTIVATIONS)}")
+                             f"choose from {list(cpu_step.GATE_ACTIVATIONS)}")
         if self.rule is None:
             return
         if any(gate.channels != 1 for gate in self.gates):
@@ -108,7 +108,7 @@ class StepSpec:
     @functools.cached_property
     def cpp_constants(self) -> tuple[list[int], int, int]:
         """The compiled step's view of the declaration: activation codes, decay and strength channels (-1: none)."""
-        return ([_cpu_decode.ACTIVATION_CODES[gate.activation] for gate in self.gates],
+        return ([cpu_step.ACTIVATION_CODES[gate.activation] for gate in self.gates],
                 -1 if self.decay is None else self.decay, -1 if self.strength is None else self.strength)
 
 
@@ -275,7 +275,7 @@ class Memory(nn.Module):
         for gate, p in zip(self.step_spec.gates, projections):  # p [..., H * channels]
             if gate.bias is not None:
                 p = p + getattr(self, gate.bias).float()
-            channels.append(_cpu_decode.GATE_ACTIVATIONS[gate.activation][0](p).unflatten(-1, (self.num_heads, -1)))
+            channels.append(cpu_step.GATE_ACTIVATIONS[gate.activation](p).unflatten(-1, (self.num_heads, -1)))
         return torch.cat(channels, dim=-1)
 
     def decay_and_strength(self, gates: torch.Tensor):
@@ -361,9 +361,9 @@ class Memory(nn.Module):
             backend = "torch"
         backend = resolve_step_backend(backend, q, x, state, g_proj.weight, head_dim=self.head_dim)
         if backend == "cpp":
-            none = _cpu_decode.EMPTY
+            none = cpu_step.EMPTY
             codes, decay, strength = spec.cpp_constants
-            return _cpu_decode.compiled()(
+            return cpu_step.compiled()(
                 x, [layer.weight for layer in layers], [none if layer.bias is None else layer.bias for layer in layers],
                 [none if gate.bias is None else getattr(self, gate.bias) for gate in spec.gates], codes, g_proj.weight,
                 none if g_proj.bias is None else g_proj.bias, q, none if k is None else k, none if v is None else v,
