@@ -19,7 +19,7 @@ import torch
 
 import ahn.memory
 from ahn.kernels import cpu_step
-from ahn.kernels.step import STEP_BACKENDS, resolve_step_backend
+from ahn.kernels.dispatch import STEP_BACKENDS, resolve_step_backend
 from kernel_cases import FUNCS, GATES, RULES, STEPS, assert_close, make_inputs
 
 # float32 backends against the float64 reference (relative max error, see kernel_cases.assert_close).

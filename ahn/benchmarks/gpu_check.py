@@ -185,7 +185,7 @@ def version(dist: str) -> Optional[str]:
 
 def unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` here, or None if it can."""
-    from ahn.kernels._common import fla_available
+    from ahn.kernels.dispatch import fla_available
     from ahn.kernels._triton import interpreting
 
     if backend == "fla":

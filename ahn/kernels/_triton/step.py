@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import L2NORM_EPS
+from ..rule import L2NORM_EPS
 from . import MAX_STEP_HEAD_DIM
 from .chunk import MAX_BLOCK_V, _block, _num_warps
 
