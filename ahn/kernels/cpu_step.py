@@ -93,7 +93,7 @@ def _opt(t: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def step(q, k, v, g, beta, state, mask, *, scale: float, use_qk_l2norm: bool, l2_eps: float, delta: bool):
-    """The ``"cpp"`` backend of :func:`ahn.kernels.step.step_unchecked` (same arguments): the bare step,
+    """The ``"cpp"`` backend of :func:`ahn.kernels.dispatch.step_unchecked` (same arguments): the bare step,
     no gates or read-out. Returns ``(o [B, H, V], state [B, H, K, V])`` float32."""
     gates = EMPTY
     decay_ch = strength_ch = -1

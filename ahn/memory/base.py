@@ -382,8 +382,8 @@ class Memory(nn.Module):
         ``output(step(...))``, None while the memory is empty (nothing written, nothing to
         read), and ``new_gates`` are ``write_gates(x)``, kept in the cache until this token leaves.
 
-        ``backend`` (``ahn.kernels.step.STEP_BACKENDS``, or a prefill backend of ``AHNConfig``) is
-        resolved by :func:`ahn.kernels.step.resolve_step_backend`: ``"auto"`` is one compiled C++
+        ``backend`` (``ahn.kernels.STEP_BACKENDS``, or a prefill backend of ``AHNConfig``) is
+        resolved by :func:`ahn.kernels.dispatch.resolve_step_backend`: ``"auto"`` is one compiled C++
         call for float32 CPU tensors without autograd (gates, step and read-out), the Triton step
         on CUDA, torch ops otherwise. Every backend reads the rule's ``step_spec``.
 
