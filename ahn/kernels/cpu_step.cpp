@@ -26,7 +26,7 @@ static inline const float* fptr(const torch::Tensor& t) { return t.numel() ? t.d
 // One token of every scalar-gated memory rule, float32 CPU (empty tensors stand for absent arguments):
 //   q [B, H, K]; k, v [B, Hk, K], [B, Hk, V] of the written token (empty: read only), H % Hk == 0;
 //   gates [B, H, G]: log decay g = gates[decay_ch] (times -exp(rate[h]) when rate [H] is given;
-//   decay_ch < 0: no decay), strength beta = gates[strength_ch] (< 0: 1); delta: u = beta (v - S^T k),
+//   decay_ch < 0: no decay), strength beta = gates[strength_ch] (< 0: 1); delta: u = beta (v - h^T k),
 //   else u = beta v; mask [B] bool (false: the row writes nothing); state [B, H, K, V] (empty: zeros).
 // With x [B, C] (the new token) also: new_gates[b, h, c] = act_c(x . gate_w[c][h] + gate_b[c][h] +
 // gate_c[c][h]) and the output gate z = x . z_w[h] + z_b[h]. With out_w [H, V, V] the read-out:
@@ -81,9 +81,9 @@ std::vector<torch::Tensor> decode_step(
   }
   const int64_t V = write ? v.size(2) : state.size(3);
   const int64_t Hk = write ? k.size(1) : 1, R = H / Hk, GS = write ? gates.size(2) : 0;
-  auto S_all = !has_state ? torch::zeros({B, H, K, V}, q.options()) : (write ? state.clone() : state);
+  auto state_all = !has_state ? torch::zeros({B, H, K, V}, q.options()) : (write ? state.clone() : state);
   auto o_all = torch::empty({B, H, V}, q.options());
-  float* SA = S_all.data_ptr<float>();
+  float* STATE = state_all.data_ptr<float>();
   float* OA = o_all.data_ptr<float>();
   const float *Q = fptr(q), *KK = fptr(k), *VV = fptr(v), *GT = fptr(gates), *RT = fptr(rate);
   const bool* MK = has_mask ? mask.data_ptr<bool>() : nullptr;
@@ -95,14 +95,15 @@ std::vector<torch::Tensor> decode_step(
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       if (has_x) head_gates(b, h);
-      float* S = SA + bh * K * V;  // S[i * V + j]: key dim i, value dim j
+      float* st = STATE + bh * K * V;  // this head's state h: st[i * V + j], key dim i, value dim j
       if (write && (!has_mask || MK[b])) {
         const float* kk = KK + (b * Hk + h / R) * K;
         const float* vv = VV + (b * Hk + h / R) * V;
         const float* gt = GT + bh * GS;
         if (decay_ch >= 0) {
+          // log_decay (rule.py): g = -exp(A_log) * gate when the rate is given, else the gate is g
           const float decay = std::exp(RT ? -std::exp(RT[h]) * gt[decay_ch] : gt[decay_ch]);
-          for (int64_t i = 0; i < K * V; ++i) S[i] *= decay;
+          for (int64_t i = 0; i < K * V; ++i) st[i] *= decay;
         }
         const float beta = strength_ch >= 0 ? gt[strength_ch] : 1.f;
         float ss = 0.f;
@@ -112,10 +113,10 @@ std::vector<torch::Tensor> decode_step(
         for (int64_t j = 0; j < V; ++j) u[j] = 0.f;
         if (delta)
           for (int64_t i = 0; i < K; ++i)
-            for (int64_t j = 0; j < V; ++j) u[j] += kn[i] * S[i * V + j];
+            for (int64_t j = 0; j < V; ++j) u[j] += kn[i] * st[i * V + j];
         for (int64_t j = 0; j < V; ++j) u[j] = beta * (vv[j] - u[j]);
         for (int64_t i = 0; i < K; ++i)
-          for (int64_t j = 0; j < V; ++j) S[i * V + j] += kn[i] * u[j];
+          for (int64_t j = 0; j < V; ++j) st[i * V + j] += kn[i] * u[j];
       }
       const float* qq = Q + bh * K;
       float qs = 0.f;
@@ -125,7 +126,7 @@ std::vector<torch::Tensor> decode_step(
       float* o = OA + bh * V;
       for (int64_t j = 0; j < V; ++j) o[j] = 0.f;
       for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < V; ++j) o[j] += qn[i] * S[i * V + j];
+        for (int64_t j = 0; j < V; ++j) o[j] += qn[i] * st[i * V + j];
       if (readout) {
         if (joint_norm) {
           const float zz = zs[bh], gate = zz / (1.f + std::exp(-zz));  // silu
@@ -137,7 +138,7 @@ std::vector<torch::Tensor> decode_step(
       }
     }
   });
-  if (!readout) return {o_all, new_gates, S_all};
+  if (!readout) return {o_all, new_gates, state_all};
   auto out = torch::empty({B, H, V}, q.options());
   float* OUT = out.data_ptr<float>();
   const float* NW = norm_w.data_ptr<float>();
@@ -165,7 +166,7 @@ std::vector<torch::Tensor> decode_step(
         for (int64_t m = 0; m < V; ++m) oo[m] += y[j] * Wh[j * V + m];
     }
   });
-  return {out, new_gates, S_all};
+  return {out, new_gates, state_all};
 }
 
 // What torch's load_inline would generate: c10 errors (TORCH_CHECK) reach Python as RuntimeError.
