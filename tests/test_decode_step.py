@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import ahn.memory
-from ahn import _cpu_decode
-from ahn.kernels.step import STEP_BACKENDS, resolve_step_backend
+from ahn.kernels import cpu_step
+from ahn.kernels.dispatch import STEP_BACKENDS, resolve_step_backend
 from kernel_cases import FUNCS, GATES, RULES, STEPS, TOL, assert_close, make_inputs
 
 # float32 backends against the float64 reference: TOL[torch.float32] (relative max error, kernel_cases.assert_close).
@@ -31,7 +31,7 @@ MASK = torch.tensor([True, False, True])
 def backends():
     """Every backend that can run here (the C++ one needs a toolchain, Triton the package)."""
     out = [pytest.param("torch")]
-    out.append(pytest.param("cpp", marks=pytest.mark.skipif(_cpu_decode.compiled() is None, reason="no C++ toolchain")))
+    out.append(pytest.param("cpp", marks=pytest.mark.skipif(cpu_step.compiled() is None, reason="no C++ toolchain")))
     out.append(pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                                                reason="triton is not installed")))
     return out
@@ -140,25 +140,25 @@ def test_memory_decode_backward_through_the_torch_backend():
         m.decode(x, q, k, v, None, None, None, backend="cpp")
 
 
-@pytest.mark.skipif(_cpu_decode.compiled() is None, reason="no C++ toolchain")
-@pytest.mark.parametrize("activation", list(_cpu_decode.GATE_ACTIVATIONS))
+@pytest.mark.skipif(cpu_step.compiled() is None, reason="no C++ toolchain")
+@pytest.mark.parametrize("activation", list(cpu_step.GATE_ACTIVATIONS))
 def test_gate_activations_agree_in_torch_and_cpp(activation):
     # Pre-activations through the bias of a zero projection, across softplus' threshold (20).
     pre = torch.cat([torch.linspace(-30, 30, 61), torch.tensor([19.99, 20.0, 20.01])])
-    n, empty = pre.numel(), _cpu_decode.EMPTY
-    _, new_gates, _ = _cpu_decode.compiled()(
-        torch.ones(1, 1), [torch.zeros(n, 1)], [pre], [empty], [_cpu_decode.ACTIVATION_CODES[activation]],
+    n, empty = pre.numel(), cpu_step.EMPTY
+    _, new_gates, _ = cpu_step.compiled()(
+        torch.ones(1, 1), [torch.zeros(n, 1)], [pre], [empty], [cpu_step.ACTIVATION_CODES[activation]],
         torch.zeros(n, 1), empty, torch.zeros(1, n, 4), empty, empty, empty, -1, empty, -1, False, empty, empty,
         empty, False, empty, False, 0.0, 0.0, 1.0,
     )
-    torch_form = _cpu_decode.GATE_ACTIVATIONS[activation][0]
+    torch_form = cpu_step.GATE_ACTIVATIONS[activation]
     torch.testing.assert_close(new_gates[0, :, 0], torch_form(pre), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the dispatcher
 def test_dispatcher_choices(monkeypatch):
     q = torch.randn(2, 4, 8)
-    cpp = "cpp" if _cpu_decode.compiled() is not None else "torch"
+    cpp = "cpp" if cpu_step.compiled() is not None else "torch"
     with torch.no_grad():
         assert resolve_step_backend("auto", q, None, head_dim=8) == cpp  # float32 CPU, no autograd
         assert resolve_step_backend("fla", q, None, head_dim=8) == cpp  # fla has no step: auto's choice
@@ -179,7 +179,7 @@ def test_dispatcher_choices(monkeypatch):
     assert set(STEP_BACKENDS) == {"auto", "torch", "cpp", "triton"}
     # AHN_CPU_DECODE=0: auto falls back to the torch ops, an explicit "cpp" says why it cannot run.
     monkeypatch.setenv("AHN_CPU_DECODE", "0")
-    _cpu_decode.compiled.cache_clear()
+    cpu_step.compiled.cache_clear()
     try:
         with torch.no_grad():
             assert resolve_step_backend("auto", q, None, head_dim=8) == "torch"
@@ -187,15 +187,17 @@ def test_dispatcher_choices(monkeypatch):
                 resolve_step_backend("cpp", q, None, head_dim=8)
     finally:
         monkeypatch.undo()
-        _cpu_decode.compiled.cache_clear()
+        cpu_step.compiled.cache_clear()
 
 
 def test_build_name_follows_the_source():
     import hashlib
+    import re
 
-    assert _cpu_decode._NAME == "ahn_cpu_decode_" + hashlib.sha256(_cpu_decode._SOURCE.encode()).hexdigest()[:12]
-    for name, (_, cpp) in _cpu_decode.GATE_ACTIVATIONS.items():  # every activation's C++ form is compiled in
-        assert f"return {cpp};  // {name}" in _cpu_decode._SOURCE
+    source = cpu_step.SOURCE_PATH.read_text()
+    assert cpu_step.build_name() == "ahn_cpu_step_" + hashlib.sha256(source.encode()).hexdigest()[:12]
+    cases = dict(re.findall(r"case (\d+): return .*;  // (\w+)", source))  # the C++ switch: code -> name
+    assert {name: str(code) for name, code in cpu_step.ACTIVATION_CODES.items()} == {n: c for c, n in cases.items()}
 
 
 def test_each_ninja_version_builds_in_its_own_folder(monkeypatch, tmp_path):
@@ -203,8 +205,8 @@ def test_each_ninja_version_builds_in_its_own_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folders = set()
     for version in ("1.11.1", "1.13.2"):
-        monkeypatch.setattr(_cpu_decode, "_ninja_version", lambda v=version: v)
-        folder = _cpu_decode.build_directory()
-        assert folder.startswith(str(tmp_path)) and _cpu_decode._NAME in folder and version in folder
+        monkeypatch.setattr(cpu_step, "_ninja_version", lambda v=version: v)
+        folder = cpu_step.build_directory()
+        assert folder.startswith(str(tmp_path)) and cpu_step.build_name() in folder and version in folder
         folders.add(folder)
     assert len(folders) == 2

@@ -4,7 +4,7 @@
 ahn/kernels/gated_delta_rule, ahn/kernels/delta_rule, ahn/kernels/ssd): argument order, [B, T, H, D]
 layouts, the scale, the q / k L2 normalisation, cu_seqlens and the initial state. Here fla's
 own Triton kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-where there is no GPU) through that glue (:func:`ahn.kernels._common.run_rule_unchecked`:
+where there is no GPU) through that glue (:func:`ahn.kernels.dispatch.run_rule_unchecked`:
 ``run_rule`` after the check that keeps users' fla calls on CUDA), and every output, final
 state and gradient is compared with the torch chunkwise path on the same inputs in float64.
 
@@ -42,7 +42,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from ahn.kernels.delta_rule import RULE as DELTA_RULE  # noqa: E402
 from ahn.kernels.gated_delta_rule import RULE as GATED_DELTA_RULE  # noqa: E402
 from ahn.kernels.ssd import RULE as SSD  # noqa: E402
-from ahn.kernels._common import run_rule_unchecked  # noqa: E402
+from ahn.kernels.dispatch import run_rule_unchecked  # noqa: E402
 from ahn.kernels._triton import interpreting  # noqa: E402
 from kernel_cases import FUNCS, GATES, RULES, TOL, assert_close, call, make_inputs  # noqa: E402
 
@@ -110,8 +110,8 @@ def run(rule, x, backend, **kw):
     state = leaves.get("initial_state")
     if backend == "fla":
         kw = dict(scale=None, cu_seqlens=None, use_qk_l2norm=False) | kw
-        o, s = run_rule_unchecked(RULE_OBJECTS[rule], leaves["q"], leaves["k"], leaves["v"], leaves.get("g"),
-                                  leaves.get("beta"), initial_state=state, output_final_state=True, backend="fla",
+        o, s = run_rule_unchecked(RULE_OBJECTS[rule], leaves["q"], leaves["k"], leaves["v"],
+                                  tuple(leaves[n] for n in GATES[rule]), initial_state=state, output_final_state=True, backend="fla",
                                   chunk_size=64, **kw)
     else:
         args = [leaves["q"], leaves["k"], leaves["v"]] + [leaves[n] for n in GATES[rule]]
@@ -187,10 +187,10 @@ CHANNEL_DTYPES = {"kda": torch.float32, "gdn2": torch.float32, "gated_delta_prod
 
 @pytest.fixture
 def fla_on_cpu(monkeypatch):
-    from ahn.kernels import _common
+    from ahn.kernels import dispatch
 
-    resolve = _common.resolve_backend
-    monkeypatch.setattr(_common, "resolve_backend",
+    resolve = dispatch.resolve_backend
+    monkeypatch.setattr(dispatch, "resolve_backend",
                         lambda backend, *a, **kw: "fla" if backend == "fla" else resolve(backend, *a, **kw))
 
 

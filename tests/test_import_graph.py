@@ -36,17 +36,6 @@ PACKAGE = ROOT / "ahn"
 REASONS = ("optional dependency", "start-up time")
 REASON_RE = re.compile(r"#.*\b(" + "|".join(re.escape(r) for r in REASONS) + r")\b")
 
-# The kernels and memories are being reorganised on their own (one rule specification); until that lands the
-# local-import reasons are checked strictly everywhere else (the test without xfail).
-PENDING = ("ahn.kernels", "ahn.memory", "ahn._cpu_decode")
-PENDING_UNEXPLAINED = ("ahn._cpu_decode, ahn.kernels._common, ahn.kernels.step and the fla imports of "
-                       "ahn.kernels.{delta_rule, gated_delta_product, gated_delta_rule, gdn2, kda, ssd}")
-
-
-def _is_pending(module: str) -> bool:
-    return module.startswith(PENDING)
-
-
 class Import(NamedTuple):
     module: str  # the importing module
     target: str  # the imported module (only modules of ahn are resolved; others keep their dotted name)
@@ -266,7 +255,7 @@ def test_no_import_cycle_anywhere():
 FORBIDDEN = {
     # The core: kernels -> memory -> (salience, state) -> cache -> attention -> model.
     "ahn.kernels": ("ahn.memory", "ahn.salience", "ahn.state", "ahn.cache", "ahn.attention", "ahn.model",
-                    "ahn.adapters", "ahn._cpu_decode"),
+                    "ahn.adapters"),
     "ahn.memory": ("ahn.salience", "ahn.state", "ahn.cache", "ahn.attention", "ahn.model", "ahn.adapters"),
     "ahn.salience": ("ahn.state", "ahn.cache", "ahn.attention", "ahn.model", "ahn.adapters"),
     "ahn.state": ("ahn.cache", "ahn.attention", "ahn.model", "ahn.adapters"),
@@ -312,14 +301,8 @@ def test_layers_point_one_way():
 
 
 def test_function_local_imports_say_why():
-    """Outside the kernels under reorganisation, every function-local import carries ``# optional dependency`` or
+    """Every function-local import carries ``# optional dependency`` or
     ``# start-up time`` on its line or the line above (a run of consecutive imports shares one)."""
-    bad = [b for b in unexplained_local_imports() if not _is_pending(_module_of(b))]
-    assert not bad, "function-local imports without a reason:\n" + "\n".join(bad)
-
-
-@pytest.mark.xfail(strict=False, reason=f"kernels under reorganisation: {PENDING_UNEXPLAINED}")
-def test_function_local_imports_say_why_everywhere():
     bad = unexplained_local_imports()
     assert not bad, "function-local imports without a reason:\n" + "\n".join(bad)
 

@@ -172,6 +172,22 @@ def test_bad_backend_and_cu_seqlens():
             call("gated_delta_rule", one, backend="fla")
 
 
+# ----------------------------------------------------------------------------- the shared formulas
+def test_inert_writes_and_log_decay():
+    """A masked write (``inert_writes``) is k = 0 and log decay 0 whatever the gate's trailing axes; the log
+    decay is -exp(A_log) * gate, per head or broadcast over the key channels."""
+    from ahn.kernels import inert_writes, log_decay
+
+    k, g, mask = torch.randn(2, 3, 4, 5), -torch.rand(2, 3, 4, 5), torch.tensor([[True, False, True], [False] * 3])
+    k_m, g_m = inert_writes(mask, k, g)
+    assert torch.equal(k_m[mask], k[mask]) and torch.equal(g_m[mask], g[mask])
+    assert not k_m[~mask].any() and not g_m[~mask].any()
+    assert inert_writes(None, k, g) == (k, g) and inert_writes(mask, k, None)[1] is None
+    A_log, gate = torch.randn(4), torch.rand(2, 3, 4, 5)
+    torch.testing.assert_close(log_decay(A_log, gate[..., 0]), -A_log.exp() * gate[..., 0])
+    torch.testing.assert_close(log_decay(A_log, gate, per_channel=True), -A_log.exp()[:, None] * gate)
+
+
 # ----------------------------------------------------------------------------- decode step
 # Argument checks and dtypes here; every backend against the reference: tests/test_decode_step.py.
 def step_call(rule, q, k, v, x, state, **kw):

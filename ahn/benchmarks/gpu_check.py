@@ -56,7 +56,7 @@ from ahn.benchmarks.efficiency import cache_bytes, decode_ms, peak_gpu_gb, prefi
 from ahn.benchmarks.kernels import RULES, make_args, rule_fn, runs, step_args, step_fn, timed
 from ahn.config import MODES, AHNConfig
 from ahn.configs import load_model_config
-from ahn.kernels._common import fla_available
+from ahn.kernels.dispatch import fla_available
 from ahn.kernels._triton import interpreting
 from ahn.model import add_memory
 

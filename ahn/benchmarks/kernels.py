@@ -27,7 +27,7 @@ from ahn.kernels import (
     delta_rule, delta_rule_step, gated_delta_product, gated_delta_product_step, gated_delta_rule, gated_delta_rule_step,
     gdn2, gdn2_step, kda, kda_step, ssd, ssd_step,
 )
-from ahn.kernels._common import fla_available
+from ahn.kernels.dispatch import fla_available
 
 # Writes per token of the Gated DeltaProduct rows (fla's GatedDeltaProduct default).
 HOUSEHOLDER = 2

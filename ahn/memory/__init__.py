@@ -2,9 +2,12 @@
 
 A memory module turns the frozen attention's q/k/v into a memory read-out:
 
-* ``step_spec``: the rule's :class:`StepSpec`, declared once: its gate channels (projection,
-  activation, bias), which channel is the log decay and which the write strength, the
-  ``ahn.kernels`` rule, the read-out's norm and the query scale. Every method below reads it.
+* ``rule``: the ``ahn.kernels`` :class:`~ahn.kernels.Rule` of the state update (its gates, delta rule
+  or not, writes per token, which backends cover it), and ``step_spec``: the memory's :class:`StepSpec`,
+  declared once: its gate channels (projection, activation, bias), which channel is the log decay and
+  which the write strength, the read-out's norm and the query scale. Every method below reads them;
+  ``rule_gates(gates)`` turns the kept gates into the rule's gate arguments (KDA and GDN-2 expand
+  theirs from a low-rank code) and ``writes(k, v)`` gives a multi-write rule's writes.
 * ``write_gates(x)``: per-token, per-head write gates from the layer's normed hidden state
   ``x [B, T, hidden]`` -> ``[B, T, H, G]`` (float32). They are computed when a token enters
   and kept in the cache until the token leaves the window and is written.
@@ -16,11 +19,11 @@ A memory module turns the frozen attention's q/k/v into a memory read-out:
   nothing) -> ``[B, T, H, D]``.
 * ``step(...)`` and ``decode(..., backend)``: the same for one generated token. ``decode`` is the
   token's gates, the recurrent step (the evicted token's write and the read) and the read-out,
-  with one of the step's backends (``ahn.kernels.step``): torch ops, one compiled C++ call
-  (float32 CPU, no autograd; ``ahn._cpu_decode``) or the Triton step (CUDA).
+  with one of the step's backends (``ahn.kernels.dispatch``): torch ops, one compiled C++ call
+  (float32 CPU, no autograd; ``ahn.kernels.cpu_step``) or the Triton step (CUDA).
 
-A new rule is one file: subclass :class:`Memory`, declare its ``step_spec``, decorate it with
-``@register_memory``.
+A new memory is one file: subclass :class:`Memory`, declare its ``rule`` and ``step_spec``, decorate it
+with ``@register_memory``; a new kernel rule is one ``ahn.kernels.Rule``.
 """
 
 from __future__ import annotations

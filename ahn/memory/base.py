@@ -16,9 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn import _cpu_decode
-from ahn.kernels._common import DEFAULT_CHUNK_SIZE, L2NORM_EPS, Rule, constant, run_rule
-from ahn.kernels.step import resolve_step_backend, step_unchecked
+from einops import rearrange
+
+from ahn.kernels import cpu_step
+from ahn.kernels.dispatch import resolve_step_backend, run_rule, step_unchecked
+from ahn.kernels.rule import L2NORM_EPS, Rule, compute_dtype, constant, inert_writes, log_decay
+from ahn.kernels.step import expand_heads
 
 _REGISTRY: dict[str, type["Memory"]] = {}
 # Decode backends that mean "whatever runs" for a rule with no compiled step (``Memory.fused`` False).
@@ -40,8 +43,8 @@ class Gate:
     """One channel of a rule's write gates: ``activation(projection(x) + bias)`` per head, float32.
 
     ``projection``: the ``nn.Linear`` attribute (hidden -> H * channels) that reads the token;
-    ``activation``: a key of ``ahn._cpu_decode.GATE_ACTIVATIONS`` (one table of its torch and C++
-    forms); ``bias``: a parameter attribute ``[H * channels]`` added before the activation, or None;
+    ``activation``: a key of ``ahn.kernels.cpu_step.GATE_ACTIVATIONS`` (its torch form there, its C++
+    form in ``cpu_step.cpp``); ``bias``: a parameter attribute ``[H * channels]`` added before the activation, or None;
     ``channels``: values per head (the compiled decode steps take one).
     """
 
@@ -53,19 +56,16 @@ class Gate:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """How a memory rule writes and reads one token, declared once per rule: every form of it (the
-    parallel :meth:`Memory.read`, and the torch, C++ and Triton backends of :meth:`Memory.decode`)
-    reads this declaration.
+    """How a memory computes and keeps the write gates of its rule (:attr:`Memory.rule`) and reads out,
+    declared once: every form of it (the parallel :meth:`Memory.read`, and the torch, C++ and Triton
+    backends of :meth:`Memory.decode`) reads this declaration.
 
     Attributes:
-        rule: the ``ahn.kernels`` rule of the state update (``has_beta``: a delta rule; ``has_g``: decays),
-            or None for a rule that writes through its own :meth:`Memory.read` / :meth:`Memory.step` (KDA,
-            GDN-2, Gated DeltaProduct: per-channel or several writes per token); only a rule given here runs
-            in the compiled C++ and Triton decode steps (:attr:`Memory.fused`).
         gates: the write gates kept per token, ``[..., H, G]`` with G the sum of their ``channels``.
-        decay: the gate whose channel is the log decay ``g = -exp(A_log) * gate`` (the module's
-            ``A_log [H]``), or None (no decay, or the rule computes its own).
-        strength: the gate of the write strength (delta rules: ``beta (v - S^T k)``; SSD: ``beta v``,
+        decay: the gate whose channel is the log decay ``g = -exp(A_log) * gate``
+            (:func:`ahn.kernels.log_decay`, with the module's ``A_log [H]``), or None (no decay, or the
+            memory's :meth:`Memory.rule_gates` computes it: KDA, GDN-2).
+        strength: the gate of the write strength (delta rules: ``beta (v - state^T k)``; SSD: ``beta v``,
             Mamba2's dt; Gated DeltaProduct: one per write), or None (1). Salience-gated writes scale it.
         norm: attribute of the read-out's RMSNorm weight.
         joint_norm: False: RMSNorm per head over D, then the SiLU output gate; True: the gate, then
@@ -73,7 +73,6 @@ class StepSpec:
         scale: query scale, None for ``D ** -0.5``.
     """
 
-    rule: Rule
     gates: tuple[Gate, ...]
     decay: Optional[int]
     strength: Optional[int]
@@ -82,19 +81,21 @@ class StepSpec:
     scale: Optional[float] = None
 
     def __post_init__(self):
-        unknown = [gate.activation for gate in self.gates if gate.activation not in _cpu_decode.GATE_ACTIVATIONS]
+        unknown = [gate.activation for gate in self.gates if gate.activation not in cpu_step.GATE_ACTIVATIONS]
         if unknown:
             raise ValueError(f"gate activations {unknown} are unknown; "
-                             f"choose from {list(_cpu_decode.GATE_ACTIVATIONS)}")
-        if self.rule is None:
+                             f"choose from {list(cpu_step.GATE_ACTIVATIONS)}")
+
+    def check(self, rule: Rule) -> None:
+        """Whether the declaration fits ``rule``; a fused rule's is read by the compiled decode steps too."""
+        if rule.delta and self.strength is None:
+            raise ValueError(f"rule {rule.name!r} is a delta rule and needs a strength channel")
+        if not rule.fused:
             return
         if any(gate.channels != 1 for gate in self.gates):
-            raise ValueError("the compiled decode steps take one channel per gate; declare rule=None and write "
-                             "through the memory's own read / step for multi-channel gates")
-        if self.rule.has_beta and self.strength is None:
-            raise ValueError(f"rule {self.rule.name!r} is a delta rule and needs a strength channel")
-        if (self.decay is not None) != self.rule.has_g:
-            raise ValueError(f"rule {self.rule.name!r} {'needs' if self.rule.has_g else 'takes no'} a decay channel, "
+            raise ValueError("the compiled decode steps take one channel per gate")
+        if (self.decay is not None) != (rule.decay is not None):
+            raise ValueError(f"rule {rule.name!r} {'needs' if rule.decay else 'takes no'} a decay channel, "
                              f"got decay={self.decay!r}")
 
     @functools.cached_property
@@ -108,7 +109,7 @@ class StepSpec:
     @functools.cached_property
     def cpp_constants(self) -> tuple[list[int], int, int]:
         """The compiled step's view of the declaration: activation codes, decay and strength channels (-1: none)."""
-        return ([_cpu_decode.ACTIVATION_CODES[gate.activation] for gate in self.gates],
+        return ([cpu_step.ACTIVATION_CODES[gate.activation] for gate in self.gates],
                 -1 if self.decay is None else self.decay, -1 if self.strength is None else self.strength)
 
 
@@ -211,7 +212,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS) -> to
 
 
 class Memory(nn.Module):
-    """Shared parts of every memory rule; a rule declares its :class:`StepSpec` as ``step_spec``.
+    """Shared parts of every memory; a memory declares its ``ahn.kernels`` :class:`~ahn.kernels.Rule` as ``rule``
+    and its :class:`StepSpec` as ``step_spec`` (on the class, or in ``__init__`` when options shape its gates).
 
     Args:
         hidden_size: the model's hidden size (gates read the layer's normed hidden state).
@@ -227,12 +229,19 @@ class Memory(nn.Module):
     """
 
     name: str = ""
+    rule: Rule
     step_spec: StepSpec
-    # Whether ahn's Triton prefill kernels and its compiled C++ / Triton decode steps cover the rule (a rule whose
-    # ``step_spec.rule`` is an ahn.kernels Rule); False: torch ops (and fla on CUDA) only.
-    fused: bool = True
+    # Whether ahn's Triton prefill kernels and its compiled C++ / Triton decode steps cover the rule: ``rule.fused``,
+    # set for each memory class when it is defined; False: torch ops (and fla on CUDA) only.
+    fused: bool
     output_gate_bias: bool = False
     allowed_options: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.fused = cls.rule.fused
+        if "step_spec" in cls.__dict__:  # declared on the class (otherwise by __init__, checked there)
+            cls.step_spec.check(cls.rule)
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, use_qk_l2norm: bool = True,
                  options: dict | None = None):
@@ -263,8 +272,7 @@ class Memory(nn.Module):
     def cost(cls, options: Optional[dict] = None) -> MemoryCost:
         """The rule's :class:`MemoryCost` with ``options`` (``AHNConfig.memory_kwargs``); from its ``step_spec``
         (one gate channel each; delta rules 4 D^2 per write, SSD 2 D^2)."""
-        spec = cls.step_spec
-        return MemoryCost(channels=sum(gate.channels for gate in spec.gates), update=4 if spec.rule.has_beta else 2)
+        return MemoryCost(channels=sum(gate.channels for gate in cls.step_spec.gates), update=4 if cls.rule.delta else 2)
 
     def write_gates(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., H, G] float32
         return self.gates_from(*(getattr(self, gate.projection)(x).float() for gate in self.step_spec.gates))
@@ -275,26 +283,54 @@ class Memory(nn.Module):
         for gate, p in zip(self.step_spec.gates, projections):  # p [..., H * channels]
             if gate.bias is not None:
                 p = p + getattr(self, gate.bias).float()
-            channels.append(_cpu_decode.GATE_ACTIVATIONS[gate.activation][0](p).unflatten(-1, (self.num_heads, -1)))
+            channels.append(cpu_step.GATE_ACTIVATIONS[gate.activation](p).unflatten(-1, (self.num_heads, -1)))
         return torch.cat(channels, dim=-1)
 
-    def decay_and_strength(self, gates: torch.Tensor):
-        """``gates [..., H, G]`` -> the log decay ``g`` and strength ``beta`` ``[..., H]`` (None where absent)."""
+    def rule_gates(self, gates: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        """The rule's gate arguments (``rule.gates``, in order) from the kept write gates ``gates [..., H, G]``:
+        the log decay ``g`` from the ``decay`` channel (:func:`ahn.kernels.log_decay`), ``beta`` from the
+        ``strength`` channels (``[..., H]``; a multi-write rule ``[..., H, n]``). A memory whose gates expand
+        from a code (KDA, GDN-2) computes its own."""
         spec = self.step_spec
-        g = None if spec.decay is None else -self.A_log.float().exp() * gates[..., spec.decay]
-        return g, (None if spec.strength is None else gates[..., spec.strength])
+        g = None if spec.decay is None else log_decay(self.A_log, gates[..., spec.decay])
+        beta = None
+        if spec.strength is not None:
+            first, *rest = spec.strength_channels
+            beta = gates[..., first : first + 1 + len(rest)] if self.rule.multi_write else gates[..., first]
+        named = {"g": g, "beta": beta}
+        return tuple(named[x.name] for x in self.rule.gates)
+
+    def writes(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n writes of each token of a multi-write rule (``rule.multi_write``): ``k, v [..., H, D]`` ->
+        ``[..., n, H, D]``; declared by such a memory (Gated DeltaProduct)."""
+        raise NotImplementedError(f"memory {self.name!r}: a multi-write rule declares its writes")
+
+    def _plain_write_strength(self, gates: torch.Tensor) -> Optional[torch.Tensor]:
+        """The strength of a rule that is not a delta rule (SSD: Mamba2's dt), which scales v: ``[..., H]``."""
+        spec = self.step_spec
+        return gates[..., spec.strength] if spec.strength is not None and not self.rule.delta else None
 
     def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
         """Parallel form: ``q, k [B, T, H, D]``, ``v [B, T, H, D]``, ``gates [B, T, H, G]`` of the
         written tokens, ``mask [B, T]`` (False: an inert write) -> ``(o [B, T, H, D], state)``."""
-        spec = self.step_spec
-        g, beta = self.decay_and_strength(gates)
-        k, g = self.masked(k, g, mask)
-        if beta is not None and not spec.rule.has_beta:  # SSD: the strength (Mamba2's dt) scales v
-            v, beta = v * beta[..., None].to(v.dtype), None
+        rule = self.rule
+        args, i = list(self.rule_gates(gates)), rule.decay_index
+        k, g = inert_writes(mask, k, None if i is None else args[i])
+        if i is not None:
+            args[i] = g
+        dt = self._plain_write_strength(gates)
+        if dt is not None:
+            v = v * dt[..., None].to(v.dtype)
+        writes = 1
+        if rule.multi_write:  # [B, T, H, D] -> the n writes of each token in order, [B, T n, H, D]
+            k, v = self.writes(k, v)
+            writes = k.shape[2]
+            k, v = (rearrange(x, "b t n h d -> b (t n) h d") for x in (k, v))
+            args = [rearrange(x, "b t h n -> b (t n) h") if spec.per_write else x for spec, x in zip(rule.gates, args)]
         return run_rule(
-            spec.rule, q, k, v, g, beta, scale=spec.scale, initial_state=initial_state, output_final_state=True,
-            cu_seqlens=None, use_qk_l2norm=self.use_qk_l2norm, backend=backend, chunk_size=DEFAULT_CHUNK_SIZE,
+            rule, q, k, v, tuple(args), scale=self.step_spec.scale, initial_state=initial_state,
+            output_final_state=True, cu_seqlens=None, use_qk_l2norm=self.use_qk_l2norm, backend=backend,
+            chunk_size=rule.chunk_size, writes=writes,
         )
 
     def step(self, q, k, v, gates, mask, state, backend="torch"):
@@ -302,10 +338,19 @@ class Memory(nn.Module):
         (None: nothing to write), ``gates [B, H, G]``, ``mask [B]`` or None (write in every row),
         ``state [B, H, D, D]`` or None -> ``(o [B, H, D], state)``; ``backend`` a resolved step
         backend (``"torch"``, ``"cpp"``, ``"triton"``)."""
-        g = beta = None
+        rule = self.rule
+        args = (None,) * len(rule.gates)
         if k is not None:
-            g, beta = self.decay_and_strength(gates)
-        return step_unchecked(self.step_spec.rule, q, k, v, g, beta, state, scale=self.step_spec.scale,
+            args = self.rule_gates(gates)
+            H = q.shape[1]
+            dt = self._plain_write_strength(gates)
+            if dt is not None:  # v [B, H, D] per query head (k too: one head count), in the step's compute dtype
+                ct = compute_dtype(q.dtype)
+                k, v = expand_heads(k, H), expand_heads(v, H).to(ct) * dt.to(ct)[..., None]
+            if rule.multi_write:
+                k, v = self.writes(expand_heads(k, H), expand_heads(v, H))  # [B, n, H, D]
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, n, D]
+        return step_unchecked(rule, q, k, v, args, state, scale=self.step_spec.scale,
                               use_qk_l2norm=self.use_qk_l2norm, mask=mask, backend=backend)
 
     def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -337,8 +382,8 @@ class Memory(nn.Module):
         ``output(step(...))``, None while the memory is empty (nothing written, nothing to
         read), and ``new_gates`` are ``write_gates(x)``, kept in the cache until this token leaves.
 
-        ``backend`` (``ahn.kernels.step.STEP_BACKENDS``, or a prefill backend of ``AHNConfig``) is
-        resolved by :func:`ahn.kernels.step.resolve_step_backend`: ``"auto"`` is one compiled C++
+        ``backend`` (``ahn.kernels.STEP_BACKENDS``, or a prefill backend of ``AHNConfig``) is
+        resolved by :func:`ahn.kernels.dispatch.resolve_step_backend`: ``"auto"`` is one compiled C++
         call for float32 CPU tensors without autograd (gates, step and read-out), the Triton step
         on CUDA, torch ops otherwise. Every backend reads the rule's ``step_spec``.
 
@@ -361,14 +406,14 @@ class Memory(nn.Module):
             backend = "torch"
         backend = resolve_step_backend(backend, q, x, state, g_proj.weight, head_dim=self.head_dim)
         if backend == "cpp":
-            none = _cpu_decode.EMPTY
+            none = cpu_step.EMPTY
             codes, decay, strength = spec.cpp_constants
-            return _cpu_decode.compiled()(
+            return cpu_step.compiled()(
                 x, [layer.weight for layer in layers], [none if layer.bias is None else layer.bias for layer in layers],
                 [none if gate.bias is None else getattr(self, gate.bias) for gate in spec.gates], codes, g_proj.weight,
                 none if g_proj.bias is None else g_proj.bias, q, none if k is None else k, none if v is None else v,
                 none if gates is None else gates, decay, none if spec.decay is None else self.A_log, strength,
-                spec.rule.has_beta, none if mask is None else mask, none if state is None else state,
+                self.rule.delta, none if mask is None else mask, none if state is None else state,
                 getattr(self, spec.norm).weight, spec.joint_norm, self.o_proj.weight, self.use_qk_l2norm, L2NORM_EPS,
                 NORM_EPS, self.head_dim**-0.5 if spec.scale is None else spec.scale,
             )  # (out or None, new_gates, state or None): an undefined C++ tensor arrives as None
@@ -385,19 +430,6 @@ class Memory(nn.Module):
             return None, new_gates, None
         o, state = self.step(q, k, v, gates, mask, state, backend=backend)
         return self.read_out(o, z), new_gates, state
-
-    @staticmethod
-    def masked(k: torch.Tensor, decay, mask: Optional[torch.Tensor]):
-        """Make masked writes inert: k = 0 writes nothing, log decay 0 keeps the state.
-
-        ``k [B, T, H, ..., D]`` with ``mask [B, T]``; ``decay [B, T, H, ...]`` (one per head, or per key
-        channel). ``mask=None`` keeps every write.
-        """
-        if mask is None:
-            return k, decay
-        m = mask.to(k.dtype)
-        k = k * m.view(*mask.shape, *[1] * (k.dim() - 2))
-        return k, (decay * m.view(*mask.shape, *[1] * (decay.dim() - 2)) if decay is not None else None)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, qk_l2norm={self.use_qk_l2norm}"

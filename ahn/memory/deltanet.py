@@ -13,7 +13,8 @@ from .base import Gate, Memory, RMSNormWeight, StepSpec, linear, register_memory
 
 @register_memory("deltanet")
 class DeltaNetMemory(Memory):
-    step_spec = StepSpec(rule=RULE, gates=(Gate("b_proj", "sigmoid"),), decay=None, strength=0, norm="o_norm")
+    rule = RULE
+    step_spec = StepSpec(gates=(Gate("b_proj", "sigmoid"),), decay=None, strength=0, norm="o_norm")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

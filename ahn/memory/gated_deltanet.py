@@ -20,8 +20,9 @@ from .base import A_INIT_RANGE, Gate, Memory, RMSNormWeight, StepSpec, init_dt_b
 
 @register_memory("gated_deltanet")
 class GatedDeltaNetMemory(Memory):
+    rule = RULE
     step_spec = StepSpec(
-        rule=RULE, gates=(Gate("a_proj", "softplus", bias="dt_bias"), Gate("b_proj", "sigmoid")), decay=0, strength=1,
+        gates=(Gate("a_proj", "softplus", bias="dt_bias"), Gate("b_proj", "sigmoid")), decay=0, strength=1,
         norm="o_norm",
     )
 

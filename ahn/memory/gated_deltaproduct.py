@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
-from ahn.kernels.gated_delta_product import gated_delta_product, gated_delta_product_step
-from ahn.kernels.step import expand_heads
+from ahn.kernels.gated_delta_product import RULE
 
 from .base import A_INIT_RANGE, Gate, Memory, MemoryCost, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
 
@@ -38,17 +36,18 @@ def householder(options: dict) -> int:
 
 @register_memory("gated_deltaproduct")
 class GatedDeltaProductMemory(Memory):
+    rule = RULE
     allowed_options = ("householder",)
-    fused = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         H, D = self.num_heads, self.head_dim
         self.householder = n = householder(self.options)
         self.step_spec = StepSpec(
-            rule=None, gates=(Gate("a_proj", "softplus", bias="dt_bias"), Gate("b_proj", "sigmoid", channels=n)),
-            decay=None, strength=1, norm="o_norm",
+            gates=(Gate("a_proj", "softplus", bias="dt_bias"), Gate("b_proj", "sigmoid", channels=n)),
+            decay=0, strength=1, norm="o_norm",
         )
+        self.step_spec.check(self.rule)
         self.a_proj = linear(self.hidden_size, H)
         self.b_proj = linear(self.hidden_size, H * n)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(*A_INIT_RANGE).log())
@@ -71,28 +70,6 @@ class GatedDeltaProductMemory(Memory):
             ks.append(torch.einsum("...hd,hde->...he", k, P.to(k.dtype)))
             vs.append(torch.einsum("...hd,hde->...he", v, Q.to(v.dtype)))
         return torch.stack(ks, dim=-3), torch.stack(vs, dim=-3)
-
-    def decay(self, gates: torch.Tensor) -> torch.Tensor:
-        return -self.A_log.float().exp() * gates[..., 0]
-
-    def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
-        k, g = self.masked(k, self.decay(gates), mask)
-        k, v = self.writes(k, v)  # [B, T, n, H, D]
-        flat = lambda x: rearrange(x, "b t n h ... -> b (t n) h ...")  # noqa: E731
-        beta = rearrange(gates[..., 1:], "b t h n -> b (t n) h")
-        return gated_delta_product(q, flat(k), flat(v), g, beta, self.householder, scale=self.step_spec.scale,
-                                   initial_state=initial_state, output_final_state=True,
-                                   use_qk_l2norm=self.use_qk_l2norm, backend=backend)
-
-    def step(self, q, k, v, gates, mask, state, backend="torch"):
-        g = beta = None
-        if k is not None:
-            H = q.shape[1]
-            k, v = self.writes(expand_heads(k, H), expand_heads(v, H))  # [B, n, H, D]
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, n, D]
-            g, beta = self.decay(gates), gates[..., 1:]
-        return gated_delta_product_step(q, k, v, g, beta, state, scale=self.step_spec.scale,
-                                        use_qk_l2norm=self.use_qk_l2norm, mask=mask, backend=backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, householder={self.householder}"

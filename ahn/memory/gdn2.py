@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn.kernels.gdn2 import gdn2, gdn2_step
+from ahn.kernels import log_decay
+from ahn.kernels.gdn2 import RULE
 
 from .base import INIT_STD, Gate, Memory, MemoryCost, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
 from .kda import KDA_A_INIT_RANGE, decay_rank, expand_code
@@ -28,15 +29,16 @@ from .kda import KDA_A_INIT_RANGE, decay_rank, expand_code
 
 @register_memory("gdn2")
 class GDN2Memory(Memory):
+    rule = RULE
     allowed_options = ("decay_rank",)
-    fused = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         H, D = self.num_heads, self.head_dim
         self.rank = r = decay_rank(self.name, self.options)
-        self.step_spec = StepSpec(rule=None, gates=(Gate("f_proj", "identity", channels=r), Gate("s_proj", "sigmoid")),
+        self.step_spec = StepSpec(gates=(Gate("f_proj", "identity", channels=r), Gate("s_proj", "sigmoid")),
                                   decay=None, strength=1, norm="o_norm")
+        self.step_spec.check(self.rule)
         self.f_proj = linear(self.hidden_size, H * r)
         self.g_up, self.b_up, self.w_up = (nn.Parameter(torch.randn(H, r, D) * INIT_STD) for _ in range(3))
         self.s_proj = linear(self.hidden_size, H)
@@ -51,26 +53,13 @@ class GDN2Memory(Memory):
         r = decay_rank(cls.name, options or {})
         return MemoryCost(channels=r + 1, update=4, expansion=3 * 2 * r)  # the code, s; three r x D maps
 
-    def channel_gates(self, gates: torch.Tensor):
+    def rule_gates(self, gates: torch.Tensor):
         """``gates [..., H, r + 1]`` -> log decay ``g``, erase ``b`` and write ``w`` gates, ``[..., H, D]`` float32."""
         code, s = gates[..., : self.rank], gates[..., self.rank, None]
-        g = -self.A_log.float().exp()[:, None] * F.softplus(expand_code(code, self.g_up, self.dt_bias))
+        g = log_decay(self.A_log, F.softplus(expand_code(code, self.g_up, self.dt_bias)), per_channel=True)
         b = s * torch.sigmoid(expand_code(code, self.b_up, self.b_bias))
         w = s * torch.sigmoid(expand_code(code, self.w_up, self.w_bias))
         return g, b, w
-
-    def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
-        g, b, w = self.channel_gates(gates)
-        k, g = self.masked(k, g, mask)
-        return gdn2(q, k, v, g, b, w, scale=self.step_spec.scale, initial_state=initial_state, output_final_state=True,
-                    use_qk_l2norm=self.use_qk_l2norm, backend=backend)
-
-    def step(self, q, k, v, gates, mask, state, backend="torch"):
-        g = b = w = None
-        if k is not None:
-            g, b, w = self.channel_gates(gates)
-        return gdn2_step(q, k, v, g, b, w, state, scale=self.step_spec.scale, use_qk_l2norm=self.use_qk_l2norm,
-                         mask=mask, backend=backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, decay_rank={self.rank}"

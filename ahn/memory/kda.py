@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ahn.kernels.kda import kda, kda_step
+from ahn.kernels import log_decay
+from ahn.kernels.kda import RULE
 
 from .base import INIT_STD, Gate, Memory, MemoryCost, RMSNormWeight, StepSpec, init_dt_bias, linear, register_memory
 
@@ -45,15 +46,16 @@ def expand_code(code: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> tor
 
 @register_memory("kda")
 class KDAMemory(Memory):
+    rule = RULE
     allowed_options = ("decay_rank",)
-    fused = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         H, D = self.num_heads, self.head_dim
         self.rank = r = decay_rank(self.name, self.options)
-        self.step_spec = StepSpec(rule=None, gates=(Gate("f_proj", "identity", channels=r), Gate("b_proj", "sigmoid")),
+        self.step_spec = StepSpec(gates=(Gate("f_proj", "identity", channels=r), Gate("b_proj", "sigmoid")),
                                   decay=None, strength=1, norm="o_norm")
+        self.step_spec.check(self.rule)
         self.f_proj = linear(self.hidden_size, H * r)
         self.f_up = nn.Parameter(torch.randn(H, r, D) * INIT_STD)
         self.b_proj = linear(self.hidden_size, H)
@@ -66,22 +68,10 @@ class KDAMemory(Memory):
         r = decay_rank(cls.name, options or {})
         return MemoryCost(channels=r + 1, update=4, expansion=2 * r)  # the code, beta; one r x D map
 
-    def decay(self, gates: torch.Tensor) -> torch.Tensor:
-        """``gates [..., H, r + 1]`` -> the log decay ``[..., H, D]`` (float32, <= 0)."""
+    def rule_gates(self, gates: torch.Tensor):
+        """``gates [..., H, r + 1]`` -> the log decay ``g [..., H, D]`` (float32, <= 0) and ``beta [..., H]``."""
         f = expand_code(gates[..., : self.rank], self.f_up, self.dt_bias)
-        return -self.A_log.float().exp()[:, None] * F.softplus(f)
-
-    def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
-        k, g = self.masked(k, self.decay(gates), mask)
-        return kda(q, k, v, g, gates[..., self.rank], scale=self.step_spec.scale, initial_state=initial_state,
-                   output_final_state=True, use_qk_l2norm=self.use_qk_l2norm, backend=backend)
-
-    def step(self, q, k, v, gates, mask, state, backend="torch"):
-        g = beta = None
-        if k is not None:
-            g, beta = self.decay(gates), gates[..., self.rank]
-        return kda_step(q, k, v, g, beta, state, scale=self.step_spec.scale, use_qk_l2norm=self.use_qk_l2norm,
-                        mask=mask, backend=backend)
+        return log_decay(self.A_log, F.softplus(f), per_channel=True), gates[..., self.rank]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, decay_rank={self.rank}"

@@ -23,8 +23,9 @@ from .base import Gate, Memory, RMSNormWeight, StepSpec, linear, register_memory
 
 @register_memory("mamba2")
 class Mamba2Memory(Memory):
+    rule = RULE
     step_spec = StepSpec(
-        rule=RULE, gates=(Gate("dt_proj", "softplus", bias="dt_bias"),), decay=0, strength=0, norm="norm",
+        gates=(Gate("dt_proj", "softplus", bias="dt_bias"),), decay=0, strength=0, norm="norm",
         joint_norm=True, scale=1.0,
     )
     output_gate_bias = True

@@ -158,27 +158,27 @@ def _fwd_h(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        S += tl.load(_state_ptr(h0, i_n, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0).to(tl.float32)
+        b_h += tl.load(_state_ptr(h0, i_n, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0).to(tl.float32)
     for i_t in range(tl.cdiv(eos - bos, BT)):
-        tl.store(_state_ptr(h, boh + i_t, i_h, H, K, V, o_k, o_v), S, mask=m_s)
+        tl.store(_state_ptr(h, boh + i_t, i_h, H, K, V, o_k, o_v), b_h, mask=m_s)
         rows = bos + i_t * BT + tl.arange(0, BT)
         m_t = rows < eos
         kt = _load_tile(k, rows, m_t, i_h, H, K, o_k, m_k)
         ut = _load_tile(u, rows, m_t, i_h, H, V, o_v, m_v)  # U (delta) or v (SSD)
         if IS_DELTA:
             wt = _load_tile(w, rows, m_t, i_h, H, K, o_k, m_k)
-            ut = ut - tl.dot(wt, S, input_precision=PREC)  # pseudo-values vn = U - W h
+            ut = ut - tl.dot(wt, b_h, input_precision=PREC)  # pseudo-values vn = U - W h
             _store_tile(vn, ut, rows, m_t, i_h, H, V, o_v, m_v)
         if HAS_G:
             G = tl.cumsum(_load_gate(g, rows, m_t, i_h, H), 0)
             g_last = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, G, 0.0))  # padding adds 0: the last real G
-            S = S * tl.exp(g_last)
+            b_h = b_h * tl.exp(g_last)
             kt = kt * tl.exp(g_last - G)[:, None]
-        S += tl.dot(tl.trans(kt), ut, input_precision=PREC)
+        b_h += tl.dot(tl.trans(kt), ut, input_precision=PREC)
     if STORE_HT:
-        tl.store(_state_ptr(ht, i_n, i_h, H, K, V, o_k, o_v), S, mask=m_s)
+        tl.store(_state_ptr(ht, i_n, i_h, H, K, V, o_k, o_v), b_h, mask=m_s)
 
 
 @triton.jit
@@ -196,9 +196,9 @@ def _fwd_o(
     qt = _load_tile(q, rows, m_t, i_h, H, K, o_k, m_k)
     kt = _load_tile(k, rows, m_t, i_h, H, K, o_k, m_k)
     vt = _load_tile(vn, rows, m_t, i_h, H, V, o_v, m_v)
-    S = tl.load(_state_ptr(h, i_c, i_h, H, K, V, o_k, o_v), mask=m_k[:, None] & m_v[None, :], other=0.0)
+    b_h = tl.load(_state_ptr(h, i_c, i_h, H, K, V, o_k, o_v), mask=m_k[:, None] & m_v[None, :], other=0.0)
     P = tl.dot(qt, tl.trans(kt), input_precision=PREC) * D  # [BT, BT], causal
-    ot = tl.dot(qt, S, input_precision=PREC) * tl.exp(G)[:, None] + tl.dot(P, vt, input_precision=PREC)
+    ot = tl.dot(qt, b_h, input_precision=PREC) * tl.exp(G)[:, None] + tl.dot(P, vt, input_precision=PREC)
     _store_tile(o, ot * scale, rows, m_t, i_h, H, V, o_v, m_v)
 
 
@@ -216,13 +216,13 @@ def _bwd_dh(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
-    dS = tl.zeros([BK, BV], dtype=tl.float32)  # gradient of the state at the current chunk's end
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)  # gradient of the state at the current chunk's end
     if HAS_DHT:
-        dS += tl.load(_state_ptr(dht, i_n, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0).to(tl.float32)
+        b_dh += tl.load(_state_ptr(dht, i_n, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0).to(tl.float32)
     NT = tl.cdiv(eos - bos, BT)
     for j in range(NT):
         i_t = NT - 1 - j
-        tl.store(_state_ptr(dh, boh + i_t, i_h, H, K, V, o_k, o_v), dS, mask=m_s)
+        tl.store(_state_ptr(dh, boh + i_t, i_h, H, K, V, o_k, o_v), b_dh, mask=m_s)
         rows = bos + i_t * BT + o_i
         m_t = rows < eos
         qt = _load_tile(q, rows, m_t, i_h, H, K, o_k, m_k)
@@ -230,18 +230,18 @@ def _bwd_dh(
         dot_ = _load_tile(do, rows, m_t, i_h, H, V, o_v, m_v)
         G, D = _chunk_decay(g, rows, m_t, i_h, H, BT, HAS_G)
         g_last = tl.sum(tl.where(o_i == BT - 1, G, 0.0))
-        # d vn_j = scale sum_i D_ij (q_i . k_j) do_i + exp(G_C - G_j) dS^T k_j
+        # d vn_j = scale sum_i D_ij (q_i . k_j) do_i + exp(G_C - G_j) dh^T k_j
         kq = tl.dot(kt, tl.trans(qt), input_precision=PREC) * tl.trans(D)  # [BT (j), BT (i)]
         dvt = tl.dot(kq, dot_, input_precision=PREC) * scale
-        dvt += tl.dot(kt * tl.exp(g_last - G)[:, None], dS, input_precision=PREC)
+        dvt += tl.dot(kt * tl.exp(g_last - G)[:, None], b_dh, input_precision=PREC)
         _store_tile(dv, dvt, rows, m_t, i_h, H, V, o_v, m_v)
-        # d h_start = exp(G_C) dS + scale (gamma q)^T do - W^T d vn
-        dS = dS * tl.exp(g_last) + tl.dot(tl.trans(qt * (tl.exp(G) * scale)[:, None]), dot_, input_precision=PREC)
+        # d h_start = exp(G_C) dh + scale (gamma q)^T do - W^T d vn
+        b_dh = b_dh * tl.exp(g_last) + tl.dot(tl.trans(qt * (tl.exp(G) * scale)[:, None]), dot_, input_precision=PREC)
         if IS_DELTA:
             wt = _load_tile(w, rows, m_t, i_h, H, K, o_k, m_k)
-            dS -= tl.dot(tl.trans(wt), dvt, input_precision=PREC)
+            b_dh -= tl.dot(tl.trans(wt), dvt, input_precision=PREC)
     if STORE_DH0:
-        tl.store(_state_ptr(dh0, i_n, i_h, H, K, V, o_k, o_v), dS, mask=m_s)
+        tl.store(_state_ptr(dh0, i_n, i_h, H, K, V, o_k, o_v), b_dh, mask=m_s)
 
 
 @triton.jit
@@ -278,21 +278,21 @@ def _bwd_dqkg(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_s = m_k[:, None] & m_v[None, :]
-        S = tl.load(_state_ptr(h, i_c, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0)  # chunk start state
-        dS = tl.load(_state_ptr(dh, i_c, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0)  # chunk end gradient
+        b_h = tl.load(_state_ptr(h, i_c, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0)  # chunk start state
+        b_dh = tl.load(_state_ptr(dh, i_c, i_h, H, K, V, o_k, o_v), mask=m_s, other=0.0)  # chunk end gradient
         vnt = _load_tile(vn, rows, m_t, i_h, H, V, o_v, m_v)
         dot_ = _load_tile(do, rows, m_t, i_h, H, V, o_v, m_v)
         dP += tl.dot(dot_, tl.trans(vnt), input_precision=PREC)
-        dqt += tl.dot(dot_, tl.trans(S), input_precision=PREC)
-        dkt += tl.dot(vnt, tl.trans(dS), input_precision=PREC)
+        dqt += tl.dot(dot_, tl.trans(b_h), input_precision=PREC)
+        dkt += tl.dot(vnt, tl.trans(b_dh), input_precision=PREC)
         if HAS_G:
-            dG += tl.sum(tl.dot(qt, S, input_precision=PREC) * dot_, 1)
-            e_acc += tl.sum(tl.dot(kt, dS, input_precision=PREC) * vnt, 1)
-            dg_last += tl.sum(S * dS, 1)
+            dG += tl.sum(tl.dot(qt, b_h, input_precision=PREC) * dot_, 1)
+            e_acc += tl.sum(tl.dot(kt, b_dh, input_precision=PREC) * vnt, 1)
+            dg_last += tl.sum(b_h * b_dh, 1)
         if IS_DELTA:
             dvt = _load_tile(dvn, rows, m_t, i_h, H, V, o_v, m_v)
             vt = _load_tile(v, rows, m_t, i_h, H, V, o_v, m_v)
-            dW -= tl.dot(dvt, tl.trans(S), input_precision=PREC)
+            dW -= tl.dot(dvt, tl.trans(b_h), input_precision=PREC)
             dT += tl.dot(dvt, tl.trans(vt * b[:, None]), input_precision=PREC)
             Tdv = tl.dot(tl.trans(Ti), dvt, input_precision=PREC)
             _store_tile(dv, Tdv * b[:, None], rows, m_t, i_h, H, V, o_v, m_v)

@@ -1,17 +1,18 @@
 """Fused decode step in Triton: decay, write the evicted token, read with q; one launch per layer for a batch.
 
-The ``"triton"`` backend of :func:`ahn.kernels.step.step_unchecked`, with its arguments. One
+The ``"triton"`` backend of :func:`ahn.kernels.dispatch.step_unchecked`, with its arguments. One
 program per (V block, batch row, query head) holds its [K, BV] slice of the state in registers
 and does, in order (see ``ahn/kernels/README.md``):
 
-    S <- exp(g) S                                               (HAS_G)
-    u  = beta (v - S^T k)   (delta rules)   or   u = beta v     (SSD; beta = 1 without HAS_BETA)
-    S <- S + k u^T
-    o  = scale S^T q
+    h <- exp(g) h                                               (HAS_G)
+    u  = beta (v - h^T k)   (delta rules)   or   u = beta v     (SSD; beta = 1 without HAS_BETA)
+    h <- h + k u^T
+    o  = scale h^T q
 
 with optional L2 normalisation of q and k in the kernel; a masked row (HAS_MASK, mask False)
-multiplies k and g by 0: it writes nothing and keeps its state. Grouped k / v heads (GQA) are an
-index map (query head h reads k / v head h // (H / Hk)); nothing is repeated in memory. A
+multiplies k and g by 0 (:func:`ahn.kernels.rule.inert_writes`): it writes nothing and keeps its
+state. Grouped k / v heads (GQA) are an index map (query head i reads k / v head i // (H / Hk));
+nothing is repeated in memory. A
 read-only step (no k / v) only computes o. Inference only: there is no backward.
 """
 
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import L2NORM_EPS
+from ..rule import L2NORM_EPS
 from . import MAX_STEP_HEAD_DIM
 from .chunk import MAX_BLOCK_V, _block, _num_warps
 
@@ -43,9 +44,9 @@ def _step_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
     p_s = (i_bh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_STATE:
-        S += tl.load(s_in + p_s, mask=m_s, other=0.0).to(tl.float32)
+        b_h += tl.load(s_in + p_s, mask=m_s, other=0.0).to(tl.float32)
     qv = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     if L2NORM:
         qv = qv * tl.rsqrt(tl.sum(qv * qv, 0) + eps)
@@ -59,14 +60,14 @@ def _step_kernel(
             kv = kv * keep
         u = tl.load(v + i_bk * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         if HAS_G:
-            S = S * tl.exp(tl.load(g + i_bh).to(tl.float32) * keep)
+            b_h = b_h * tl.exp(tl.load(g + i_bh).to(tl.float32) * keep)
         if IS_DELTA:
-            u = u - tl.sum(S * kv[:, None], 0)
+            u = u - tl.sum(b_h * kv[:, None], 0)
         if HAS_BETA:
             u = u * tl.load(beta + i_bh).to(tl.float32)
-        S += kv[:, None] * u[None, :]
-        tl.store(s_out + p_s, S, mask=m_s)
-    ov = tl.sum(S * qv[:, None], 0) * scale
+        b_h += kv[:, None] * u[None, :]
+        tl.store(s_out + p_s, b_h, mask=m_s)
+    ov = tl.sum(b_h * qv[:, None], 0) * scale
     tl.store(o + i_bh * V + o_v, ov.to(o.dtype.element_ty), mask=m_v)
 
 

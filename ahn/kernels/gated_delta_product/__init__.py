@@ -1,7 +1,7 @@
 """Gated DeltaProduct: n Householder (delta-rule) steps per token after one decay, a rank-n write.
 
-    S' = exp(g_t) S_{t-1};   for j = 1..n:  S' <- S' + beta_tj k_tj (v_tj - S'^T k_tj)^T;   S_t = S'
-    o_t = S_t^T (scale q_t)
+    h' = exp(g_t) h_{t-1};   for j = 1..n:  h' <- h' + beta_tj k_tj (v_tj - h'^T k_tj)^T;   h_t = h'
+    o_t = h_t^T (scale q_t)    (h: the state)
 
 It is the gated delta rule run over the n T writes in order, with the token's decay on its first
 write, no decay on the others, and a read only after the last: the recurrent reference, the
@@ -17,10 +17,11 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .._common import DEFAULT_CHUNK_SIZE, check_common, check_gate, check_qk, run_with_backend
+from ..dispatch import run_rule, run_step
 from ..gated_delta_rule.chunk import chunk_gated_delta_rule
 from ..gated_delta_rule.recurrent import recurrent_gated_delta_rule
-from ..step import run_channel_step, step_ref
+from ..rule import DEFAULT_CHUNK_SIZE, GateInput, Rule
+from ..step import step_ref
 
 
 def _interleave(q, k, v, g, beta):
@@ -40,26 +41,39 @@ def _interleave(q, k, v, g, beta):
 def recurrent_gated_delta_product(q, k, v, g, beta, scale, initial_state):
     """The reference loop, on token-major ``k [B, T, n, H, K]``, ``v [B, T, n, H, V]``, ``beta [B, T, n, H]``."""
     *flat, n = _interleave(q, k, v, g, beta)
-    o, S = recurrent_gated_delta_rule(*flat, scale, initial_state)
-    return o[:, n - 1 :: n], S
+    o, h = recurrent_gated_delta_rule(*flat, scale, initial_state)
+    return o[:, n - 1 :: n], h
 
 
 def chunk_gated_delta_product(q, k, v, g, beta, scale, initial_state, chunk_size=DEFAULT_CHUNK_SIZE):
     """Chunkwise torch form (the gated delta rule's over the n T writes); inputs as :func:`recurrent_gated_delta_product`."""
     *flat, n = _interleave(q, k, v, g, beta)
-    o, S = chunk_gated_delta_rule(*flat, scale, initial_state, chunk_size=chunk_size)
-    return o[:, n - 1 :: n], S
+    o, h = chunk_gated_delta_rule(*flat, scale, initial_state, chunk_size=chunk_size)
+    return o[:, n - 1 :: n], h
 
 
-def _product_step_ref(q, k, v, g, beta, scale, state):
+def step_gated_delta_product(q, k, v, g, beta, scale, state):
     """One token: ``k [B, Hk, n, K]``, ``v [B, Hk, n, V]``, ``beta [B, H, n]``, ``g [B, H]`` or None."""
     if k is None:
         return step_ref(q, None, None, None, None, scale, state, delta=True)
-    S = state
-    n = k.shape[2]
-    for j in range(n):
-        o, S = step_ref(q, k[:, :, j], v[:, :, j], g if j == 0 else None, beta[:, :, j], scale, S, delta=True)
-    return o, S
+    for j in range(k.shape[2]):
+        o, state = step_ref(q, k[:, :, j], v[:, :, j], g if j == 0 else None, beta[:, :, j], scale, state, delta=True)
+    return o, state
+
+
+def _fla(q, k, v, g, beta, *, use_qk_l2norm, **kwargs):
+    # fla is imported on first use: an optional dependency (CUDA).
+    from fla.ops.gated_delta_product import chunk_gated_delta_product as fla_chunk
+
+    n = k.shape[1] // q.shape[1]  # k [B, T n, H, K]: the writes per token
+    return fla_chunk(q, k, v, g, beta, n, use_qk_l2norm_in_kernel=use_qk_l2norm, **kwargs)
+
+
+RULE = Rule(
+    name="Gated DeltaProduct", gates=(GateInput("g", optional=True), GateInput("beta", per_write=True)), delta=True,
+    recurrent=recurrent_gated_delta_product, chunk=chunk_gated_delta_product, step=step_gated_delta_product,
+    fla=_fla, multi_write=True,
+)
 
 
 def gated_delta_product(
@@ -96,24 +110,9 @@ def gated_delta_product(
     """
     if not isinstance(num_householder, int) or num_householder < 1:
         raise ValueError(f"num_householder must be an int >= 1, got {num_householder!r}")
-    n = num_householder
-    check_qk(q, k, steps=n)
-    B, T, H, K = q.shape
-    check_gate("g", g, (B, T, H), "[B, T, H]", log_decay=True, needed=g is not None)
-    check_gate("beta", beta, (B, T * n, H), f"[B, T * {n}, H]")
-    check_common(q, v, initial_state, cu_seqlens, steps=n, k=k, g=g, beta=beta)
-
-    def fla(**kwargs):
-        from fla.ops.gated_delta_product import chunk_gated_delta_product as fla_chunk
-
-        return fla_chunk(q, k, v, g, beta, n, use_qk_l2norm_in_kernel=kwargs.pop("use_qk_l2norm"), **kwargs)
-
-    by_token = lambda x: rearrange(x, "b (t n) h ... -> b t n h ...", n=n)  # noqa: E731
-    return run_with_backend("Gated DeltaProduct", recurrent_gated_delta_product, chunk_gated_delta_product, fla, q,
-                            by_token(k), by_token(v), (g, by_token(beta)), scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                            use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size)
-
+    return run_rule(RULE, q, k, v, (g, beta), scale=scale, initial_state=initial_state,
+                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+                    backend=backend, chunk_size=chunk_size, writes=num_householder)
 
 def gated_delta_product_step(
     q: torch.Tensor,
@@ -130,15 +129,8 @@ def gated_delta_product_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`gated_delta_product`: ``k [B, Hk, n, K]``, ``v [B, Hk, n, V]`` (its n writes),
     ``g [B, H]`` or None, ``beta [B, H, n]``; the rest as :func:`ahn.kernels.gated_delta_rule_step`."""
-    if k is not None:
-        B, H, _ = q.shape
-        if k.dim() != 4:
-            raise ValueError(f"k must be [B, Hk, n, K] (the token's n writes), got shape {tuple(k.shape)}")
-        check_gate("g", g, (B, H), "[B, H]", log_decay=True, needed=g is not None)
-        check_gate("beta", beta, (B, H, k.shape[2]), "[B, H, n]")
-    return run_channel_step("Gated DeltaProduct", _product_step_ref, q, k, v, (g, beta), state, scale=scale,
-                            use_qk_l2norm=use_qk_l2norm, mask=mask, backend=backend)
-
+    return run_step(RULE, q, k, v, (g, beta), state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
+                    backend=backend)
 
 __all__ = ["gated_delta_product", "gated_delta_product_step", "chunk_gated_delta_product",
-           "recurrent_gated_delta_product"]
+           "recurrent_gated_delta_product", "RULE"]

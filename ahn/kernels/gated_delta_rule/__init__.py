@@ -6,13 +6,19 @@ from typing import Optional
 
 import torch
 
-from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
-from ..step import run_step
+from ..dispatch import run_rule, run_step
+from ..rule import DEFAULT_CHUNK_SIZE, GateInput, Rule
+from ..step import step_ref
 from .chunk import chunk_gated_delta_rule
 from .recurrent import recurrent_gated_delta_rule
 
 
+def _step(q, k, v, g, beta, scale, state):
+    return step_ref(q, k, v, g, beta, scale, state, delta=True)
+
+
 def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+    # fla is imported on first use: an optional dependency (CUDA).
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
 
     return fla_chunk_gated_delta_rule(
@@ -22,8 +28,8 @@ def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqle
 
 
 RULE = Rule(
-    name="gated_delta_rule", has_g=True, has_beta=True,
-    recurrent=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule, fla=_fla,
+    name="gated_delta_rule", gates=(GateInput("g"), GateInput("beta")), delta=True,
+    recurrent=recurrent_gated_delta_rule, chunk=chunk_gated_delta_rule, step=_step, fla=_fla, fused=True,
 )
 
 
@@ -42,7 +48,7 @@ def gated_delta_rule(
     backend: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Gated delta rule: ``D = exp(g_t) S_{t-1}``, ``S_t = D + beta_t k_t (v_t - D^T k_t)^T``, ``o_t = S_t^T (scale q_t)``.
+    """Gated delta rule: ``D = exp(g_t) h_{t-1}``, ``h_t = D + beta_t k_t (v_t - D^T k_t)^T``, ``o_t = h_t^T (scale q_t)`` (``h``: the state).
 
     Args:
         q, k: ``[B, T, H, K]``; L2-normalised first when ``use_qk_l2norm``.
@@ -62,7 +68,7 @@ def gated_delta_rule(
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
     """
     return run_rule(
-        RULE, q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        RULE, q, k, v, (g, beta), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
     )
 
@@ -91,12 +97,12 @@ def gated_delta_rule_step(
         mask: ``[B]`` bool, False where a row writes nothing (keeps its state); None: every row writes.
         backend: ``"torch"`` (tensor ops, autograd), ``"cpp"`` (one compiled call; float32 CPU,
             no autograd), ``"triton"`` (one fused launch for the batch; CUDA or the Triton
-            interpreter; no autograd) or ``"auto"`` (see :func:`ahn.kernels.step.resolve_step_backend`).
+            interpreter; no autograd) or ``"auto"`` (see :func:`ahn.kernels.dispatch.resolve_step_backend`).
 
     Returns:
         ``(o [B, H, V], state [B, H, K, V] float32)``; equal to one token of the full rule.
     """
-    return run_step(RULE, q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
+    return run_step(RULE, q, k, v, (g, beta), state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
                     backend=backend)
 
 

@@ -1,23 +1,23 @@
 """Chunkwise gated delta rule in plain torch (the CPU path; differentiable by autograd).
 
-Derivation (one head, one chunk of length C, state S0 at its start). Let G_i be the
+Derivation (one head, one chunk of length C, state h0 at its start). Let G_i be the
 cumulative log decay inside the chunk (G_i = g_1 + ... + g_i), gamma_i = exp(G_i) and
 Gamma_ij = exp(G_i - G_j) for j <= i. Unrolling the recurrence gives
 
-    S_i = gamma_i S0 + sum_{j <= i} Gamma_ij k_j u_j^T
+    h_i = gamma_i h0 + sum_{j <= i} Gamma_ij k_j u_j^T
 
-with "pseudo-values" u_i = beta_i (v_i - exp(g_i) S_{i-1}^T k_i). Substituting S_{i-1}:
+with "pseudo-values" u_i = beta_i (v_i - exp(g_i) h_{i-1}^T k_i). Substituting h_{i-1}:
 
-    u_i + beta_i sum_{j < i} Gamma_ij (k_i . k_j) u_j = beta_i v_i - beta_i gamma_i S0^T k_i
+    u_i + beta_i sum_{j < i} Gamma_ij (k_i . k_j) u_j = beta_i v_i - beta_i gamma_i h0^T k_i
 
-i.e. (I + A) u = beta*v - (beta*gamma*K) S0 with A strictly lower triangular,
+i.e. (I + A) u = beta*v - (beta*gamma*K) h0 with A strictly lower triangular,
 A_ij = beta_i Gamma_ij (k_i . k_j). With T = (I + A)^{-1} (the WY representation):
 
-    u = U - W S0,      U = T (beta*v),   W = T (beta*gamma*K)
-    o_i = scale * (gamma_i q_i^T S0 + sum_{j <= i} Gamma_ij (q_i . k_j) u_j)
-    S_C = gamma_C S0 + sum_j Gamma_Cj k_j u_j^T
+    u = U - W h0,      U = T (beta*v),   W = T (beta*gamma*K)
+    o_i = scale * (gamma_i q_i^T h0 + sum_{j <= i} Gamma_ij (q_i . k_j) u_j)
+    h_C = gamma_C h0 + sum_j Gamma_Cj k_j u_j^T
 
-U, W and the intra-chunk scores do not depend on S0, so they are computed for all chunks
+U, W and the intra-chunk scores do not depend on h0, so they are computed for all chunks
 at once (a batched unit-triangular solve); only the state is carried chunk to chunk.
 ``g = None`` (the delta rule) sets every gamma to 1.
 """
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .._common import chunk_decay, to_chunks
+from ..chunking import chunk_decay, to_chunks
 
 
 def chunk_gated_delta_rule(
@@ -59,19 +59,19 @@ def chunk_gated_delta_rule(
     U, W = UW.split([V, K], dim=-1)  # [B, H, N, C, V], [B, H, N, C, K]
 
     scores = (qc @ kc.transpose(-1, -2)) * decay  # [B, H, N, C, C], causal incl. diagonal
-    q_decay = qc * gamma  # reads S0 decayed to position i
+    q_decay = qc * gamma  # reads h0 decayed to position i
     k_decay = kc * (G[..., -1:] - G).exp()[..., None]  # k_j decayed to the chunk end
     chunk_decay_total = G[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    h = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     states, pseudo_values = [], []
     for n in range(N):
-        u = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
-        states.append(S)
+        u = U[:, :, n] - W[:, :, n] @ h  # [B, H, C, V]
+        states.append(h)
         pseudo_values.append(u)
-        S = S * chunk_decay_total[:, :, n] + k_decay[:, :, n].transpose(-1, -2) @ u
-    S_start = torch.stack(states, dim=2)  # [B, H, N, K, V]
+        h = h * chunk_decay_total[:, :, n] + k_decay[:, :, n].transpose(-1, -2) @ u
+    h_start = torch.stack(states, dim=2)  # [B, H, N, K, V]
     u = torch.stack(pseudo_values, dim=2)  # [B, H, N, C, V]
-    o = q_decay @ S_start + scores @ u  # [B, H, N, C, V]
+    o = q_decay @ h_start + scores @ u  # [B, H, N, C, V]
     o = rearrange(o, "b h n c v -> b (n c) h v")[:, :T]
-    return o, S
+    return o, h

@@ -1,6 +1,6 @@
 """GDN-2 (Gated DeltaNet 2): channel-wise decay, erase gate on the key axis, write gate on the value axis.
 
-    S_t = (I - k_t (b_t * k_t)^T) Diag(exp g_t) S_{t-1} + k_t (w_t * v_t)^T,    o_t = S_t^T (scale q_t)
+    h_t = (I - k_t (b_t * k_t)^T) Diag(exp g_t) h_{t-1} + k_t (w_t * v_t)^T,    o_t = h_t^T (scale q_t)    (h: the state)
 
 KDA (``b = w = beta``, :mod:`ahn.kernels.kda`) and Gated DeltaNet (also a scalar g) are special
 cases; the chunkwise torch form and the recurrent reference here serve KDA as well.
@@ -12,15 +12,24 @@ from typing import Optional
 
 import torch
 
-from .._common import check_common, check_gate, check_qk, run_with_backend
-from ..step import channel_step_ref, run_channel_step
-from .chunk import chunk_gdn2
+from ..dispatch import run_rule, run_step
+from ..rule import GateInput, Rule
+from ..step import channel_step_ref
+from .chunk import CHANNEL_CHUNK_SIZE, chunk_gdn2
 from .recurrent import recurrent_gdn2
 
-# Chunk length of the channel-wise rules' torch path: each chunk builds a [C, C, K] decay tensor
-# (a per-channel decay does not factor out of the key products), so a shorter chunk than the
-# scalar rules' 64 keeps that tensor, and the work spent on it (C K per token), small.
-CHANNEL_CHUNK_SIZE = 16
+
+def _fla(q, k, v, g, b, w, *, use_qk_l2norm, **kwargs):
+    # fla is imported on first use: an optional dependency (CUDA).
+    from fla.ops.gdn2 import chunk_gdn2 as fla_chunk_gdn2
+
+    return fla_chunk_gdn2(q, k, v, g, b, w, use_qk_l2norm_in_kernel=use_qk_l2norm, **kwargs)
+
+
+RULE = Rule(
+    name="GDN-2", gates=(GateInput("g", "key"), GateInput("b", "key"), GateInput("w", "value")), delta=True,
+    recurrent=recurrent_gdn2, chunk=chunk_gdn2, step=channel_step_ref, fla=_fla, chunk_size=CHANNEL_CHUNK_SIZE,
+)
 
 
 def gdn2(
@@ -39,7 +48,7 @@ def gdn2(
     backend: str = "auto",
     chunk_size: int = CHANNEL_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """GDN-2: ``D = Diag(exp g_t) S_{t-1}``, ``S_t = D + k_t (w_t * v_t - D^T (b_t * k_t))^T``, ``o_t = S_t^T (scale q_t)``.
+    """GDN-2: ``D = Diag(exp g_t) h_{t-1}``, ``h_t = D + k_t (w_t * v_t - D^T (b_t * k_t))^T``, ``o_t = h_t^T (scale q_t)``.
 
     Args:
         q, k: ``[B, T, H, K]``; L2-normalised first when ``use_qk_l2norm``.
@@ -56,22 +65,9 @@ def gdn2(
     Returns:
         ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
     """
-    check_qk(q, k)
-    B, T, H, K = q.shape
-    check_gate("g", g, (B, T, H, K), "[B, T, H, K]", log_decay=True)
-    check_gate("b", b, (B, T, H, K), "[B, T, H, K]")
-    check_common(q, v, initial_state, cu_seqlens, k=k, g=g, b=b, w=w)
-    check_gate("w", w, (*v.shape[:3], v.shape[-1]), "[B, T, H, V]")
-
-    def fla(**kwargs):
-        from fla.ops.gdn2 import chunk_gdn2 as fla_chunk_gdn2
-
-        return fla_chunk_gdn2(q, k, v, g, b, w, use_qk_l2norm_in_kernel=kwargs.pop("use_qk_l2norm"), **kwargs)
-
-    return run_with_backend("GDN-2", recurrent_gdn2, chunk_gdn2, fla, q, k, v, (g, b, w), scale=scale,
-                            initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                            use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size)
-
+    return run_rule(RULE, q, k, v, (g, b, w), scale=scale, initial_state=initial_state,
+                    output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+                    backend=backend, chunk_size=chunk_size)
 
 def gdn2_step(
     q: torch.Tensor,
@@ -95,13 +91,7 @@ def gdn2_step(
     the compiled C++ and Triton steps cover the scalar-gated rules only).
     Returns ``(o [B, H, V], state [B, H, K, V] float32)``.
     """
-    if k is not None:
-        B, H, K = q.shape
-        V = v.shape[-1] if isinstance(v, torch.Tensor) else 0
-        for name, x, shape in (("g", g, (B, H, K)), ("b", b, (B, H, K)), ("w", w, (B, H, V))):
-            check_gate(name, x, shape, "[B, H, V]" if name == "w" else "[B, H, K]", log_decay=name == "g")
-    return run_channel_step("GDN-2", channel_step_ref, q, k, v, (g, b, w), state, scale=scale,
-                            use_qk_l2norm=use_qk_l2norm, mask=mask, backend=backend)
+    return run_step(RULE, q, k, v, (g, b, w), state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
+                    backend=backend)
 
-
-__all__ = ["gdn2", "gdn2_step", "chunk_gdn2", "recurrent_gdn2", "CHANNEL_CHUNK_SIZE"]
+__all__ = ["gdn2", "gdn2_step", "chunk_gdn2", "recurrent_gdn2", "CHANNEL_CHUNK_SIZE", "RULE"]

@@ -1,15 +1,15 @@
 """Chunkwise GDN-2 (and KDA) in plain torch: the CPU path, differentiable by autograd.
 
-One head, one chunk of C tokens with state S0 at its start. G_i = g_1 + ... + g_i is the
+One head, one chunk of C tokens with state h0 at its start. G_i = g_1 + ... + g_i is the
 in-chunk cumulative log decay, now a vector over the K key channels, and
 ``Gamma_ij = exp(G_i - G_j)`` (per channel, j <= i). Write the update as
-``S_i = Diag(exp g_i) S_{i-1} + k_i u_i^T`` with the pseudo-value
-``u_i = w_i * v_i - (Diag(exp g_i) S_{i-1})^T (b_i * k_i)``. Unrolling
-``S_{i-1}`` gives a unit lower triangular system (the WY representation):
+``h_i = Diag(exp g_i) h_{i-1} + k_i u_i^T`` with the pseudo-value
+``u_i = w_i * v_i - (Diag(exp g_i) h_{i-1})^T (b_i * k_i)``. Unrolling
+``h_{i-1}`` gives a unit lower triangular system (the WY representation):
 
-    (I + A) u = (w * V) - (b * K * exp(G)) S0,    A_ij = sum_c b_ic k_ic k_jc Gamma_ijc   (i > j)
-    o_i  = scale ((q_i * exp(G_i))^T S0 + sum_{j <= i} (sum_c q_ic k_jc Gamma_ijc) u_j)
-    S_C  = Diag(exp G_C) S0 + sum_j (k_j * exp(G_C - G_j)) u_j^T
+    (I + A) u = (w * V) - (b * K * exp(G)) h0,    A_ij = sum_c b_ic k_ic k_jc Gamma_ijc   (i > j)
+    o_i  = scale ((q_i * exp(G_i))^T h0 + sum_{j <= i} (sum_c q_ic k_jc Gamma_ijc) u_j)
+    h_C  = Diag(exp G_C) h0 + sum_j (k_j * exp(G_C - G_j)) u_j^T
 
 The per-channel decay does not factor out of the key products as a scalar one does: the
 scores need ``Gamma [C, C, K]``, masked above the diagonal *before* the exp (there
@@ -28,9 +28,13 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .._common import to_chunks
+from ..chunking import to_chunks
 
 
+# Chunk length of the channel-wise rules' torch path: each chunk builds a [C, C, K] decay tensor
+# (a per-channel decay does not factor out of the key products), so a shorter chunk than the
+# scalar rules' 64 keeps that tensor, and the work spent on it (C K per token), small.
+CHANNEL_CHUNK_SIZE = 16
 # Elements of the [B, H, n, C, C, K] decay tensor built at once: chunks are processed in groups of this
 # size (all of a group's state-independent work batched), which bounds the transient memory of a long
 # prefill while keeping the per-chunk Python overhead off short sequences (a training batch is one group).
@@ -46,7 +50,7 @@ def chunk_gdn2(
     w: torch.Tensor,  # [B, T, H, V] write gate (or [B, T, H, 1], broadcast)
     scale: float,
     initial_state: Optional[torch.Tensor],  # [B, H, K, V]
-    chunk_size: int = 16,
+    chunk_size: int = CHANNEL_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -60,7 +64,7 @@ def chunk_gdn2(
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     group = max(1, GROUP_ELEMENTS // max(1, B * H * C * C * K))
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    h = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     outs = []
     for n0 in range(0, N, group):
         sl = slice(n0, min(N, n0 + group))
@@ -75,13 +79,13 @@ def chunk_gdn2(
         A = A.masked_fill(~strict, 0.0)
         rhs = torch.cat([vc[:, :, sl] * wc[:, :, sl], kb * Gn.exp()], dim=-1)  # [B, H, n, C, V + K]
         U, W = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
-        q_decay = qn * Gn.exp()  # reads S0 decayed to position i
+        q_decay = qn * Gn.exp()  # reads h0 decayed to position i
         G_end = Gn[..., -1, :]  # [B, H, n, K]
         k_decay = kn * (G_end[..., None, :] - Gn).exp()  # k_j decayed to the chunk end
         for i in range(Gn.shape[2]):  # the state passing: the only sequential part
-            u = U[:, :, i] - W[:, :, i] @ S  # [B, H, C, V]
-            outs.append(q_decay[:, :, i] @ S + scores[:, :, i] @ u)
-            S = S * G_end[:, :, i].exp()[..., None] + k_decay[:, :, i].transpose(-1, -2) @ u
+            u = U[:, :, i] - W[:, :, i] @ h  # [B, H, C, V]
+            outs.append(q_decay[:, :, i] @ h + scores[:, :, i] @ u)
+            h = h * G_end[:, :, i].exp()[..., None] + k_decay[:, :, i].transpose(-1, -2) @ u
     o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
     o = rearrange(o, "b h n c v -> b (n c) h v")[:, :T]
-    return o, S
+    return o, h

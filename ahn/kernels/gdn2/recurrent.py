@@ -1,12 +1,12 @@
 """Recurrent reference of GDN-2 (and KDA, its special case): the specification, one token at a time.
 
-    D_t = Diag(exp g_t) S_{t-1}                      per-key-channel decay, g_t [K] <= 0
-    S_t = D_t + k_t (w_t * v_t - D_t^T (b_t * k_t))^T   erase at the key b * k, write w * v
-    o_t = S_t^T (scale q_t)
+    D_t = Diag(exp g_t) h_{t-1}                      per-key-channel decay, g_t [K] <= 0
+    h_t = D_t + k_t (w_t * v_t - D_t^T (b_t * k_t))^T   erase at the key b * k, write w * v
+    o_t = h_t^T (scale q_t)
 
 ``b [K]`` is the channel-wise erase gate on the key axis, ``w [V]`` the channel-wise write gate on
 the value axis (fla's ``fla/ops/gdn2/naive.py`` defines the same recurrence). KDA is
-``b = beta 1_K, w = beta 1_V``: ``S_t = (I - beta k k^T) D_t + beta k v^T``. One token is
+``b = beta 1_K, w = beta 1_V``: ``h_t = (I - beta k k^T) D_t + beta k v^T``. One token is
 :func:`ahn.kernels.step.channel_step_ref`; this reference is that step in a loop.
 """
 
@@ -31,10 +31,10 @@ def recurrent_gdn2(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    h = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     outs = []
     for t in range(T):
-        o, S = channel_step_ref(q[:, t], k[:, t], v[:, t], g[:, t], b[:, t], w[:, t], scale, S)
+        o, h = channel_step_ref(q[:, t], k[:, t], v[:, t], g[:, t], b[:, t], w[:, t], scale, h)
         outs.append(o)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
-    return o, S
+    return o, h

@@ -6,18 +6,22 @@ from typing import Optional
 
 import torch
 
-from .._common import DEFAULT_CHUNK_SIZE, Rule, run_rule
-from ..step import run_step
+from ..dispatch import run_rule, run_step
+from ..rule import DEFAULT_CHUNK_SIZE, GateInput, Rule, l2norm
+from ..step import step_ref
 from .chunk import chunk_ssd
 from .recurrent import recurrent_ssd
 
 
-def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+def _step(q, k, v, g, scale, state):
+    return step_ref(q, k, v, g, None, scale, state, delta=False)
+
+
+def _fla(q, k, v, g, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
+    # fla is imported on first use: an optional dependency (CUDA).
     from fla.ops.simple_gla import chunk_simple_gla
 
     if use_qk_l2norm:
-        from .._common import l2norm
-
         q, k = l2norm(q), l2norm(k)
     return chunk_simple_gla(
         q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -25,7 +29,8 @@ def _fla(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqle
     )
 
 
-RULE = Rule(name="ssd", has_g=True, has_beta=False, recurrent=recurrent_ssd, chunk=chunk_ssd, fla=_fla)
+RULE = Rule(name="ssd", gates=(GateInput("g"),), delta=False, recurrent=recurrent_ssd, chunk=chunk_ssd, step=_step,
+            fla=_fla, fused=True)
 
 
 def ssd(
@@ -42,14 +47,14 @@ def ssd(
     backend: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Mamba2's SSD: ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T (scale q_t)``.
+    """Mamba2's SSD: ``h_t = exp(g_t) h_{t-1} + k_t v_t^T``, ``o_t = h_t^T (scale q_t)``.
 
     The caller folds Mamba2's dt into v (or k). Shapes, arguments and return value as
     :func:`ahn.kernels.gated_delta_rule` without ``beta``; the fla backend is fla's
     ``chunk_simple_gla`` (the same recurrence with a scalar per-head gate).
     """
     return run_rule(
-        RULE, q, k, v, g, None, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+        RULE, q, k, v, (g,), scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
     )
 
@@ -67,7 +72,7 @@ def ssd_step(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`ssd`; shapes as :func:`ahn.kernels.gated_delta_rule_step` without ``beta``."""
-    return run_step(RULE, q, k, v, g, None, state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
+    return run_step(RULE, q, k, v, (g,), state, scale=scale, use_qk_l2norm=use_qk_l2norm, mask=mask,
                     backend=backend)
 
 

@@ -1,9 +1,9 @@
 """Chunkwise SSD in plain torch (Mamba2's "state space duality" algorithm).
 
-One chunk of length C with state S0 at its start, G_i the cumulative in-chunk log decay:
+One chunk of length C with state h0 at its start, G_i the cumulative in-chunk log decay:
 
-    o_i = scale * (exp(G_i) q_i^T S0 + sum_{j <= i} exp(G_i - G_j) (q_i . k_j) v_j)
-    S_C = exp(G_C) S0 + sum_j exp(G_C - G_j) k_j v_j^T
+    o_i = scale * (exp(G_i) q_i^T h0 + sum_{j <= i} exp(G_i - G_j) (q_i . k_j) v_j)
+    h_C = exp(G_C) h0 + sum_j exp(G_C - G_j) k_j v_j^T
 
 The intra-chunk part (a decay-masked attention) is computed for all chunks at once; the
 chunk-to-chunk state passing is a short loop over T / C chunks.
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
-from .._common import chunk_decay, to_chunks
+from ..chunking import chunk_decay, to_chunks
 
 
 def chunk_ssd(
@@ -24,7 +24,6 @@ def chunk_ssd(
     k: torch.Tensor,  # [B, T, H, K]
     v: torch.Tensor,  # [B, T, H, V]
     g: torch.Tensor,  # [B, T, H] log decay
-    beta: None,  # SSD has no write strength; kept for the common signature
     scale: float,
     initial_state: Optional[torch.Tensor],  # [B, H, K, V]
     chunk_size: int = 64,
@@ -40,12 +39,12 @@ def chunk_ssd(
     chunk_states = k_decay.transpose(-1, -2) @ vc  # [B, H, N, K, V]: what each chunk writes
     chunk_decay_total = G[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    h = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     states = []
     for n in range(N):
-        states.append(S)
-        S = S * chunk_decay_total[:, :, n] + chunk_states[:, :, n]
-    S_start = torch.stack(states, dim=2)  # [B, H, N, K, V]
-    o = (qc * G.exp()[..., None]) @ S_start + o_intra  # [B, H, N, C, V]
+        states.append(h)
+        h = h * chunk_decay_total[:, :, n] + chunk_states[:, :, n]
+    h_start = torch.stack(states, dim=2)  # [B, H, N, K, V]
+    o = (qc * G.exp()[..., None]) @ h_start + o_intra  # [B, H, N, C, V]
     o = rearrange(o, "b h n c v -> b (n c) h v")[:, :T]
-    return o, S
+    return o, h

@@ -1,7 +1,7 @@
 """Recurrent reference of Mamba2's state-space duality (SSD) form, one token at a time.
 
-    S_t = exp(g_t) S_{t-1} + k_t v_t^T
-    o_t = S_t^T (scale q_t)
+    h_t = exp(g_t) h_{t-1} + k_t v_t^T
+    o_t = h_t^T (scale q_t)
 
 In Mamba2's names: k = B, q = C, g = dt * A, and the caller folds dt into v (x * dt).
 One token is :func:`ahn.kernels.step.step_ref` with ``delta=False``; the recurrent reference
@@ -22,16 +22,15 @@ def recurrent_ssd(
     k: torch.Tensor,  # [B, T, H, K]
     v: torch.Tensor,  # [B, T, H, V]
     g: torch.Tensor,  # [B, T, H] log decay
-    beta: None,  # SSD has no write strength; kept for the common signature
     scale: float,
     initial_state: Optional[torch.Tensor],  # [B, H, K, V]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    h = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     outs = []
     for t in range(T):
-        o, S = step_ref(q[:, t], k[:, t], v[:, t], g[:, t], None, scale, S, delta=False)
+        o, h = step_ref(q[:, t], k[:, t], v[:, t], g[:, t], None, scale, h, delta=False)
         outs.append(o)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
-    return o, S
+    return o, h

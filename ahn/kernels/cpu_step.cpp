@@ -1,42 +1,11 @@
-"""The compiled CPU form of the one-token memory step (``backend="cpp"``), built on first use.
-
-In eager PyTorch one generated token costs the memory ~50 small tensor ops per layer, and on
-CPU each costs microseconds of dispatch and Python overhead while the arithmetic (H states of
-D x D) takes well under one. This module compiles, once per machine, one C++ function that runs
-the step of :func:`ahn.kernels.step.step_ref` (decay, write the evicted token, read with q) in
-plain loops, with the same arguments as the torch and Triton backends (:func:`step`). Given the
-new token's hidden state it also computes, in the same call, the token's write gates and the
-memory's read-out (RMSNorm, output gate, per-head output projection): that is the memory decode
-of ``ahn.memory`` (``Memory.decode`` calls :func:`compiled` with its rule's ``StepSpec``). The gate activations
-are this file's :data:`GATE_ACTIVATIONS`, whose torch forms the torch path uses: one table.
-
-The build is cached under a name made from a hash of the source, so a changed source builds
-anew. ``AHN_CPU_DECODE=0`` (or a missing toolchain) leaves only the torch and Triton backends.
-"""
-
-from __future__ import annotations
-
-import functools
-import hashlib
-import os
-import subprocess
-import sys
-import warnings
-from typing import Optional
-
-import torch
-import torch.nn.functional as F
-
-# Each gate activation in its two forms, side by side: the torch function (the torch backend of
-# the memory decode and the parallel form) and the C++ expression of float ``x`` (the compiled
-# backend); its index is its code in the C++ switch. softplus: torch's threshold 20.
-GATE_ACTIVATIONS = {
-    "sigmoid": (torch.sigmoid, "1.f / (1.f + std::exp(-x))"),
-    "softplus": (F.softplus, "x > 20.f ? x : std::log1p(std::exp(x))"),
-    "identity": (torch.nn.Identity(), "x"),  # a low-rank code the rule expands itself (KDA, GDN-2)
-}
-
-_TEMPLATE = r"""
+// The compiled CPU form of the one-token memory step (backend="cpp"), loaded and built on first use by
+// cpu_step.py beside this file (torch.utils.cpp_extension.load). It restates, in plain loops over float32
+// CPU tensors, what the Python side defines once:
+//   the step                  ahn/kernels/step.py        step_ref (decay, write the evicted token, read with q)
+//   the log decay             ahn/kernels/rule.py        log_decay: g = -exp(A_log) * gate
+//   masked writes are inert   ahn/kernels/rule.py        inert_writes (here: a masked row skips its write)
+//   the gate activations      ahn/kernels/cpu_step.py    GATE_ACTIVATIONS (the case numbers below are their codes)
+//   the read-out              ahn/memory/base.py         Memory.read_out (RMSNorm, SiLU output gate, o_proj)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -45,17 +14,19 @@ _TEMPLATE = r"""
 
 static inline float activate(int64_t code, float x) {
   switch (code) {
-@ACTIVATIONS@
+    case 0: return 1.f / (1.f + std::exp(-x));  // sigmoid
+    case 1: return x > 20.f ? x : std::log1p(std::exp(x));  // softplus
+    case 2: return x;  // identity
     default: return NAN;
   }
 }
 
 static inline const float* fptr(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
-// One token of every memory rule, float32 CPU (empty tensors stand for absent arguments):
+// One token of every scalar-gated memory rule, float32 CPU (empty tensors stand for absent arguments):
 //   q [B, H, K]; k, v [B, Hk, K], [B, Hk, V] of the written token (empty: read only), H % Hk == 0;
 //   gates [B, H, G]: log decay g = gates[decay_ch] (times -exp(rate[h]) when rate [H] is given;
-//   decay_ch < 0: no decay), strength beta = gates[strength_ch] (< 0: 1); delta: u = beta (v - S^T k),
+//   decay_ch < 0: no decay), strength beta = gates[strength_ch] (< 0: 1); delta: u = beta (v - h^T k),
 //   else u = beta v; mask [B] bool (false: the row writes nothing); state [B, H, K, V] (empty: zeros).
 // With x [B, C] (the new token) also: new_gates[b, h, c] = act_c(x . gate_w[c][h] + gate_b[c][h] +
 // gate_c[c][h]) and the output gate z = x . z_w[h] + z_b[h]. With out_w [H, V, V] the read-out:
@@ -110,9 +81,9 @@ std::vector<torch::Tensor> decode_step(
   }
   const int64_t V = write ? v.size(2) : state.size(3);
   const int64_t Hk = write ? k.size(1) : 1, R = H / Hk, GS = write ? gates.size(2) : 0;
-  auto S_all = !has_state ? torch::zeros({B, H, K, V}, q.options()) : (write ? state.clone() : state);
+  auto state_all = !has_state ? torch::zeros({B, H, K, V}, q.options()) : (write ? state.clone() : state);
   auto o_all = torch::empty({B, H, V}, q.options());
-  float* SA = S_all.data_ptr<float>();
+  float* STATE = state_all.data_ptr<float>();
   float* OA = o_all.data_ptr<float>();
   const float *Q = fptr(q), *KK = fptr(k), *VV = fptr(v), *GT = fptr(gates), *RT = fptr(rate);
   const bool* MK = has_mask ? mask.data_ptr<bool>() : nullptr;
@@ -124,14 +95,15 @@ std::vector<torch::Tensor> decode_step(
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       if (has_x) head_gates(b, h);
-      float* S = SA + bh * K * V;  // S[i * V + j]: key dim i, value dim j
+      float* st = STATE + bh * K * V;  // this head's state h: st[i * V + j], key dim i, value dim j
       if (write && (!has_mask || MK[b])) {
         const float* kk = KK + (b * Hk + h / R) * K;
         const float* vv = VV + (b * Hk + h / R) * V;
         const float* gt = GT + bh * GS;
         if (decay_ch >= 0) {
+          // log_decay (rule.py): g = -exp(A_log) * gate when the rate is given, else the gate is g
           const float decay = std::exp(RT ? -std::exp(RT[h]) * gt[decay_ch] : gt[decay_ch]);
-          for (int64_t i = 0; i < K * V; ++i) S[i] *= decay;
+          for (int64_t i = 0; i < K * V; ++i) st[i] *= decay;
         }
         const float beta = strength_ch >= 0 ? gt[strength_ch] : 1.f;
         float ss = 0.f;
@@ -141,10 +113,10 @@ std::vector<torch::Tensor> decode_step(
         for (int64_t j = 0; j < V; ++j) u[j] = 0.f;
         if (delta)
           for (int64_t i = 0; i < K; ++i)
-            for (int64_t j = 0; j < V; ++j) u[j] += kn[i] * S[i * V + j];
+            for (int64_t j = 0; j < V; ++j) u[j] += kn[i] * st[i * V + j];
         for (int64_t j = 0; j < V; ++j) u[j] = beta * (vv[j] - u[j]);
         for (int64_t i = 0; i < K; ++i)
-          for (int64_t j = 0; j < V; ++j) S[i * V + j] += kn[i] * u[j];
+          for (int64_t j = 0; j < V; ++j) st[i * V + j] += kn[i] * u[j];
       }
       const float* qq = Q + bh * K;
       float qs = 0.f;
@@ -154,7 +126,7 @@ std::vector<torch::Tensor> decode_step(
       float* o = OA + bh * V;
       for (int64_t j = 0; j < V; ++j) o[j] = 0.f;
       for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < V; ++j) o[j] += qn[i] * S[i * V + j];
+        for (int64_t j = 0; j < V; ++j) o[j] += qn[i] * st[i * V + j];
       if (readout) {
         if (joint_norm) {
           const float zz = zs[bh], gate = zz / (1.f + std::exp(-zz));  // silu
@@ -166,7 +138,7 @@ std::vector<torch::Tensor> decode_step(
       }
     }
   });
-  if (!readout) return {o_all, new_gates, S_all};
+  if (!readout) return {o_all, new_gates, state_all};
   auto out = torch::empty({B, H, V}, q.options());
   float* OUT = out.data_ptr<float>();
   const float* NW = norm_w.data_ptr<float>();
@@ -194,72 +166,8 @@ std::vector<torch::Tensor> decode_step(
         for (int64_t m = 0; m < V; ++m) oo[m] += y[j] * Wh[j * V + m];
     }
   });
-  return {out, new_gates, S_all};
+  return {out, new_gates, state_all};
 }
-"""
 
-_SOURCE = _TEMPLATE.replace("@ACTIVATIONS@", "\n".join(
-    f"    case {code}: return {cpp};  // {name}" for code, (name, (_, cpp)) in enumerate(GATE_ACTIVATIONS.items())))
-ACTIVATION_CODES = {name: code for code, name in enumerate(GATE_ACTIVATIONS)}
-# The build cache key: a changed source builds anew under a new name.
-_NAME = "ahn_cpu_decode_" + hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
-# Stands for an absent tensor argument of the compiled step (it reads only its size).
-EMPTY = torch.empty(0)
-
-
-def _ninja_version() -> str:
-    """The version of the ``ninja`` on PATH (what torch builds with); "none" without one."""
-    try:
-        return subprocess.run(["ninja", "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "none"
-
-
-def build_directory() -> str:
-    """Where the step is built: one folder per source and ninja version. ninja records each compile
-    command in its folder, and two ninja versions record them differently, so sharing one folder
-    would rebuild (silently, ~25 s) every time the other ninja comes first on PATH."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    return os.path.join(root, "ahn", f"{_NAME}-ninja{_ninja_version()}")
-
-
-@functools.lru_cache(maxsize=None)
-def compiled():
-    """The compiled ``decode_step``, or None (disabled with ``AHN_CPU_DECODE=0``, or no toolchain)."""
-    if os.environ.get("AHN_CPU_DECODE", "1") == "0":
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        folder = build_directory()
-        if not os.path.exists(os.path.join(folder, _NAME + ".so")):
-            print(f"ahn: building the compiled CPU decode step in {folder} (once per machine and ninja version, "
-                  "about 30 s; AHN_CPU_DECODE=0 skips it)", file=sys.stderr, flush=True)
-        os.makedirs(folder, exist_ok=True)
-        module = cpp_extension.load_inline(_NAME, cpp_sources=[_SOURCE], functions=["decode_step"],
-                                           extra_cflags=["-O3"], build_directory=folder, verbose=False)
-        return module.decode_step
-    except Exception as e:  # no compiler / ninja / headers: the torch ops do the same, slower
-        warnings.warn(f"ahn: the compiled CPU decode step could not be built ({type(e).__name__}: {e}); "
-                      "decoding uses torch ops (set AHN_CPU_DECODE=0 to skip the attempt)")
-        return None
-
-
-def _opt(t: Optional[torch.Tensor]) -> torch.Tensor:
-    return EMPTY if t is None else t
-
-
-def step(q, k, v, g, beta, state, mask, *, scale: float, use_qk_l2norm: bool, l2_eps: float, delta: bool):
-    """The ``"cpp"`` backend of :func:`ahn.kernels.step.step_unchecked` (same arguments): the bare step,
-    no gates or read-out. Returns ``(o [B, H, V], state [B, H, K, V])`` float32."""
-    gates = EMPTY
-    decay_ch = strength_ch = -1
-    if k is not None:
-        channels = [t for t in (g, beta) if t is not None]
-        decay_ch, strength_ch = (0 if g is not None else -1), (len(channels) - 1 if beta is not None else -1)
-        gates = torch.stack(channels, -1) if channels else EMPTY  # [B, H, G]
-    o, _, state = compiled()(
-        EMPTY, [], [], [], [], EMPTY, EMPTY, q, _opt(k), _opt(v), gates, decay_ch, EMPTY, strength_ch, delta,
-        _opt(mask), _opt(state), EMPTY, False, EMPTY, use_qk_l2norm, l2_eps, 0.0, scale,
-    )
-    return o, state
+// What torch's load_inline would generate: c10 errors (TORCH_CHECK) reach Python as RuntimeError.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode_step", torch::wrap_pybind_function(decode_step), "decode_step"); }
