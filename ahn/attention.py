@@ -474,7 +474,7 @@ def scan_memory(memory: Memory, q: torch.Tensor, stream: list, hidden_states: to
     wk, wv, wg = stream  # [B, T, Hkv, D], [B, T, Hkv, D], [B, T, Hq, G]
     Hq, T = q.shape[1], q.shape[2]
     n_rep = Hq // wk.shape[2]
-    read, state = memory.read(
+    read, state = memory.scan(
         q.transpose(1, 2), repeat_heads(wk, n_rep, 2), repeat_heads(wv, n_rep, 2), wg,
         write_mask(ctx.start, T, ctx.window, ctx.sinks, ctx.pad_offsets), initial_state=_state_for_autograd(layer),
         backend=ctx.backend,

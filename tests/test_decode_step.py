@@ -3,7 +3,7 @@
 The reference is the recurrent reference of each rule (``backend="recurrent"``) in float64 on
 the same float32-rounded inputs: for the bare step (``ahn.kernels.*_step``) one token of the
 rule; for a memory's decode (``Memory.decode``) the parallel form in float64 (``write_gates``,
-``read`` through the recurrent reference, ``output``). A masked row and a read-only step are
+``scan`` through the recurrent reference, ``output``). A masked row and a read-only step are
 inert writes (k = 0, log decay 0), as the mask is specified. Every backend runs the same cases:
 B > 1, grouped k / v heads (Hk < H), head sizes not powers of two, a masked row, no state, read
 only. Triton runs in its interpreter without CUDA (tests/conftest.py sets TRITON_INTERPRET=1).
@@ -97,7 +97,7 @@ def reference_decode(m, x, q, k, v, gates, mask, state):
         gates = torch.zeros(B, H, m.gate_channels)
     rep = H // k.shape[1]
     k, v = (t.double().repeat_interleave(rep, 1)[:, None] for t in (k, v))  # [B, 1, H, D]
-    o, s = m64.read(q[:, None], k, v, gates.double()[:, None], None if mask is None else mask[:, None],
+    o, s = m64.scan(q[:, None], k, v, gates.double()[:, None], None if mask is None else mask[:, None],
                     initial_state=None if state is None else state.double(), backend="recurrent")
     return m64.output(o[:, 0], x), new_gates, s
 

@@ -67,7 +67,7 @@ RESERVE_S = 15
 # Relative shares of the budget, in run order. Compiling the Triton kernels (ahn's and every config fla
 # autotunes) falls in the tests, which run first; the compiled kernels are cached on disk for the rest.
 SHARES = {"cuda_tests": 2.5, "kernels": 2.0, "decode_step": 0.5, "end_to_end": 3.0}
-# Model shapes of configs/models/ (the memory runs on the query heads; head size = hidden / heads).
+# Model shapes of ahn/configs/models/ (the memory runs on the query heads; head size = hidden / heads).
 KERNEL_SHAPES = ("Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct")
 E2E_SHAPE = "Qwen2.5-3B-Instruct"
 # ahn's documented GPU set-up (ahn/__init__.py, efficiency.py): 128 sinks + a 32640-token window =
@@ -75,7 +75,7 @@ E2E_SHAPE = "Qwen2.5-3B-Instruct"
 SINKS, WINDOW = 128, 32640
 MEMORY = "gated_deltanet"
 # Tolerances, relative to max(1, |reference| max), from the tests: bf16 outputs and states
-# (tests/test_kernels.py TOL), bf16 gradients (TOL_BF16_GRAD of tests/test_triton_kernels.py),
+# (TOL of tests/kernel_cases.py), bf16 gradients (TOL_BF16_GRAD of tests/kernel_cases.py),
 # the decode step's float32 state (test_fused_step_bfloat16_on_cuda).
 TOL = 5e-2
 TOL_GRAD = 0.1

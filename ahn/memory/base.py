@@ -57,7 +57,7 @@ class Gate:
 @dataclass(frozen=True)
 class StepSpec:
     """How a memory computes and keeps the write gates of its rule (:attr:`Memory.rule`) and reads out,
-    declared once: every form of it (the parallel :meth:`Memory.read`, and the torch, C++ and Triton
+    declared once: every form of it (the parallel :meth:`Memory.scan`, and the torch, C++ and Triton
     backends of :meth:`Memory.decode`) reads this declaration.
 
     Attributes:
@@ -310,9 +310,10 @@ class Memory(nn.Module):
         spec = self.step_spec
         return gates[..., spec.strength] if spec.strength is not None and not self.rule.delta else None
 
-    def read(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
-        """Parallel form: ``q, k [B, T, H, D]``, ``v [B, T, H, D]``, ``gates [B, T, H, G]`` of the
-        written tokens, ``mask [B, T]`` (False: an inert write) -> ``(o [B, T, H, D], state)``."""
+    def scan(self, q, k, v, gates, mask, initial_state=None, backend="auto"):
+        """Parallel form: write token t's ``k, v`` and read with query t, for every t in order (the chunkwise
+        kernels). ``q, k [B, T, H, D]``, ``v [B, T, H, D]``, ``gates [B, T, H, G]`` of the written tokens,
+        ``mask [B, T]`` (False: an inert write) -> ``(o [B, T, H, D], final state)``."""
         rule = self.rule
         args, i = list(self.rule_gates(gates)), rule.decay_index
         k, g = inert_writes(mask, k, None if i is None else args[i])
