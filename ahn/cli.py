@@ -69,7 +69,7 @@ def _add_flops(sub) -> None:
                    help="memory rule: gated_deltanet, deltanet, mamba2, kda, gdn2 or gated_deltaproduct")
     p.add_argument("--memory-kwargs", type=json_object, default=None, metavar="JSON",
                    help='the rule\'s options (AHNConfig.memory_kwargs), e.g. \'{"decay_rank": 8}\'')
-    p.add_argument("--buffer-slots", "--buffer", dest="buffer", type=int_at_least(0), default=0,
+    p.add_argument("--buffer-slots", "--buffer", dest="buffer", metavar="M", type=int_at_least(0), default=0,
                    help="priority-buffer slots per memory layer and kv head (AHNConfig.buffer_slots)")
     p.add_argument("--salience-writes", action="store_true", help="salience-gated writes (AHNConfig.salience_writes)")
     p.add_argument("--readout", type=readout_choice, choices=READOUTS, default="add",

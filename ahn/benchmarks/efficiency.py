@@ -113,7 +113,7 @@ def main(argv=None):
     p.add_argument("--prefill", type=int, nargs="+", default=[4096, 16384, 65536], help="prefill lengths")
     p.add_argument("--decode-at", type=int, nargs="+", default=[2048, 4096, 16384, 32768], help="context lengths for decode")
     p.add_argument("--modes", nargs="+", default=["ahn", "window", "full"], choices=["full", "window", "ahn", "salient"])
-    p.add_argument("--buffer-slots", "--buffer", dest="buffer", type=int, default=16, help="'salient' mode: priority-buffer slots")
+    p.add_argument("--buffer-slots", "--buffer", dest="buffer", metavar="M", type=int, default=16, help="'salient' mode: priority-buffer slots")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=True,
                    help="'salient' mode: salience-gated writes")
     p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS,

@@ -90,7 +90,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--memory", default="gated_deltanet")
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--buffer-slots", "--buffer", dest="buffer", type=int, default=16, help="priority-buffer slots per kv head")
+    p.add_argument("--buffer-slots", "--buffer", dest="buffer", metavar="M", type=int, default=16, help="priority-buffer slots per kv head")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS)
     p.add_argument("--threads", type=int, default=None,

@@ -249,7 +249,7 @@ def add_arguments(p) -> None:
     p.add_argument("--pairs", type=int_at_least(1), default=None,
                    help=f"key-value pairs per sequence (default {DemoSettings.num_pairs}; 8 shows the state's capacity limit)")
     p.add_argument("--seed", type=int, default=None, help="seed of the training data and the memory init (default 0)")
-    p.add_argument("--buffer-slots", "--buffer", dest="buffer", type=int_at_least(0), default=None,
+    p.add_argument("--buffer-slots", "--buffer", dest="buffer", metavar="M", type=int_at_least(0), default=None,
                    help=f"priority-buffer slots per layer and kv head (default {DemoSettings.buffer_slots}; 0: none)")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=None,
                    help=f"gate memory writes by salience (default {DemoSettings.salience_writes})")
