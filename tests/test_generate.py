@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import time
 
 import pytest
 import torch
@@ -29,10 +30,9 @@ TEXT = "\n".join(LINES[i % len(LINES)] + f" {i}" for i in range(200)) + "\n\n  t
 def test_line_pieces_cut_at_line_starts():
     pieces = list(line_pieces(iter([TEXT[i: i + 37] for i in range(0, len(TEXT), 37)]), piece_chars=100))
     assert "".join(pieces) == TEXT and len(pieces) > 10
-    for a, b in zip(pieces, pieces[1:]):
-        assert len(a) < 100 + 37 and a.endswith("\n") and not b[0].isspace()
-    assert list(line_pieces(["one line " * 50, "\n  no line start after it"], piece_chars=10)) == \
-        ["one line " * 50 + "\n  no line start after it"]
+    for a, b in zip(pieces, pieces[1:]):  # cut at a line start, or before the last space or tab of a run
+        assert len(a) < 100 + 37 and (a.endswith("\n") and not b[0].isspace() or b[0] in " \t" and not b[1].isspace())
+    assert list(line_pieces(["x" * 500, "y" * 300], piece_chars=10)) == ["x" * 500 + "y" * 300]  # no place to cut
 
 
 def sentencepiece_like() -> PreTrainedTokenizerFast:
@@ -209,3 +209,48 @@ def test_stream_benchmark_runs_at_small_sizes(capsys):
     out = capsys.readouterr().out
     assert [r["tokens"] for r in rows] == [300, 900] and rows[0]["state_bytes"] == rows[1]["state_bytes"]
     assert re.search(r"^\| 900 \| .* \| [\d,]+ B \|$", out, re.M), out
+
+
+def gpt2_like_with_a_blank_line_merge() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with GPT-2's pre-tokenizer regex and one merge, "\\n\\n": a cut after a blank line before text
+    splits the pre-token "\\n\\n" that the whole text has (GPT-2's regex keeps "\\n" + "\\n" apart only when text
+    follows), so the pieces' ids differ from the whole text's there."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["ĊĊ"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "Ċ")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_pieces_are_cut_only_where_the_ids_are_exact():
+    """Item 3 of issue 25: the probe text has no blank line followed by text, so it passed a tokenizer that a cut
+    after a blank line breaks; every cut is now checked on the text around it."""
+    tok = gpt2_like_with_a_blank_line_merge()
+    assert splits_at_line_starts(tok)  # the quick probe still passes: it is not what makes the cuts exact
+    text = "".join(f"Paragraph {i} says something.\n\n" for i in range(300))
+    whole = tok(text)["input_ids"]
+    pieces = list(token_pieces(tok, iter([text[i: i + 100] for i in range(0, len(text), 100)]), piece_chars=500))
+    assert len(pieces) > 10 and sum(pieces, []) == whole
+
+
+@pytest.mark.parametrize("line", ["    indented code();", "\t{\"key\": [1, 2]},", "a line ended by a lone CR\r",
+                                  "\t  \tmixed indent", "x" * 40 + "\r"])
+def test_indented_and_cr_only_lines_are_cut_into_bounded_pieces_in_linear_time(line):
+    """Item 10 of issue 25: lines that all start with whitespace (pretty-printed JSON, indented code) or end with a
+    lone CR were never cut (one piece, memory growing with the text), and each block rescanned every line break.
+    Now they are cut (at the last space or tab of a run, after a lone CR), the ids stay exact, and the text is
+    scanned once: 4 MiB is cut in well under a second."""
+    sep = "" if line.endswith("\r") else "\n"
+    text = "".join(f"{line}{sep}" for _ in range(2000))
+    blocks = [text[i: i + 1000] for i in range(0, len(text), 1000)]
+    tok = byte_tokenizer()
+    pieces = list(token_pieces(tok, iter(blocks), piece_chars=4096))
+    assert len(pieces) > 5 and sum(pieces, []) == tok(text)["input_ids"]
+    text_pieces = list(line_pieces(iter(blocks), piece_chars=4096))
+    assert "".join(text_pieces) == text and max(map(len, text_pieces)) < 4096 + 1000
+    big = text * (4 * 2**20 // len(text))
+    t0 = time.perf_counter()
+    n = sum(1 for _ in line_pieces(iter([big[i: i + 2**16] for i in range(0, len(big), 2**16)])))
+    assert n > 30 and time.perf_counter() - t0 < 2.0
