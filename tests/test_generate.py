@@ -254,3 +254,36 @@ def test_indented_and_cr_only_lines_are_cut_into_bounded_pieces_in_linear_time(l
     t0 = time.perf_counter()
     n = sum(1 for _ in line_pieces(iter([big[i: i + 2**16] for i in range(0, len(big), 2**16)])))
     assert n > 30 and time.perf_counter() - t0 < 2.0
+
+
+def test_a_continued_read_has_no_second_bos(tiny, tmp_path, capsys):
+    """Item 2 of issue 25: with a tokenizer that puts a BOS before every text (as Llama 3's does), the read continued
+    from a state put a second BOS mid-stream; the special prefix belongs to the start of a stream only."""
+    import shutil
+
+    model_dir = tmp_path / "bos-model"
+    shutil.copytree(tiny[0], model_dir)
+    tok = byte_tokenizer()
+    bos = tok.convert_tokens_to_ids("<|im_start|>")  # a token the model has: its BOS
+    tok.bos_token = "<|im_start|>"
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                         special_tokens=[("<|im_start|>", bos)])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    tok.save_pretrained(model_dir)
+    assert special_prefix(tok) == [bos]
+    book, question = "the quick brown fox\n" * 15 + "the quick brown fox", "What did the fox do?\n"  # BOS + 319: 10 chunks
+    for name, text in (("book.txt", book), ("question.txt", question), ("both.txt", book + question)):
+        (tmp_path / name).write_text(text)
+    run = ["generate", "--model", str(model_dir), "--adapter", tiny[1], "--no-progress", "--chunk", "32"]
+    state = tmp_path / "book.state"
+    assert main([*run, "--input", str(tmp_path / "book.txt"), "--save-state", str(state), "--max-new-tokens", "0"]) == 0
+    assert "read 320 tokens" in capsys.readouterr().err
+    assert main([*run, "--state", str(state), "--input", str(tmp_path / "question.txt"), "--max-new-tokens", "24"]) == 0
+    continued = capsys.readouterr()
+    assert main([*run, "--input", str(tmp_path / "both.txt"), "--max-new-tokens", "24"]) == 0
+    once = capsys.readouterr()
+    assert "read 21 tokens" in continued.err and "341 tokens in the state" in continued.err
+    assert "341 tokens in the state" in once.err and continued.out == once.out
+    blocks = [question]
+    assert sum(token_pieces(tok, iter(blocks), chat=True, start=False), []) == \
+        tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"][1:]
