@@ -8,6 +8,7 @@ import io
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +288,13 @@ def test_a_continued_read_has_no_second_bos(tiny, tmp_path, capsys):
     blocks = [question]
     assert sum(token_pieces(tok, iter(blocks), chat=True, start=False), []) == \
         tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"][1:]
+
+
+def test_state_that_is_a_device_is_not_called_a_folder(tiny, tmp_path, capsys):
+    """Item 18 of issue 25: --state /dev/null said "is a folder"."""
+    (tmp_path / "ok.txt").write_text("some text\n")
+    with pytest.raises(SystemExit) as e:
+        generate(capsys, tiny, "--input", str(tmp_path / "ok.txt"), "--state", "/dev/null")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "state file /dev/null is not a regular file" in err and "folder" not in err, err
+
