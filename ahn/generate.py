@@ -313,6 +313,18 @@ def _load(args):
     return add_memory(base, AHNConfig(**overrides)), tokenizer
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permission bits do not bind root, an immutable flag or a
+    read-only mount do)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _check_paths(args) -> None:
     """Refuse unusable --state / --save-state / --device before anything is read or loaded."""
     if args.state is not None:
@@ -328,6 +340,15 @@ def _check_paths(args) -> None:
         if not target.parent.is_dir():
             raise ValueError(f"--save-state {target}: the folder {str(target.parent)!r} does not exist; create it or "
                              "choose another path")
+        from ahn.state import writable_target
+
+        try:
+            real = writable_target(target)  # a symlink's target; a device or a pipe is refused
+        except ValueError as e:
+            raise ValueError(f"--save-state {target}: {e}") from None
+        if not _can_create_in(real.parent):
+            raise ValueError(f"--save-state {target}: the folder {str(real.parent)!r} is not writable; choose a folder "
+                             "you can write to")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:  # AssertionError: a torch build without CUDA
@@ -364,7 +385,14 @@ def run(args) -> int:
           f"tokens in the state; cache {cache.nbytes / 2**20:.2f} MiB ({cache.kv_length} KV entries per layer)",
           file=sys.stderr)
     if args.save_state:
-        cache.save(args.save_state)
+        from safetensors import SafetensorError
+
+        try:
+            cache.save(args.save_state)
+        except (OSError, SafetensorError) as e:
+            kept = " (the old state is kept)" if Path(args.save_state).exists() else ""
+            raise ValueError(f"--save-state {args.save_state}: the state could not be written ({e}){kept}; free some "
+                             "space or choose another path, then run again") from None
         size = Path(args.save_state).stat().st_size
         print(f"state saved to {args.save_state} ({size / 2**20:.2f} MiB)", file=sys.stderr)
     if args.max_new_tokens:
