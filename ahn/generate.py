@@ -356,7 +356,17 @@ def _check_paths(args) -> None:
 
 
 def run(args) -> int:
-    """``ahn generate``: read ``--input`` (after ``--state``), optionally save the state, then generate greedily."""
+    """``ahn generate``: read ``--input`` (after ``--state``), optionally save the state, then generate greedily.
+    Ctrl-C stops it with a message and exit status 130 (a --save-state file is written whole or not at all)."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("\nahn generate: interrupted (Ctrl-C); a --save-state file is written whole or not at all, so an "
+              "existing one is intact", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from tqdm import tqdm
     from transformers import TextStreamer
 

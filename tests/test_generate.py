@@ -357,3 +357,21 @@ def test_save_state_is_checked_before_reading_and_a_failed_write_keeps_the_old_s
     assert e.value.code == 2 and "the state could not be written" in err and "No space left on device" in err
     assert "the old state is kept" in err and "Traceback" not in err
     assert (real / "book.state").read_bytes() == old and link.is_symlink()
+
+
+@pytest.mark.parametrize("where", ["read", "greedy"])
+def test_ctrl_c_exits_130_with_a_message(tiny, tmp_path, capsys, monkeypatch, where):
+    """Item 9 of issue 25: Ctrl-C during ``ahn generate`` printed a traceback."""
+    import ahn.generate as generate_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_module, where, interrupted)
+    (tmp_path / "ok.txt").write_text("some text to read\n")
+    model_dir, adapter_dir, _ = tiny
+    assert main(["generate", "--model", model_dir, "--adapter", adapter_dir, "--no-progress", "--input",
+                 str(tmp_path / "ok.txt"), "--max-new-tokens", "3", "--save-state", str(tmp_path / "s.state")]) == 130
+    err = capsys.readouterr().err
+    assert "ahn generate: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert (tmp_path / "s.state").exists() == (where == "greedy")
