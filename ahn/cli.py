@@ -131,11 +131,12 @@ def _run_flops(args) -> int:
     if args.plot:
         from ahn.flops import plot
 
+        written = args.plot if Path(args.plot).suffix else args.plot + ".png"  # matplotlib's default format
         try:
-            plot(shape, args.max_len or args.seq_len, args.plot, title=args.model, **kw)
+            plot(shape, args.max_len or args.seq_len, written, title=args.model, **kw)
         except OSError as e:
             raise ValueError(f"--plot {args.plot}: the plot could not be written ({e}); choose another path") from None
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {written}")
     return 0
 
 
