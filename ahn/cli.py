@@ -86,7 +86,7 @@ def _add_flops(sub) -> None:
     p.add_argument("--buffer", type=int_at_least(0), default=0,
                    help="priority-buffer slots per memory layer and kv head (AHNConfig.buffer_slots)")
     p.add_argument("--salience-writes", action="store_true", help="salience-gated writes (AHNConfig.salience_writes)")
-    p.add_argument("--readout", choices=READOUTS, default="add", help="memory read-out (AHNConfig.readout)")
+    p.add_argument("--readout", choices=READOUTS, default="paper", help="memory read-out (AHNConfig.readout)")
     p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (memory gates and states are float32)")
     p.add_argument("--batch", type=int_at_least(1), default=1, help="sequences processed together")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -75,7 +75,7 @@ def attended_keys(n: int, limit: Optional[int]) -> int:
 def count(shape: ModelShape, seq_len: int, mode: str, *, window: int = 32640, sinks: int = 128,
           memory: str = "gated_deltanet", dtype: str = "bfloat16", batch: int = 1,
           memory_layers: Optional[int] = None, buffer_slots: int = 0, salience_writes: bool = False,
-          readout: str = "add", memory_kwargs: Optional[dict] = None) -> dict:
+          readout: str = "paper", memory_kwargs: Optional[dict] = None) -> dict:
     """FLOPs of a prefill of ``seq_len`` tokens and the cache left behind, for one mode.
 
     Returns ``{"flops": int, "flops_breakdown": {...}, "cache_bytes": int, "cache_breakdown": {...}}``.
