@@ -163,6 +163,6 @@ def test_plot_message_names_the_file_written(tmp_path, capsys, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert main(["flops", "--model", "Qwen2.5-0.5B-Instruct", "--seq-len", "64", "--window", "16", "--sinks", "4",
-                 "--json", "--plot", "myplot"]) == 0
+                 "--readout", "add", "--json", "--plot", "myplot"]) == 0
     assert "plot written to myplot.png" in capsys.readouterr().out
     assert (tmp_path / "myplot.png").stat().st_size > 0 and not (tmp_path / "myplot").exists()
