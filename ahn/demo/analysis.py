@@ -71,7 +71,7 @@ def buffer_at_query(model, batch: dict, task: RecallTask) -> dict:
     for layer, cache_layer in enumerate(cache.layers):
         if not cache_layer.buffer_slots:
             continue
-        slots = cache_layer.buf_slot  # [B, Hkv, M]
+        slots = cache_layer.buffer_slot  # [B, Hkv, M]
         held = slots >= 0
         kinds = kind.gather(1, slots.clamp(min=0).flatten(1)).view_as(slots)
         shares = {name: ((kinds == i) & held).sum().item() / max(1, held.sum().item()) for i, name in enumerate(KINDS)}
