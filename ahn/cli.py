@@ -97,7 +97,6 @@ def _add_flops(sub) -> None:
 
 
 def _run_flops(args) -> int:
-    import os
     from pathlib import Path
 
     from ahn.configs import load_model_config
@@ -106,9 +105,13 @@ def _run_flops(args) -> int:
     if args.plot and not Path(args.plot).parent.is_dir():
         raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; create it "
                          "or choose another path")
-    if args.plot and not os.access(Path(args.plot).parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} is not writable; choose a "
-                         "folder you can write to")
+    if args.plot:
+        import os
+
+        if not os.access(Path(args.plot).parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} is not writable; choose "
+                             "a folder you can write to")
+        args.plot = args.plot if Path(args.plot).suffix else args.plot + ".png"  # the name matplotlib writes
     shape = ModelShape.from_config(load_model_config(args.model))
     kw = dict(window=args.window, sinks=args.sinks, memory=args.memory, dtype=args.dtype, batch=args.batch,
               buffer_slots=args.buffer, salience_writes=args.salience_writes, readout=args.readout,
@@ -118,7 +121,7 @@ def _run_flops(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         options = f", buffer {args.buffer}" * bool(args.buffer) + ", salience writes" * args.salience_writes + (
-            f", {args.readout} read-out" if args.readout != "add" else "")
+            f", {args.readout} read-out" if args.readout != "paper" else "")
         print(f"{args.model}: {args.seq_len:,} tokens, sinks {args.sinks}, window {args.window}, memory {args.memory}"
               f"{options}, KV {args.dtype}")
         print(f"{'mode':<8}{'TFLOPs':>12}{'saving':>9}{'cache GiB':>12}{'saving':>9}   FLOPs breakdown (TFLOPs)")
@@ -131,12 +134,8 @@ def _run_flops(args) -> int:
     if args.plot:
         from ahn.flops import plot
 
-        written = args.plot if Path(args.plot).suffix else args.plot + ".png"  # matplotlib's default format
-        try:
-            plot(shape, args.max_len or args.seq_len, written, title=args.model, **kw)
-        except OSError as e:
-            raise ValueError(f"--plot {args.plot}: the plot could not be written ({e}); choose another path") from None
-        print(f"plot written to {written}")
+        plot(shape, args.max_len or args.seq_len, args.plot, title=args.model, **kw)
+        print(f"plot written to {args.plot}")
     return 0
 
 

@@ -27,6 +27,7 @@ token would span the seam.
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 import sys
 import time
@@ -355,18 +356,24 @@ def _check_paths(args) -> None:
         raise ValueError(f"--device {args.device!r} cannot be used here ({e}); use --device cpu") from None
 
 
+def _exit_130_on_ctrl_c(command: Callable[..., int]) -> Callable[..., int]:
+    """Ctrl-C stops ``command`` with a message and exit status 130 instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs) -> int:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("\nahn generate: interrupted (Ctrl-C); a --save-state file is written whole or not at all, so an "
+                  "existing one is intact", file=sys.stderr)
+            return 130
+
+    return run
+
+
+@_exit_130_on_ctrl_c
 def run(args) -> int:
-    """``ahn generate``: read ``--input`` (after ``--state``), optionally save the state, then generate greedily.
-    Ctrl-C stops it with a message and exit status 130 (a --save-state file is written whole or not at all)."""
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("\nahn generate: interrupted (Ctrl-C); a --save-state file is written whole or not at all, so an "
-              "existing one is intact", file=sys.stderr)
-        return 130
-
-
-def _run(args) -> int:
+    """``ahn generate``: read ``--input`` (after ``--state``), optionally save the state, then generate greedily."""
     from tqdm import tqdm
     from transformers import TextStreamer
 

@@ -148,12 +148,12 @@ def test_flops_plot_into_a_folder_that_cannot_be_written(capsys, read_only_dir, 
     fails(capsys, ["flops", "--model", SHIPPED, "--seq-len", "64", "--plot", str(read_only_dir / "f.png")],
           f"--plot {read_only_dir / 'f.png'}: the folder '{read_only_dir}' is not writable")
     assert list(read_only_dir.iterdir()) == []
-    import ahn.flops
+    import ahn.plotting
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ahn.flops, "plot", disk_full)
+    monkeypatch.setattr(ahn.plotting, "_finish", disk_full)  # where matplotlib writes the file
     fails(capsys, ["flops", "--model", SHIPPED, "--seq-len", "64", "--readout", "add", "--plot",
                    str(read_only_dir.parent / "f.png")],
           "the plot could not be written", "No space left on device")

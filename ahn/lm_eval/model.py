@@ -97,20 +97,20 @@ class AHNLM(HFLM):
             if str(batch_size).startswith("auto"):
                 raise ValueError(f"model_args batch_size={batch_size!r} with mode={mode}: HFLM sizes its probe batch "
                                  "by max_length, unbounded in this mode; give batch_size=N, or max_length=N too")
-        super().__init__(pretrained, max_length=max_length, batch_size=batch_size, **kwargs)
+        try:
+            super().__init__(pretrained, max_length=max_length, batch_size=batch_size, **kwargs)
+        except TypeError as e:  # a model_arg that neither ahn, HFLM nor the model's from_pretrained takes
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if unknown is None or unknown.group(1) not in kwargs:
+                raise
+            raise ValueError(_unknown_arg(unknown.group(1), kwargs[unknown.group(1)])) from None
 
     # ------------------------------------------------------------------ HFLM's seams
     def _create_model(self, pretrained, *args, **kwargs) -> None:
         """HFLM loads the base model; the memory is attached as ``ahn eval`` attaches it."""
         from ahn.benchmarks.evaluate import attach_memory
 
-        try:
-            super()._create_model(pretrained, *args, **kwargs)
-        except TypeError as e:  # a model_arg that neither ahn, HFLM nor the model's from_pretrained takes
-            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-            if unknown is None:
-                raise
-            raise ValueError(_unknown_arg(unknown.group(1), kwargs.get(unknown.group(1)))) from None
+        super()._create_model(pretrained, *args, **kwargs)
         a = self._ahn_args
         try:
             self._model = attach_memory(self._model, a["adapter"], a["window"], a["sinks"], backend=a["backend"])
