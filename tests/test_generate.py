@@ -203,15 +203,6 @@ def test_help_matches_the_code(monkeypatch):
     assert p["generate"].get_default("chunk") == DEFAULT_CHUNK
 
 
-def test_stream_benchmark_runs_at_small_sizes(capsys):
-    from ahn.benchmarks import stream
-
-    rows = stream.main(["--lengths", "300", "900", "--chunk", "256", "--threads", "1"])
-    out = capsys.readouterr().out
-    assert [r["tokens"] for r in rows] == [300, 900] and rows[0]["state_bytes"] == rows[1]["state_bytes"]
-    assert re.search(r"^\| 900 \| .* \| [\d,]+ B \|$", out, re.M), out
-
-
 def gpt2_like_with_a_blank_line_merge() -> PreTrainedTokenizerFast:
     """Byte-level BPE with GPT-2's pre-tokenizer regex and one merge, "\\n\\n": a cut after a blank line before text
     splits the pre-token "\\n\\n" that the whole text has (GPT-2's regex keeps "\\n" + "\\n" apart only when text
@@ -375,3 +366,12 @@ def test_ctrl_c_exits_130_with_a_message(tiny, tmp_path, capsys, monkeypatch, wh
     err = capsys.readouterr().err
     assert "ahn generate: interrupted (Ctrl-C)" in err and "Traceback" not in err
     assert (tmp_path / "s.state").exists() == (where == "greedy")
+
+
+def test_stream_benchmark_runs_at_small_sizes(capsys):
+    from ahn.benchmarks import stream
+
+    rows = stream.main(["--lengths", "300", "900", "--chunk", "256", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert [r["tokens"] for r in rows] == [300, 900] and rows[0]["state_bytes"] == rows[1]["state_bytes"]
+    assert re.search(r"^\| 900 \| .* \| [\d,]+ B \|$", out, re.M), out
