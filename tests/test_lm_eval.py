@@ -191,6 +191,8 @@ def test_shipped_task_folder_is_added_only_when_needed():
 def test_an_unknown_model_arg_or_backend_is_named_with_the_valid_ones(tmp_path):
     """Item 13 of issue 25: ``windw=8`` raised Qwen2ForCausalLM's TypeError; ``backend=bogus`` gave a message that
     began with every model_arg (window=None, sinks=None ...)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
     tok = byte_tokenizer()
     model_dir = str(tmp_path / "model")
     AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
