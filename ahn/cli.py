@@ -89,6 +89,13 @@ def _run_flops(args) -> int:
     if args.plot and not Path(args.plot).parent.is_dir():
         raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; create it "
                          "or choose another path")
+    if args.plot:
+        import os
+
+        if not os.access(Path(args.plot).parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} is not writable; choose "
+                             "a folder you can write to")
+        args.plot = args.plot if Path(args.plot).suffix else args.plot + ".png"  # the name matplotlib writes
     shape = ModelShape.from_config(load_model_config(args.model))
     kw = dict(window=args.window, sinks=args.sinks, memory=args.memory, dtype=args.dtype, batch=args.batch,
               buffer_slots=args.buffer, salience_writes=args.salience_writes, readout=args.readout,

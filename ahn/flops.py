@@ -156,8 +156,11 @@ def plot(shape: ModelShape, max_len: int, path, title: str = "", points: int = 6
     rows = {mode: [count(shape, n, mode, **kwargs) for n in lengths] for mode in MODES}
     flops = {m: (lengths, [r["flops"] / 1e12 for r in rs]) for m, rs in rows.items()}
     cache = {m: (lengths, [r["cache_bytes"] / 2**30 for r in rs]) for m, rs in rows.items()}
-    line_panels(path, title, [("sequence length (tokens)", "prefill TFLOPs", flops, False),
-                              ("sequence length (tokens)", "cache GiB", cache, False)])
+    try:
+        line_panels(path, title, [("sequence length (tokens)", "prefill TFLOPs", flops, False),
+                                  ("sequence length (tokens)", "cache GiB", cache, False)])
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        raise ValueError(f"the plot could not be written to {path} ({e}); choose another path") from None
 
 
 def _attended_pairs(query, key, is_causal: bool, attn_mask) -> int:

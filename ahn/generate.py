@@ -4,12 +4,13 @@ Memory stays bounded however long the text is:
 
 * **the text** is read in blocks of :data:`READ_BYTES` and tokenized in pieces of up to about
   :data:`PIECE_CHARS` characters, each cut at a line start (after a line break, before a
-  character that is not a space). A piece boundary is then a boundary of the tokenizer's
-  pre-tokens, so for byte-level BPE tokenizers (Qwen, Llama 3, GPT-2, ...) the pieces' ids are
-  exactly the ids of the whole text. :func:`splits_at_line_starts` checks that on a probe text
-  when a read starts; a tokenizer that fails it (SentencePiece-style ones, which prepend a space
-  to each call's text) gets the whole text at once, exact but in memory. A single line longer
-  than a piece stays in one piece.
+  character that is not a space) or a word start (before the last space or tab of a run), so
+  indented lines and lines ended by a lone CR are cut too. A cut is taken only where
+  :func:`cuts_exactly` shows on the text around it that the tokenizer's ids do not span it, so
+  the pieces' ids are exactly the ids of the whole text (byte-level BPE tokenizers: Qwen,
+  Llama 3, GPT-2, ...). A tokenizer that fails :func:`splits_at_line_starts` on a probe text
+  (SentencePiece-style ones, which prepend a space to each call's text) gets the whole text at
+  once, exact but in memory; so does a text with no place to cut (no space or line break).
 * **the model** reads the ids in forward calls of ``chunk`` tokens (:func:`read`), and keeps only
   the :class:`ahn.AHNCache` (sinks + window + memory state) and the last token's logits.
 
@@ -26,6 +27,7 @@ token would span the seam.
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 import sys
 import time
@@ -56,6 +58,12 @@ PROBE_TEXT = ("Alpha beta, gamma.\nSecond line:  two  spaces\n\n  indented\n\tta
 # Stands for the user's text while the chat template is rendered (a private-use character: no template alters it).
 CHAT_PLACEHOLDER = "\ue000ahn-input\ue000"
 _LINE_START = re.compile(r"\n(?=\S)")
+# Where the text may be cut: after a line break ("\n" or a lone "\r") before a character that is not a space,
+# or before the last space or tab of a run followed by one (a word start, an indented line's text).
+_CUT = re.compile(r"(?<=[\r\n])(?=\S)|(?=[^\S\r\n]\S)")
+CUT_TRIES = 8  # cut places checked per attempt to end a piece
+CUT_SEARCH = 4096  # characters searched for cut places at a time, backwards from the end
+CUT_CONTEXT = 256  # characters on each side of a cut that must tokenize alike cut and whole
 
 
 # ----------------------------------------------------------------------------- text
@@ -130,28 +138,36 @@ class TextInput:
         self.close()
 
 
-def _last_line_start(text: str) -> int:
-    """Index of the last line start in ``text`` (after a "\\n", at a non-space character); 0 if none."""
-    end = len(text) - 1  # a line start needs its character
-    while (i := text.rfind("\n", 0, end)) >= 0:
-        if not text[i + 1].isspace():
-            return i + 1
-        end = i
-    return 0
-
-
-def line_pieces(blocks: Iterable[str], piece_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """Regroup text blocks into pieces cut at line starts: once ``piece_chars`` characters are pending, all
-    of them up to the last line start are a piece (the final piece is the rest). The pieces concatenate to
-    the text; memory holds about ``piece_chars`` characters plus a block, or the longest line."""
-    pending = ""
+def line_pieces(blocks: Iterable[str], piece_chars: int = PIECE_CHARS,
+                exact: Optional[Callable[[str, int], bool]] = None) -> Iterator[str]:
+    """Regroup text blocks into pieces cut at line or word starts (:data:`_CUT`: after a line break before a
+    character that is not a space, or before the last space or tab of a run that precedes one). Once
+    ``piece_chars`` characters are pending, they are cut at the last such place (with :data:`CUT_CONTEXT`
+    characters after it) where ``exact(text, i)`` accepts a cut of ``text`` at ``i`` (default: any), trying
+    at most :data:`CUT_TRIES` places; the final piece is the rest. The pieces concatenate to the text. The
+    search runs backwards from the end and never returns below where an earlier one stopped, so each character
+    is searched about once (linear time); memory holds about ``piece_chars`` characters plus a block, unless no
+    place is accepted (a text with no space or line break, or a tokenizer that fails every check)."""
+    pending, floor = "", 1  # places below floor were searched already (0 is no cut)
     for block in blocks:
         pending += block
-        if len(pending) >= piece_chars:
-            cut = _last_line_start(pending)
-            if cut:
-                yield pending[:cut]
-                pending = pending[cut:]
+        if len(pending) < piece_chars:
+            continue
+        limit = hi = len(pending) - CUT_CONTEXT  # a place needs CUT_CONTEXT characters after it
+        cut, tries = 0, 0
+        while not cut and tries < CUT_TRIES and hi > floor:
+            lo = max(floor, hi - CUT_SEARCH)
+            places = [m.start() for m in _CUT.finditer(pending, lo, hi + 1) if m.start() < hi]
+            for i in reversed(places[-(CUT_TRIES - tries):]):
+                tries += 1
+                if exact is None or exact(pending, i):
+                    cut = i
+                    break
+            hi = lo
+        floor = max(floor, limit)
+        if cut:
+            yield pending[:cut]
+            pending, floor = pending[cut:], max(floor - cut, 1)
     if pending:
         yield pending
 
@@ -160,8 +176,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def cuts_exactly(tokenizer, text: str, i: int) -> bool:
+    """Whether cutting ``text`` at ``i`` keeps the ids: the :data:`CUT_CONTEXT` characters on each side, tokenized
+    apart, give the ids of the two together (the pre-tokens around the cut do not span it)."""
+    left, right = text[max(i - CUT_CONTEXT, 0): i], text[i: i + CUT_CONTEXT]
+    return _encode(tokenizer, left) + _encode(tokenizer, right) == _encode(tokenizer, left + right)
+
+
 def splits_at_line_starts(tokenizer) -> bool:
-    """Whether ``tokenizer`` gives a text cut at any line start the ids of the whole text (:data:`PROBE_TEXT`)."""
+    """Whether ``tokenizer`` gives a text cut at any line start the ids of the whole text (:data:`PROBE_TEXT`): a
+    quick test of whether cutting is worth trying at all (each cut is still checked, :func:`cuts_exactly`)."""
     whole = _encode(tokenizer, PROBE_TEXT)
     return all(_encode(tokenizer, PROBE_TEXT[: m.end()]) + _encode(tokenizer, PROBE_TEXT[m.end():]) == whole
                for m in _LINE_START.finditer(PROBE_TEXT))
@@ -192,16 +216,21 @@ def chat_frame(tokenizer) -> tuple[str, str]:
 
 
 def token_pieces(tokenizer, blocks: Iterable[str], chat: bool = False,
-                 piece_chars: int = PIECE_CHARS) -> Iterator[list[int]]:
+                 piece_chars: int = PIECE_CHARS, start: bool = True) -> Iterator[list[int]]:
     """Token ids of a text given in blocks, piece by piece (see the module docstring): the ids of the whole
     text with the tokenizer's leading special tokens, or with ``chat`` the ids of the text as one user turn
-    of the chat template (with its generation prompt), as ``apply_chat_template`` would give them."""
+    of the chat template (with its generation prompt), as ``apply_chat_template`` would give them.
+    ``start=False``: the text continues a stream (a saved state), so the special prefix that belongs to the
+    start of a stream (a BOS, also where the chat template writes it) is left out."""
     if chat:
         head, tail = chat_frame(tokenizer)
+        bos = getattr(tokenizer, "bos_token", None)
+        if not start and bos and head.startswith(bos):
+            head = head[len(bos):]
         blocks = _framed(head, blocks, tail)
-    else:
+    elif start:
         yield special_prefix(tokenizer)
-    pieces = line_pieces(blocks, piece_chars)
+    pieces = line_pieces(blocks, piece_chars, exact=lambda text, i: cuts_exactly(tokenizer, text, i))
     if not splits_at_line_starts(tokenizer):
         pieces = iter(["".join(pieces)])
     for piece in pieces:
@@ -292,6 +321,18 @@ def _load(args):
         return add_memory(base, AHNConfig(**overrides)), tokenizer
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permission bits do not bind root, an immutable flag or a
+    read-only mount do)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def _check_paths(args) -> None:
     """Refuse unusable --state / --save-state / --device before anything is read or loaded."""
     if args.state is not None:
@@ -305,12 +346,37 @@ def _check_paths(args) -> None:
         if not target.parent.is_dir():
             raise ValueError(f"--save-state {target}: the folder {str(target.parent)!r} does not exist; create it or "
                              "choose another path")
+        from ahn.state import writable_target
+
+        try:
+            real = writable_target(target)  # a symlink's target; a device or a pipe is refused
+        except ValueError as e:
+            raise ValueError(f"--save-state {target}: {e}") from None
+        if not _can_create_in(real.parent):
+            raise ValueError(f"--save-state {target}: the folder {str(real.parent)!r} is not writable; choose a folder "
+                             "you can write to")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:  # AssertionError: a torch build without CUDA
         raise ValueError(f"--device {args.device!r} cannot be used here ({e}); use --device cpu") from None
 
 
+def _exit_130_on_ctrl_c(command: Callable[..., int]) -> Callable[..., int]:
+    """Ctrl-C stops ``command`` with a message and exit status 130 instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs) -> int:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("\nahn generate: interrupted (Ctrl-C); a --save-state file is written whole or not at all, so an "
+                  "existing one is intact", file=sys.stderr)
+            return 130
+
+    return run
+
+
+@_exit_130_on_ctrl_c
 def run(args) -> int:
     """``ahn generate``: read ``--input`` (after ``--state``), optionally save the state, then generate greedily."""
     if args.threads is not None:
@@ -330,14 +396,22 @@ def run(args) -> int:
                 bar.set_postfix_str(f"{done}cache {cache.nbytes / 2**20:.2f} MiB", refresh=False)
 
             t0 = time.perf_counter()
-            logits = read(model, token_pieces(tokenizer, text.blocks(), chat=args.chat), cache, args.chunk, progress)
+            ids = token_pieces(tokenizer, text.blocks(), chat=args.chat, start=args.state is None)
+            logits = read(model, ids, cache, args.chunk, progress)
     seconds = time.perf_counter() - t0
     n = cache.get_seq_length() - start
     print(f"read {n:,} tokens in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} tokens/s); {cache.get_seq_length():,} "
           f"tokens in the state; cache {cache.nbytes / 2**20:.2f} MiB ({cache.kv_length} KV entries per layer)",
           file=sys.stderr)
     if args.save_state:
-        cache.save(args.save_state)
+        from safetensors import SafetensorError
+
+        try:
+            cache.save(args.save_state)
+        except (OSError, SafetensorError) as e:
+            kept = " (the old state is kept)" if Path(args.save_state).exists() else ""
+            raise ValueError(f"--save-state {args.save_state}: the state could not be written ({e}){kept}; free some "
+                             "space or choose another path, then run again") from None
         size = Path(args.save_state).stat().st_size
         print(f"state saved to {args.save_state} ({size / 2**20:.2f} MiB)", file=sys.stderr)
     if args.max_new_tokens:

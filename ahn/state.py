@@ -154,7 +154,9 @@ def read_metadata(path) -> dict:
     ``cache`` (window, sinks, mode, buffer_slots, layers), ``sha256``. ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"state file {path} does not exist" if not path.exists() else f"state file {path} is a folder")
+        raise ValueError(f"state file {path} does not exist" if not path.exists() else f"state file {path} is a folder"
+                         if path.is_dir() else f"state file {path} is not a regular file (a device or a pipe?); give a "
+                         "state written by --save-state or AHNCache.save")
     try:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)

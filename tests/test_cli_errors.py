@@ -140,3 +140,20 @@ def test_help_shows_real_defaults_and_examples(monkeypatch):
         assert "examples:\n  ahn " + name in helps[name], name
     assert "(default: full,window,ahn)" in helps["eval"] and "(default: 42)" in helps["eval"]
     assert "(default: 32640)" in helps["flops"] and "(default: gated_deltanet)" in helps["demo"]
+
+
+def test_flops_plot_into_a_folder_that_cannot_be_written(capsys, read_only_dir, monkeypatch):
+    """Item 9 of issue 25: ``ahn flops --plot`` into a read-only folder ended in a traceback; it is refused before
+    anything is computed, and a write that fails anyway (a full disk) is a clean error too."""
+    fails(capsys, ["flops", "--model", SHIPPED, "--seq-len", "64", "--plot", str(read_only_dir / "f.png")],
+          f"--plot {read_only_dir / 'f.png'}: the folder '{read_only_dir}' is not writable")
+    assert list(read_only_dir.iterdir()) == []
+    import ahn.plotting
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ahn.plotting, "_finish", disk_full)  # where matplotlib writes the file
+    fails(capsys, ["flops", "--model", SHIPPED, "--seq-len", "64", "--readout", "add", "--plot",
+                   str(read_only_dir.parent / "f.png")],
+          "the plot could not be written", "No space left on device")

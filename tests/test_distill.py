@@ -477,9 +477,9 @@ def test_trainer_overrides_no_private_trainer_method():
 # ---------------------------------------------------------------------- reliability (issues 13, 14)
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, token_data, tmp_path_factory) -> Path:
-    """A finished 2-step run with its checkpoint; tests copy it."""
+    """A finished 2-step run with its checkpoints 1 and 2; tests copy it."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=2))
+    distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=1))
     return out
 
 
@@ -487,6 +487,15 @@ def copy_run(finished_run, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def stop_after_step_1(out: Path) -> None:
+    """Make a copy of the finished run one that stopped after step 1 (as Ctrl-C leaves it): no last checkpoint, no
+    adapter."""
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
+    (out / "ahn_adapter.safetensors").unlink()
 
 
 def test_default_min_length_keeps_every_sample_with_a_position_beyond_the_window(tmp_path, tiny_model, token_data):
@@ -504,13 +513,15 @@ def test_torn_last_line_of_train_log_is_cut_and_a_malformed_line_is_named(tmp_pa
                                                                           finished_run):
     """Issue 14.2: a disk-full crash leaves a torn last log line; the rerun cuts it."""
     out = copy_run(finished_run, tmp_path)
+    stop_after_step_1(out)
     cfg = run_config(tiny_model, token_data, out, max_steps=2, save_steps=2)
     log = out / LOG_NAME
     lines = log.read_text()
     log.write_text(lines + '{"step": 3, "torn')
     distill(cfg)
     text = log.read_text()
-    assert text.startswith(lines) and 'torn' not in text and read_log(out)  # the torn line cut, every line parses
+    assert 'torn' not in text and [r["step"] for r in read_log(out) if "loss" in r] == [1, 2]  # cut, every line parses
+    stop_after_step_1(out)
     log.write_text('{"step": 1}\nnot json\n' + lines)
     with pytest.raises(ValueError, match=r"train_log.jsonl, line 2: not valid JSON"):
         distill(cfg)
@@ -523,6 +534,7 @@ def test_rerun_with_other_training_settings_is_refused(tmp_path, tiny_model, tok
     with pytest.raises(ValueError, match=r"other settings \(window: 16 -> 8, learning_rate: 0.03 -> 0.01\); "
                                          r"rerun with the same settings.*or choose another --output"):
         distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=2, window=8, learning_rate=1e-2))
+    stop_after_step_1(out)
     distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=5, logging_steps=2))  # resumes
     assert DistillConfig.from_yaml(out / RUN_CONFIG_NAME).save_steps == 5
 
@@ -674,3 +686,24 @@ def test_negative_lengths_are_refused_naming_the_setting(tmp_path, capsys, flags
         cli(["distill", "--model", "m", "--data", "synthetic", "--output", str(tmp_path / "o"), *flags])
     assert exit_.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rerunning_a_finished_run_leaves_it_as_it_is(tmp_path, tiny_model, token_data, finished_run, capsys):
+    """Item 1 of issue 25: rerunning a finished ``ahn distill`` resumed from its last checkpoint and trained one step
+    past max_steps, changing the adapter and rotating checkpoints away. A finished run is found done: the adapter,
+    checkpoints and log stay byte-identical. One whose adapter is missing (stopped after its last checkpoint) gets
+    the adapter written from that checkpoint, without training."""
+    out = copy_run(finished_run, tmp_path)
+    files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=2))
+    assert "holds a finished run (checkpoint-2 of 2 steps); nothing to do" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
+    before = adapter_weights(out)
+    (out / "ahn_adapter.safetensors").unlink()
+    distill(run_config(tiny_model, token_data, out, max_steps=2, save_steps=2))
+    assert "adapter written to" in capsys.readouterr().out
+    after = adapter_weights(out)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert read_log(out) == [json.loads(line) for line in files[out / LOG_NAME].decode().splitlines()]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]

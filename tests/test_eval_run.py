@@ -395,3 +395,33 @@ def test_perplexity_across_two_processes(byte_lm, tmp_path):
     assert top_level(tmp_path / "double") == top_level(tmp_path / "single")
     for r, ids in ((0, ["0", "2"]), (1, ["1", "3"])):
         assert [x["id"] for x in read_lines(tmp_path / "double" / "ranks" / str(r) / "ahn" / "ppl_128.jsonl")] == ids
+
+
+@pytest.mark.parametrize("bad, message", [("123", "line 2: expected a JSON object, got int"),
+                                          ('{"pred": "x"}', 'line 2: a prediction needs an "id"'),
+                                          ('{"id": ["a"]}', 'line 2: a prediction needs an "id"')])
+def test_merge_ranks_names_the_file_and_line_of_a_record_that_is_not_a_prediction(tmp_path, bad, message):
+    """Item 8 of issue 25: a rank file line that is valid JSON but not an object, or lacks "id", ended ``ahn eval`` in
+    a TypeError / KeyError traceback and no results."""
+    from ahn.benchmarks.evaluate import merge_ranks, predictions_path
+
+    rank = predictions_path(tmp_path / "ranks" / "1", "full", "qa")
+    rank.parent.mkdir(parents=True)
+    rank.write_text(json.dumps({"id": "a", "pred": "x"}) + "\n" + bad + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{rank}, {message}")):
+        merge_ranks(tmp_path, ["full"], {"qa": ["a", "b"]})
+
+
+def test_read_finished_refuses_a_complete_line_that_is_not_json(tmp_path):
+    """Item 15 of issue 25: a complete line that is not JSON was skipped, so a rerun with another world size recomputed
+    that sample and appended it at the end (another line order than one process gives); it is refused, naming the
+    file and the line, as a rerun with the same world size does. An unfinished last line (a rank still writing)
+    is left out."""
+    from ahn.benchmarks.evaluate import read_finished
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"id": "a"}) + "\n" + '{"id": "b", "pre')
+    assert read_finished(path) == [{"id": "a"}]
+    path.write_text(json.dumps({"id": "a"}) + "\n" + '{"id": "b", "pre\n' + json.dumps({"id": "c"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: not valid JSON")):
+        read_finished(path)

@@ -151,3 +151,14 @@ def test_shipped_model_configs_load():
         hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128, intermediate_size=11008,
         vocab_size=151936,
     )
+
+
+def test_plot_message_names_the_file_written(tmp_path, capsys, monkeypatch):
+    """Item 17 of issue 25: ``--plot myplot`` wrote myplot.png (matplotlib's default format) but printed "myplot"."""
+    from ahn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["flops", "--model", "Qwen2.5-0.5B-Instruct", "--seq-len", "64", "--window", "16", "--sinks", "4",
+                 "--readout", "add", "--json", "--plot", "myplot"]) == 0
+    assert "plot written to myplot.png" in capsys.readouterr().out
+    assert (tmp_path / "myplot.png").stat().st_size > 0 and not (tmp_path / "myplot").exists()

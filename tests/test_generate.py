@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import re
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +30,9 @@ TEXT = "\n".join(LINES[i % len(LINES)] + f" {i}" for i in range(200)) + "\n\n  t
 def test_line_pieces_cut_at_line_starts():
     pieces = list(line_pieces(iter([TEXT[i: i + 37] for i in range(0, len(TEXT), 37)]), piece_chars=100))
     assert "".join(pieces) == TEXT and len(pieces) > 10
-    for a, b in zip(pieces, pieces[1:]):
-        assert len(a) < 100 + 37 and a.endswith("\n") and not b[0].isspace()
-    assert list(line_pieces(["one line " * 50, "\n  no line start after it"], piece_chars=10)) == \
-        ["one line " * 50 + "\n  no line start after it"]
+    for a, b in zip(pieces, pieces[1:]):  # cut at a line start, or before the last space or tab of a run
+        assert len(a) < 100 + 37 and (a.endswith("\n") and not b[0].isspace() or b[0] in " \t" and not b[1].isspace())
+    assert list(line_pieces(["x" * 500, "y" * 300], piece_chars=10)) == ["x" * 500 + "y" * 300]  # no place to cut
 
 
 def sentencepiece_like() -> PreTrainedTokenizerFast:
@@ -190,6 +191,171 @@ def test_help_matches_the_code(monkeypatch):
     text = p["generate"].format_help()
     assert "examples:\n  ahn generate" in text and f"(default: {DEFAULT_CHUNK})" in text
     assert p["generate"].get_default("chunk") == DEFAULT_CHUNK
+
+
+def gpt2_like_with_a_blank_line_merge() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with GPT-2's pre-tokenizer regex and one merge, "\\n\\n": a cut after a blank line before text
+    splits the pre-token "\\n\\n" that the whole text has (GPT-2's regex keeps "\\n" + "\\n" apart only when text
+    follows), so the pieces' ids differ from the whole text's there."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["ĊĊ"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "Ċ")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_pieces_are_cut_only_where_the_ids_are_exact():
+    """Item 3 of issue 25: the probe text has no blank line followed by text, so it passed a tokenizer that a cut
+    after a blank line breaks; every cut is now checked on the text around it."""
+    tok = gpt2_like_with_a_blank_line_merge()
+    assert splits_at_line_starts(tok)  # the quick probe still passes: it is not what makes the cuts exact
+    text = "".join(f"Paragraph {i} says something.\n\n" for i in range(300))
+    whole = tok(text)["input_ids"]
+    pieces = list(token_pieces(tok, iter([text[i: i + 100] for i in range(0, len(text), 100)]), piece_chars=500))
+    assert len(pieces) > 10 and sum(pieces, []) == whole
+
+
+@pytest.mark.parametrize("line", ["    indented code();", "\t{\"key\": [1, 2]},", "a line ended by a lone CR\r",
+                                  "\t  \tmixed indent", "x" * 40 + "\r"])
+def test_indented_and_cr_only_lines_are_cut_into_bounded_pieces_in_linear_time(line):
+    """Item 10 of issue 25: lines that all start with whitespace (pretty-printed JSON, indented code) or end with a
+    lone CR were never cut (one piece, memory growing with the text), and each block rescanned every line break.
+    Now they are cut (at the last space or tab of a run, after a lone CR), the ids stay exact, and the text is
+    scanned once: 4 MiB is cut in well under a second."""
+    sep = "" if line.endswith("\r") else "\n"
+    text = "".join(f"{line}{sep}" for _ in range(2000))
+    blocks = [text[i: i + 1000] for i in range(0, len(text), 1000)]
+    tok = byte_tokenizer()
+    pieces = list(token_pieces(tok, iter(blocks), piece_chars=4096))
+    assert len(pieces) > 5 and sum(pieces, []) == tok(text)["input_ids"]
+    text_pieces = list(line_pieces(iter(blocks), piece_chars=4096))
+    assert "".join(text_pieces) == text and max(map(len, text_pieces)) < 4096 + 1000
+    big = text * (4 * 2**20 // len(text))
+    t0 = time.perf_counter()
+    n = sum(1 for _ in line_pieces(iter([big[i: i + 2**16] for i in range(0, len(big), 2**16)])))
+    assert n > 30 and time.perf_counter() - t0 < 2.0
+
+
+def test_a_continued_read_has_no_second_bos(tiny, tmp_path, capsys):
+    """Item 2 of issue 25: with a tokenizer that puts a BOS before every text (as Llama 3's does), the read continued
+    from a state put a second BOS mid-stream; the special prefix belongs to the start of a stream only."""
+    import shutil
+
+    model_dir = tmp_path / "bos-model"
+    shutil.copytree(tiny[0], model_dir)
+    tok = byte_tokenizer()
+    bos = tok.convert_tokens_to_ids("<|im_start|>")  # a token the model has: its BOS
+    tok.bos_token = "<|im_start|>"
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                         special_tokens=[("<|im_start|>", bos)])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    tok.save_pretrained(model_dir)
+    assert special_prefix(tok) == [bos]
+    book, question = "the quick brown fox\n" * 15 + "the quick brown fox", "What did the fox do?\n"  # BOS + 319: 10 chunks
+    for name, text in (("book.txt", book), ("question.txt", question), ("both.txt", book + question)):
+        (tmp_path / name).write_text(text)
+    run = ["generate", "--model", str(model_dir), "--adapter", tiny[1], "--no-progress", "--chunk", "32"]
+    state = tmp_path / "book.state"
+    assert main([*run, "--input", str(tmp_path / "book.txt"), "--save-state", str(state), "--max-new-tokens", "0"]) == 0
+    assert "read 320 tokens" in capsys.readouterr().err
+    assert main([*run, "--state", str(state), "--input", str(tmp_path / "question.txt"), "--max-new-tokens", "24"]) == 0
+    continued = capsys.readouterr()
+    assert main([*run, "--input", str(tmp_path / "both.txt"), "--max-new-tokens", "24"]) == 0
+    once = capsys.readouterr()
+    assert "read 21 tokens" in continued.err and "341 tokens in the state" in continued.err
+    assert "341 tokens in the state" in once.err and continued.out == once.out
+    blocks = [question]
+    assert sum(token_pieces(tok, iter(blocks), chat=True, start=False), []) == \
+        tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)["input_ids"][1:]
+
+
+def test_state_that_is_a_device_is_not_called_a_folder(tiny, tmp_path, capsys):
+    """Item 18 of issue 25: --state /dev/null said "is a folder"."""
+    (tmp_path / "ok.txt").write_text("some text\n")
+    with pytest.raises(SystemExit) as e:
+        generate(capsys, tiny, "--input", str(tmp_path / "ok.txt"), "--state", "/dev/null")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "state file /dev/null is not a regular file" in err and "folder" not in err, err
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder no file can be created in (root ignores permission bits: the immutable flag instead)."""
+    import os
+    import subprocess
+
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without chattr: no folder is read-only")
+        yield path
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+
+
+def test_save_state_is_checked_before_reading_and_a_failed_write_keeps_the_old_state(tiny, tmp_path, capsys,
+                                                                                       unwritable_dir, monkeypatch):
+    """Item 7 of issue 25: --save-state into a folder that cannot be written, or onto /dev/full, failed with a
+    traceback only after the whole input was read; a full disk gave a SafetensorError traceback. Now the path is
+    refused before anything is read, and a failed write says so and keeps the old state. A symlink is followed."""
+    import ahn.generate as generate_module
+    import ahn.state
+
+    (tmp_path / "ok.txt").write_text("some text to read\n" * 4)
+    read_calls = []
+    monkeypatch.setattr(generate_module, "read", lambda *a, **k: read_calls.append(1))
+    for target, message in [(unwritable_dir / "s.state", f"the folder {str(unwritable_dir)!r} is not writable"),
+                            (Path("/dev/full"), "/dev/full is not a regular file")]:
+        with pytest.raises(SystemExit) as e:
+            generate(capsys, tiny, "--input", str(tmp_path / "ok.txt"), "--save-state", str(target))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--save-state {target}: " in err and message in err and "Traceback" not in err
+    assert read_calls == []  # refused before the input was read
+    monkeypatch.undo()
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link.state"
+    link.symlink_to(real / "book.state")
+    generate(capsys, tiny, "--input", str(tmp_path / "ok.txt"), "--save-state", str(link), "--max-new-tokens", "0")
+    assert link.is_symlink() and (real / "book.state").is_file()
+    old = (real / "book.state").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ahn.state, "save_file", disk_full)
+    (tmp_path / "more.txt").write_text("more text\n")
+    with pytest.raises(SystemExit) as e:
+        generate(capsys, tiny, "--state", str(link), "--input", str(tmp_path / "more.txt"), "--save-state", str(link),
+                 "--max-new-tokens", "0")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the state could not be written" in err and "No space left on device" in err
+    assert "the old state is kept" in err and "Traceback" not in err
+    assert (real / "book.state").read_bytes() == old and link.is_symlink()
+
+
+@pytest.mark.parametrize("where", ["read", "greedy"])
+def test_ctrl_c_exits_130_with_a_message(tiny, tmp_path, capsys, monkeypatch, where):
+    """Item 9 of issue 25: Ctrl-C during ``ahn generate`` printed a traceback."""
+    import ahn.generate as generate_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_module, where, interrupted)
+    (tmp_path / "ok.txt").write_text("some text to read\n")
+    model_dir, adapter_dir, _ = tiny
+    assert main(["generate", "--model", model_dir, "--adapter", adapter_dir, "--no-progress", "--input",
+                 str(tmp_path / "ok.txt"), "--max-new-tokens", "3", "--save-state", str(tmp_path / "s.state")]) == 130
+    err = capsys.readouterr().err
+    assert "ahn generate: interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert (tmp_path / "s.state").exists() == (where == "greedy")
 
 
 def test_stream_benchmark_runs_at_small_sizes(capsys):

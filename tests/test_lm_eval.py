@@ -182,3 +182,24 @@ def test_shipped_task_folder_is_added_only_when_needed():
     assert with_shipped_tasks(["run", "--tasks", "hellaswag"]) == ["run", "--tasks", "hellaswag"]
     mine = ["run", "--tasks", "ahn_smoke", "--include_path", "/x"]
     assert with_shipped_tasks(mine) == mine
+
+
+def test_an_unknown_model_arg_or_backend_is_named_with_the_valid_ones(tmp_path):
+    """Item 13 of issue 25: ``windw=8`` raised Qwen2ForCausalLM's TypeError; ``backend=bogus`` gave a message that
+    began with every model_arg (window=None, sinks=None ...)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tok = byte_tokenizer()
+    model_dir = str(tmp_path / "model")
+    AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=4,
+                                                 num_key_value_heads=2)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    with pytest.raises(ValueError) as e:
+        AHNLM(pretrained=model_dir, windw=8, **ARGS)
+    message = str(e.value)
+    assert message.startswith("model_args windw=8: unknown argument (did you mean window?)")
+    assert "ahn takes pretrained, adapter, window, sinks, mode, backend" in message and "max_length" in message
+    with pytest.raises(ValueError) as e:
+        AHNLM(pretrained=model_dir, backend="bogus", **ARGS)
+    assert str(e.value).startswith("model_args backend='bogus': must be one of auto, ")

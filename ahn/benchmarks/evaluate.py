@@ -322,16 +322,25 @@ def rank_dir(out: Path, rank: int) -> Path:
 
 
 def read_finished(path: Path) -> list[dict]:
-    """The complete lines of a predictions file, without touching it (another rank may be appending to it)."""
+    """The complete lines of a predictions file, without touching it (another rank may be appending to it: an
+    unfinished last line is left out). A complete line that is not a JSON object with an "id" is a ValueError
+    naming the file and the line, as a rerun in the same folder reports it (:func:`read_predictions`)."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), 1):
         if line.endswith("\n") and line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}; fix or "
+                                 "remove that line")
+            if not isinstance(record.get("id"), (str, int)):
+                raise ValueError(f"{path}, line {n}: a prediction needs an \"id\" (a string), got "
+                                 f"{record.get('id')!r:.80}; fix or remove that line")
+            records.append(record)
     return records
 
 

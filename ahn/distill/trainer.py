@@ -24,8 +24,9 @@ tells that load that the frozen base weights are absent from a checkpoint by des
 Rerunning into an output directory resumes from its last complete checkpoint, but only with
 the same training settings (:meth:`DistillConfig.training_settings`: everything but output,
 resume, logging, saving, progress, worker counts and gradient checkpointing; ``max_steps`` and
-``epochs`` count, since they shape the learning-rate schedule). Ctrl-C or SIGTERM finishes the
-step, saves a checkpoint and stops.
+``epochs`` count, since they shape the learning-rate schedule). A finished run (its last checkpoint at
+its last step) is left as it is: rerunning it does nothing, or only writes a missing adapter from that
+checkpoint. Ctrl-C or SIGTERM finishes the step, saves a checkpoint and stops.
 """
 
 from __future__ import annotations
@@ -386,6 +387,13 @@ def resume_checkpoint(cfg: DistillConfig) -> Optional[Path]:
     return resume
 
 
+def _finished(checkpoint: Path) -> Optional[int]:
+    """The planned step count of the run whose complete ``checkpoint`` is at its last step; None if it is not."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    steps = state.get("max_steps")
+    return steps if isinstance(steps, int) and steps > 0 and state.get("global_step", 0) >= steps else None
+
+
 def _write_error(e: OSError, out: Path) -> ValueError:
     where = e.filename or out
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -406,10 +414,30 @@ def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pa
     out = Path(cfg.output)
     check_writable_folder(out, "--output")
     resume = resume_checkpoint(cfg)
+    from ahn.adapters import WEIGHTS_NAME
+
+    done = resume is not None and _finished(resume)
+    if done and (out / WEIGHTS_NAME).is_file():  # resuming would train past max_steps and rotate checkpoints away
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ahn distill: {out} holds a finished run ({resume.name} of {_finished(resume)} steps); nothing to "
+                  f"do, the adapter is left as it is (--resume never trains again from the start)", flush=True)
+        return out
     interrupt = InterruptCallback()
     trainer = build_trainer(cfg, [interrupt, *callbacks])
     if resume is not None:
         trainer.check_checkpoint(resume)
+    if done:  # finished, but the adapter was not written (stopped between the last checkpoint and the adapter)
+        from safetensors.torch import load_file
+
+        trainer.model.load_state_dict(load_file(str(resume / SAFE_WEIGHTS_NAME)), strict=False)
+        try:
+            trainer.save_adapter(out)
+        except OSError as e:
+            raise _write_error(e, out) from e
+        if trainer.is_world_process_zero():
+            print(f"ahn distill: {out} holds a finished run ({resume.name}); adapter written to {out} from it",
+                  flush=True)
+        return out
     try:
         if trainer.is_world_process_zero():
             out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ model_args: ``pretrained=PATH`` (base model: directory or Hub id), ``adapter=PAT
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +53,19 @@ def _int_arg(name: str, value, minimum: int) -> Optional[int]:
     return value
 
 
+def _unknown_arg(name: str, value) -> str:
+    """The message for a model_arg nobody takes: its name, a close valid one, and the valid ones."""
+    import difflib
+    import inspect
+
+    ours = [p for p in inspect.signature(AHNLM.__init__).parameters if p not in ("self", "kwargs")]
+    hflm = [p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs", *ours)]
+    close = difflib.get_close_matches(name, ours + hflm, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"model_args {name}={value!r}: unknown argument{hint}; ahn takes {', '.join(ours)}, and HFLM takes "
+            f"{', '.join(hflm)} (other keys go to the model's from_pretrained, which does not take {name!r})")
+
+
 @register_model("ahn")
 class AHNLM(HFLM):
     """lm-eval's HFLM on an AHNModel; see the module docstring for the model_args."""
@@ -70,6 +84,12 @@ class AHNLM(HFLM):
                 raise ValueError(f"model_args adapter={adapter!r}: no such directory; give the folder written by "
                                  "ahn distill / AHNModel.save_pretrained, or leave adapter out for a fresh memory "
                                  "(= sinks + window)")
+        if backend is not None:
+            from ahn.kernels import BACKENDS
+
+            if backend not in BACKENDS:
+                raise ValueError(f"model_args backend={backend!r}: must be one of {', '.join(BACKENDS)} (the memory's "
+                                 "kernel backend; leave it out for auto)")
         self.mode = mode
         self._ahn_args = dict(adapter=adapter, window=_int_arg("window", window, 1),
                               sinks=_int_arg("sinks", sinks, 0), backend=backend)
@@ -78,7 +98,13 @@ class AHNLM(HFLM):
             if str(batch_size).startswith("auto"):
                 raise ValueError(f"model_args batch_size={batch_size!r} with mode={mode}: HFLM sizes its probe batch "
                                  "by max_length, unbounded in this mode; give batch_size=N, or max_length=N too")
-        super().__init__(pretrained, max_length=max_length, batch_size=batch_size, **kwargs)
+        try:
+            super().__init__(pretrained, max_length=max_length, batch_size=batch_size, **kwargs)
+        except TypeError as e:  # a model_arg that neither ahn, HFLM nor the model's from_pretrained takes
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if unknown is None or unknown.group(1) not in kwargs:
+                raise
+            raise ValueError(_unknown_arg(unknown.group(1), kwargs[unknown.group(1)])) from None
 
     # ------------------------------------------------------------------ HFLM's seams
     def _create_model(self, pretrained, *args, **kwargs) -> None:
