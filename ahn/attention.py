@@ -172,14 +172,6 @@ def window_softmax(logits: torch.Tensor):
     return e, m, m.squeeze(-1) + torch.log(e.sum(dim=-1))
 
 
-def received_attention(e: torch.Tensor, lse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Each key's attention mass from a block's queries, averaged over the group's heads: ``[B, Hkv, N]``.
-
-    ``sum_q e[q, j] exp(m_q - lse_q)``, as one matmul over the queries."""
-    weight = torch.exp(m.squeeze(-1) - lse).unsqueeze(-2)  # [B, Hkv, R, 1, bq]
-    return torch.matmul(weight, e).squeeze(-2).mean(2)
-
-
 # torch's CPU flash-attention kernel returns the log-sum-exp beside the output (an underscore op of aten: used behind
 # the capability check of `_cpu_flash_with_lse`, with the explicit softmax as the public fallback).
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -393,18 +385,19 @@ def window_attention(
             continue
         qb = qg[:, :, :, a: a + bq]
         block_mask = mask.view(B, 1, 1, bq, -1)
+        out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale)  # [B, Hq, bq, D], [B, Hq, bq]
         if (scorer is not None and scorer.uses_mass) or probe is not None:
-            # The window's own softmax gives each key's received mass (summed over queries, averaged over heads).
+            # The window's own probabilities exp(logit - lse), from the attention's log-sum-exp: each key's
+            # received mass (summed over queries, averaged over heads) and the teacher's probe.
             with torch.no_grad():
-                e_w, m_w, lse_w = window_softmax(_block_logits(qb, keys, block_mask, scale))
+                p_w = _block_logits(qb, keys, block_mask, scale).sub_(lse.detach().view(B, Hkv, R, bq, 1)).exp_()
                 if scorer is not None and scorer.uses_mass:
-                    mass[:, :, lo - ctx_start: hi - ctx_start] += received_attention(e_w, lse_w, m_w)[..., n_sinks:]
+                    mass[:, :, lo - ctx_start: hi - ctx_start] += p_w[..., n_sinks:].sum(dim=3).mean(dim=2)
                 if probe is not None:
                     t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
                     j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
                     far = ((t - j >= probe_window) & (j >= P + sinks)).view(B, 1, 1, bq, -1)
-                    p_far = e_w[..., n_sinks:] * torch.exp(m_w - lse_w.unsqueeze(-1)) * far
-                    probe[:, :, lo - ctx_start: hi - ctx_start] += p_far.sum(3).mean(2)
+                    probe[:, :, lo - ctx_start: hi - ctx_start] += (p_w[..., n_sinks:] * far).sum(3).mean(2)
         evicted = None
         if scorer is not None:
             e = start + a - window + torch.arange(bq, device=dev)  # [bq] the slot each query evicts
@@ -416,7 +409,6 @@ def window_attention(
             if buffer is not None:
                 eslot = torch.where(valid, e.view(1, 1, bq), -1).expand(B, Hkv, bq)
                 evicted = (ctx_k.index_select(2, idx), ctx_v.index_select(2, idx), eslot, escore)
-        out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale)  # [B, Hq, bq, D], [B, Hq, bq]
         if buffer is not None:
             args = (qb, out.view(B, Hkv, R, bq, -1), lse.view(B, Hkv, R, bq), scale, buffer, evicted)
             if torch.is_grad_enabled() and any(x.requires_grad for x in args[:3]):
