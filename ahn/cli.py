@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
@@ -90,8 +91,6 @@ def _run_flops(args) -> int:
         raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; create it "
                          "or choose another path")
     if args.plot:
-        import os
-
         if not os.access(Path(args.plot).parent, os.W_OK | os.X_OK):
             raise ValueError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} is not writable; choose "
                              "a folder you can write to")

@@ -30,11 +30,13 @@ import codecs
 import functools
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import TextStreamer
 
@@ -43,7 +45,7 @@ from ahn._progress import library_progress
 from ahn.cache import AHNCache
 from ahn.config import AHNConfig
 from ahn.model import AHNModel, add_memory, cache_kwargs
-from ahn.state import read_metadata
+from ahn.state import read_metadata, writable_target
 
 # Seed of a fresh (untrained) memory's initialisation when `ahn generate` runs without --adapter.
 FRESH_MEMORY_SEED = 0
@@ -324,8 +326,6 @@ def _load(args):
 def _can_create_in(folder: Path) -> bool:
     """Whether a file can be created in ``folder`` (tried: permission bits do not bind root, an immutable flag or a
     read-only mount do)."""
-    import tempfile
-
     try:
         with tempfile.TemporaryFile(dir=folder):
             return True
@@ -346,8 +346,6 @@ def _check_paths(args) -> None:
         if not target.parent.is_dir():
             raise ValueError(f"--save-state {target}: the folder {str(target.parent)!r} does not exist; create it or "
                              "choose another path")
-        from ahn.state import writable_target
-
         try:
             real = writable_target(target)  # a symlink's target; a device or a pipe is refused
         except ValueError as e:
@@ -404,8 +402,6 @@ def run(args) -> int:
           f"tokens in the state; cache {cache.nbytes / 2**20:.2f} MiB ({cache.kv_length} KV entries per layer)",
           file=sys.stderr)
     if args.save_state:
-        from safetensors import SafetensorError
-
         try:
             cache.save(args.save_state)
         except (OSError, SafetensorError) as e:

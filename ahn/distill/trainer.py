@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -53,7 +53,7 @@ from ahn._jsonl import read_appended
 from ahn._loading import load_causal_lm, load_tokenizer
 from ahn._progress import library_progress
 from ahn._shipped import DEMO_TEACHER, DEMO_TEACHER_DIR
-from ahn.adapters import save_adapter
+from ahn.adapters import WEIGHTS_NAME, save_adapter
 from ahn.config import CONFIG_NAME, AHNConfig
 from ahn.model import add_memory
 from ahn.salience import SalienceRecord
@@ -414,8 +414,6 @@ def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pa
     out = Path(cfg.output)
     check_writable_folder(out, "--output")
     resume = resume_checkpoint(cfg)
-    from ahn.adapters import WEIGHTS_NAME
-
     done = resume is not None and _finished(resume)
     if done and (out / WEIGHTS_NAME).is_file():  # resuming would train past max_steps and rotate checkpoints away
         if int(os.environ.get("RANK", "0")) == 0:
@@ -427,8 +425,6 @@ def distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pa
     if resume is not None:
         trainer.check_checkpoint(resume)
     if done:  # finished, but the adapter was not written (stopped between the last checkpoint and the adapter)
-        from safetensors.torch import load_file
-
         trainer.model.load_state_dict(load_file(str(resume / SAFE_WEIGHTS_NAME)), strict=False)
         try:
             trainer.save_adapter(out)

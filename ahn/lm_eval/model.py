@@ -26,6 +26,8 @@ model_args: ``pretrained=PATH`` (base model: directory or Hub id), ``adapter=PAT
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 from pathlib import Path
 from typing import Optional
@@ -35,6 +37,7 @@ from lm_eval.models.huggingface import HFLM
 
 from ahn.benchmarks.evaluate import attach_memory
 from ahn.config import MODES
+from ahn.kernels import BACKENDS
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # max_length of "window" / "ahn" modes unless given: no truncation, no rolling windows.
@@ -55,9 +58,6 @@ def _int_arg(name: str, value, minimum: int) -> Optional[int]:
 
 def _unknown_arg(name: str, value) -> str:
     """The message for a model_arg nobody takes: its name, a close valid one, and the valid ones."""
-    import difflib
-    import inspect
-
     ours = [p for p in inspect.signature(AHNLM.__init__).parameters if p not in ("self", "kwargs")]
     hflm = [p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs", *ours)]
     close = difflib.get_close_matches(name, ours + hflm, n=1)
@@ -85,8 +85,6 @@ class AHNLM(HFLM):
                                  "ahn distill / AHNModel.save_pretrained, or leave adapter out for a fresh memory "
                                  "(= sinks + window)")
         if backend is not None:
-            from ahn.kernels import BACKENDS
-
             if backend not in BACKENDS:
                 raise ValueError(f"model_args backend={backend!r}: must be one of {', '.join(BACKENDS)} (the memory's "
                                  "kernel backend; leave it out for auto)")
