@@ -48,7 +48,7 @@ def measure(a) -> dict:
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     config = AHNConfig(memory=a.memory, window=a.window, sinks=a.sinks, buffer_slots=a.buffer,
-                           salience_writes=a.salience_writes, readout=a.readout)
+                           salience_writes=a.salience_writes, readout=a.readout, salience_mass=a.salience_mass)
     model = add_memory(load_demo_teacher(), config)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -92,6 +92,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--buffer-slots", "--buffer", dest="buffer", metavar="M", type=int, default=16, help="priority-buffer slots per kv head")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 keeps timings stable on a shared machine")
@@ -103,7 +104,8 @@ def main(argv=None) -> list[dict]:
         return []
     flags = ["--chunk", str(a.chunk), "--memory", a.memory, "--window", str(a.window), "--sinks", str(a.sinks),
              "--buffer-slots", str(a.buffer), "--readout", a.readout,
-             "--salience-writes" if a.salience_writes else "--no-salience-writes"]
+             "--salience-writes" if a.salience_writes else "--no-salience-writes",
+             "--salience-mass" if a.salience_mass else "--no-salience-mass"]
     flags += ["--threads", str(a.threads)] if a.threads is not None else []
     rows = []
     for n in a.lengths:

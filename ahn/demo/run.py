@@ -71,7 +71,7 @@ class DemoSettings:
     buffer_slots: int = 16
     salience_writes: bool = True
     readout: str = "defer"
-    salience_mass: bool = True
+    salience_mass: bool = False  # the received-mass term bought less than a seed's noise (docs/salience.md)
     salience_weight: float = 1.0
     seed: int = 0
     eval_seed: int = 20261  # never used for training data (train_teacher draws from seed + 1)
