@@ -107,8 +107,8 @@ def state_size_after(model, n: int, path, chunk: int = 16384) -> int:
 
 @pytest.mark.parametrize("options, long", [
     (dict(attention_block=128), 100_000),
-    # The salience path computes its attention with an explicit softmax, ~6x slower on CPU: 10k tokens
-    # keep the test fast, and the buffer's M slots are allocated at the first forward, never grown.
+    # The salience path's prefill blocks of 64 queries cost more per token: 10k tokens keep the test fast,
+    # and the buffer's M slots are allocated at the first forward, never grown.
     (dict(buffer_slots=4, salience_writes=True, readout="defer", attention_block=64), 10_000),
 ])
 def test_state_size_does_not_grow_with_the_text(tmp_path, options, long):

@@ -118,7 +118,7 @@ def main(argv=None):
                    help="'salient' mode: salience-gated writes")
     p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS,
                    help="'salient' mode: memory read-out")
-    p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=True,
                    help="'salient' mode: the salience score reads the attention received in the window")
     p.add_argument("--memory", default="gated_deltanet")
     p.add_argument("--window", type=int, default=1024)

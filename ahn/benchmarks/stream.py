@@ -92,7 +92,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--buffer-slots", "--buffer", dest="buffer", metavar="M", type=int, default=16, help="priority-buffer slots per kv head")
     p.add_argument("--salience-writes", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--readout", default="defer", type=readout_choice, choices=READOUTS)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 keeps timings stable on a shared machine")

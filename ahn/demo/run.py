@@ -55,7 +55,8 @@ class DemoSettings:
         layer: 15% of the ~220 evicted), salience-gated writes and the deferring read-out; the
         ablation in docs/salience.md gives each one's share. ``--buffer 0 --no-salience-writes
         --readout add`` is the paper's mechanism.
-    salience_mass: whether the salience score reads the attention each token received in the window.
+    salience_mass: whether the salience score reads the attention each token received in the window
+        (docs/salience.md: its measured worth and cost).
     salience_weight: weight of the scorer's loss against the teacher's attention mass.
     """
 
@@ -71,7 +72,7 @@ class DemoSettings:
     buffer_slots: int = 16
     salience_writes: bool = True
     readout: str = "defer"
-    salience_mass: bool = False  # the received-mass term bought less than a seed's noise (docs/salience.md)
+    salience_mass: bool = True
     salience_weight: float = 1.0
     seed: int = 0
     eval_seed: int = 20261  # never used for training data (train_teacher draws from seed + 1)
