@@ -197,8 +197,9 @@ def test_demo_pipeline_end_to_end_in_miniature(tmp_path):
 def test_demo_retrains_the_teacher_and_rejects_bad_memory(tmp_path, capsys):
     from ahn.cli import main
 
-    rc = main(["demo", "--retrain-teacher", "--teacher-steps", "2", "--steps", "1", "--out", str(tmp_path / "d"),
-               "--no-progress", "--buffer", "0", "--no-salience-writes", "--readout", "paper"])  # the paper's mechanism (old name)
+    with pytest.warns(FutureWarning, match="--readout paper is renamed --readout add"):  # the old name still works
+        rc = main(["demo", "--retrain-teacher", "--teacher-steps", "2", "--steps", "1", "--out", str(tmp_path / "d"),
+                   "--no-progress", "--buffer", "0", "--no-salience-writes", "--readout", "paper"])  # the paper's mechanism
     assert rc == 0
     assert (tmp_path / "d" / "teacher" / "model.safetensors").exists()
     saved = json.loads((tmp_path / "d" / "results.json").read_text())
