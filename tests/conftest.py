@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 
 import pytest
 import torch
@@ -66,3 +67,19 @@ def byte_lm(tmp_path_factory):
     model_dir, adapter_dir, _ = save_byte_lm(
         tmp_path_factory, ahn.AHNConfig(window=BYTE_LM_WINDOW, sinks=BYTE_LM_SINKS), randomize_output_projections)
     return model_dir, adapter_dir
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may write to (root ignores permission bits: the immutable flag instead)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without chattr: no folder is read-only")
+        yield path
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 
 import pytest
 import torch
@@ -86,22 +84,6 @@ def test_demo_flag_errors_name_the_flag_and_create_nothing(capsys, tmp_path, fla
     err = fails(capsys, ["demo", "--out", str(out), "--no-progress", *flags], needle)
     assert "num_keys" not in err and "save_steps" not in err
     assert not out.exists()
-
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder nobody may write to (root ignores permission bits: the immutable flag instead)."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-            pytest.skip("running as root without chattr: no folder is read-only")
-        yield path
-        subprocess.run(["chattr", "-i", str(path)], check=True)
-    else:
-        path.chmod(0o555)
-        yield path
-        path.chmod(0o755)
 
 
 def test_demo_out_must_be_a_writable_folder(capsys, tmp_path, read_only_dir):

@@ -280,27 +280,8 @@ def test_state_that_is_a_device_is_not_called_a_folder(tiny, tmp_path, capsys):
     assert e.value.code == 2 and "state file /dev/null is not a regular file" in err and "folder" not in err, err
 
 
-@pytest.fixture
-def unwritable_dir(tmp_path):
-    """A folder no file can be created in (root ignores permission bits: the immutable flag instead)."""
-    import os
-    import subprocess
-
-    path = tmp_path / "ro"
-    path.mkdir()
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-            pytest.skip("running as root without chattr: no folder is read-only")
-        yield path
-        subprocess.run(["chattr", "-i", str(path)], check=True)
-    else:
-        path.chmod(0o555)
-        yield path
-        path.chmod(0o755)
-
-
 def test_save_state_is_checked_before_reading_and_a_failed_write_keeps_the_old_state(tiny, tmp_path, capsys,
-                                                                                       unwritable_dir, monkeypatch):
+                                                                                       read_only_dir, monkeypatch):
     """Item 7 of issue 25: --save-state into a folder that cannot be written, or onto /dev/full, failed with a
     traceback only after the whole input was read; a full disk gave a SafetensorError traceback. Now the path is
     refused before anything is read, and a failed write says so and keeps the old state. A symlink is followed."""
@@ -310,7 +291,7 @@ def test_save_state_is_checked_before_reading_and_a_failed_write_keeps_the_old_s
     (tmp_path / "ok.txt").write_text("some text to read\n" * 4)
     read_calls = []
     monkeypatch.setattr(generate_module, "read", lambda *a, **k: read_calls.append(1))
-    for target, message in [(unwritable_dir / "s.state", f"the folder {str(unwritable_dir)!r} is not writable"),
+    for target, message in [(read_only_dir / "s.state", f"the folder {str(read_only_dir)!r} is not writable"),
                             (Path("/dev/full"), "/dev/full is not a regular file")]:
         with pytest.raises(SystemExit) as e:
             generate(capsys, tiny, "--input", str(tmp_path / "ok.txt"), "--save-state", str(target))
