@@ -246,6 +246,47 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Opti
     return _explicit_attention(q, keys, values, mask, scale)
 
 
+# Queries per step of :func:`received_mass`: a step's scores are [R * sub, W + sub], so fewer queries waste fewer
+# masked keys (W / (W + sub) of each row is visible) and stay nearer the cache; below 64 the steps' overhead shows.
+MASS_QUERIES = 64
+
+
+def received_mass(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor, scale: float, own: int,
+                  window: int) -> torch.Tensor:
+    """The attention each key receives from a block of queries: ``sum_i mean_h exp(scale q_hi . k_j - lse_hi)`` over
+    the visible pairs (the softmax's probabilities, from its log-sum-exp), without autograd.
+
+    ``q [B, Hkv, R, bq, D]`` (R query heads per kv head), ``keys [B, Hkv, n, D]``, ``mask [B, bq, n]`` bool
+    (True: visible), ``lse [B, Hkv, R, bq]`` float32 of the whole softmax (keys beyond these, the sinks say, count in
+    it), ``own``: the column of query 0's own slot; query i sees at most columns ``own + i - window + 1 .. own + i``
+    (a sliding window). Returns ``[B, Hkv, n]`` float32.
+
+    Steps of :data:`MASS_QUERIES` queries: each scores only its band of columns, with ``-lse`` folded into the
+    matmul (``[q * scale, -lse] . [k, 1]``); the middle of the band, which every query of the step sees in a steady
+    block, is not masked."""
+    B, Hkv, R, bq, D = q.shape
+    n = keys.shape[2]
+    qs = torch.cat([q.float() * scale, -lse.float().unsqueeze(-1)], dim=-1)  # [B, Hkv, R, bq, D + 1]
+    ks = F.pad(keys.float(), (0, 1), value=1.0).transpose(-1, -2)  # [B, Hkv, D + 1, n]
+    mass = torch.zeros(B, Hkv, n, device=q.device)
+    for i0 in range(0, bq, MASS_QUERIES):
+        i1 = min(bq, i0 + MASS_QUERIES)
+        b = i1 - i0
+        c0, c1 = max(0, own + i0 - window + 1), min(n, own + i1)  # the columns any query of the step may see
+        if c1 <= c0:
+            continue
+        s = torch.matmul(qs[:, :, :, i0:i1].reshape(B, Hkv, R * b, D + 1), ks[..., c0:c1]).view(B, Hkv, R, b, -1)
+        m = mask[:, i0:i1, c0:c1].view(B, 1, 1, b, -1)
+        m0, m1 = max(c0, own + i1 - window) - c0, min(c1, own + i0 + 1) - c0  # the columns every query may see
+        if m1 > m0 and bool(m[..., m0:m1].all()):
+            s[..., :m0].masked_fill_(~m[..., :m0], float("-inf"))
+            s[..., m1:].masked_fill_(~m[..., m1:], float("-inf"))
+        else:
+            s.masked_fill_(~m, float("-inf"))
+        mass[:, :, c0:c1] += s.view(B, Hkv, R * b, -1).exp_().sum(dim=2)
+    return mass.div_(R)
+
+
 def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """Indices sorting candidates by priority, best first: higher score, then newer slot (empty ones last)."""
     by_slot = torch.sort(slot, dim=-1, descending=True, stable=True).indices
@@ -385,20 +426,22 @@ def window_attention(
                                                        scale=scale, enable_gqa=True))  # [B, Hq, bq, D]
             continue
         qb = qg[:, :, :, a: a + bq]
-        block_mask = mask.view(B, 1, 1, bq, -1)
         out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale)  # [B, Hq, bq, D], [B, Hq, bq]
-        if (scorer is not None and scorer.uses_mass) or probe is not None:
-            # The window's own probabilities exp(logit - lse), from the attention's log-sum-exp: each key's
-            # received mass (summed over queries, averaged over heads) and the teacher's probe.
+        if scorer is not None and scorer.uses_mass:
+            # Each key's received mass (summed over queries, averaged over heads), from the attention's lse.
             with torch.no_grad():
-                p_w = _block_logits(qb, keys, block_mask, scale).sub_(lse.detach().view(B, Hkv, R, bq, 1)).exp_()
-                if scorer is not None and scorer.uses_mass:
-                    mass[:, :, lo - ctx_start: hi - ctx_start] += p_w[..., n_sinks:].sum(dim=3).mean(dim=2)
-                if probe is not None:
-                    t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
-                    j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
-                    far = ((t - j >= probe_window) & (j >= P + sinks)).view(B, 1, 1, bq, -1)
-                    probe[:, :, lo - ctx_start: hi - ctx_start] += (p_w[..., n_sinks:] * far).sum(3).mean(2)
+                mass[:, :, lo - ctx_start: hi - ctx_start] += received_mass(
+                    qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse.detach().view(B, Hkv, R, bq), scale,
+                    own=start + a - lo, window=window)
+        if probe is not None:
+            # The teacher's probe: the window attention each key receives from queries at least probe_window ahead.
+            with torch.no_grad():
+                p_w = _block_logits(qb, keys, mask.view(B, 1, 1, bq, -1), scale)
+                p_w = p_w.sub_(lse.detach().view(B, Hkv, R, bq, 1)).exp_()
+                t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
+                j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
+                far = ((t - j >= probe_window) & (j >= P + sinks)).view(B, 1, 1, bq, -1)
+                probe[:, :, lo - ctx_start: hi - ctx_start] += (p_w[..., n_sinks:] * far).sum(3).mean(2)
         evicted = None
         if scorer is not None:
             e = start + a - window + torch.arange(bq, device=dev)  # [bq] the slot each query evicts
