@@ -167,8 +167,9 @@ class DistillTrainer(Trainer):
         """The memory weights under the Trainer model's names, full tensors on CPU; every rank calls it (DeepSpeed /
         FSDP gather). Under FSDP2 each memory parameter is a DTensor shard: only those are gathered (``full_tensor``,
         a collective), never the frozen base that FSDP's own state dict would gather whole onto rank 0."""
-        params = {n: p for n, p in self.model.named_parameters() if n in self.memory_names}
-        if any(isinstance(p, DTensor) for p in params.values()):
+        if self.is_fsdp_enabled:  # FSDP2 (ahn asks for version 2): DTensor shards once prepared, whole before
+            params = {n: p for n, p in self.model.named_parameters() if n in self.memory_names}
+            assert params.keys() == self.memory_names.keys(), "FSDP renamed the memory parameters"
             return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
                     for n, p in params.items()}
         state = self.accelerator.get_state_dict(self.model_wrapped)
