@@ -6,6 +6,7 @@ matters to its predictions) on CPU; each takes a few seconds.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -469,8 +470,8 @@ def test_fsdp2_two_processes_killed_and_resumed_equal_one_process(tmp_path, tiny
 
 def test_fsdp_that_cannot_run_is_refused_naming_the_fix(tmp_path, tiny_model, token_data, capsys):
     """Issue 27.1: accelerate makes a CPU multi-process run DDP whatever --fsdp says; ahn refuses it rather than train
-    with another engine than asked, and leaves nothing behind. One process, unknown words and fsdp with deepspeed are
-    refused before the model loads."""
+    with another engine than asked, and leaves nothing behind. One process, unknown words, fsdp with deepspeed and
+    deepspeed without its package are refused before the model loads."""
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ahn",
            "distill", "--model", tiny_model, "--data", token_data, "--window", "16", "--max-steps", "1",
@@ -486,7 +487,9 @@ def test_fsdp_that_cannot_run_is_refused_naming_the_fix(tmp_path, tiny_model, to
                                                     "with torchrun"),
                          (["--fsdp", "hybrid_shard"], "unknown 'hybrid_shard'; use words of full_shard, shard_grad_op"),
                          (["--fsdp", "full_shard shard_grad_op"], "exclude each other"),
-                         (["--fsdp", "full_shard", "--deepspeed", "ds.json"], "choose one of them")]:
+                         (["--fsdp", "full_shard", "--deepspeed", "ds.json"], "choose one of them"),
+                         *([(["--deepspeed", "ds.json"], "but DeepSpeed is not installed: pip install deepspeed")]
+                           if importlib.util.find_spec("deepspeed") is None else [])]:
         assert cli_exit([*base, *extra]) == 2
         assert match in capsys.readouterr().err, extra
         assert not out.exists()
