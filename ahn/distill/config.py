@@ -31,6 +31,10 @@ from ahn.configs import MODELS_DIR
 from .sampling import PAPER_BUDGETS, PAPER_MAX_SINK_FRACTION, PAPER_MIN_BUDGET_FRACTION, PAPER_SINKS, WindowSampler
 
 
+# The words of transformers' TrainingArguments.fsdp string that FSDP2 (its default since transformers 5) accepts.
+FSDP_WORDS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+
+
 def _f(default, help: str, **kw):
     """A field with its help text; ``required=True``: the run needs a value; ``run_only=True``: the setting does not
     change the trained weights, so a resumed run may change it (:meth:`DistillConfig.training_settings`)."""
@@ -151,7 +155,8 @@ class DistillConfig:
     dataloader_workers: int = _f(0, "DataLoader worker processes", run_only=True)
     preprocess_workers: Optional[int] = _f(None, "processes that tokenise the data (datasets.map num_proc)", run_only=True)
     deepspeed: Optional[str] = _f(None, "DeepSpeed config JSON (e.g. ZeRO-3) for multi-GPU runs")
-    fsdp: Optional[str] = _f(None, "FSDP options as transformers' TrainingArguments.fsdp (e.g. 'full_shard auto_wrap')")
+    fsdp: Optional[str] = _f(None, "FSDP2 across GPU processes (torchrun): words of " + " / ".join(FSDP_WORDS)
+                             + " (e.g. 'full_shard auto_wrap'); docs/distill.md")
 
     def __post_init__(self):
         hints = typing.get_type_hints(DistillConfig)
@@ -193,9 +198,29 @@ class DistillConfig:
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set max_steps > 0 or epochs > 0")
         self.sampler()  # validates window / sinks / budgets
+        self.fsdp_config()  # validates fsdp
+        if self.fsdp and self.deepspeed:
+            raise ValueError(f"fsdp={self.fsdp!r} and deepspeed={self.deepspeed!r}: choose one of them")
         if self.max_length is not None and self.max_length <= self.lossless_length:
             raise ValueError(f"max_length={self.max_length} leaves no position beyond sinks + window = "
                              f"{self.lossless_length}: nothing would be distilled; use a smaller window / sinks")
+
+    def fsdp_config(self) -> Optional[dict]:
+        """``fsdp`` as transformers' ``TrainingArguments.fsdp_config`` for FSDP2 (None: no FSDP). The words are those
+        of transformers' ``fsdp`` string, whose string form transformers deprecates: full_shard (re-shard the weights
+        after each forward, the default) or shard_grad_op (keep them gathered until backward), offload (parameters
+        on CPU between uses), auto_wrap (one FSDP unit per decoder layer; always so)."""
+        if not self.fsdp:
+            return None
+        words = self.fsdp.split()
+        unknown = [w for w in words if w not in FSDP_WORDS]
+        if unknown:
+            raise ValueError(f"fsdp={self.fsdp!r}: unknown {', '.join(map(repr, unknown))}; use words of "
+                             f"{', '.join(FSDP_WORDS)} (FSDP2; FSDP1-only strategies such as hybrid_shard are not "
+                             "supported)")
+        if "full_shard" in words and "shard_grad_op" in words:
+            raise ValueError(f"fsdp={self.fsdp!r}: full_shard and shard_grad_op exclude each other; choose one")
+        return {"version": 2, "reshard_after_forward": "shard_grad_op" not in words, "cpu_offload": "offload" in words}
 
     @property
     def lossless_length(self) -> int:

@@ -32,6 +32,7 @@ checkpoint. Ctrl-C or SIGTERM finishes the step, saves a checkpoint and stops.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -162,7 +164,14 @@ class DistillTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def memory_state(self) -> dict[str, torch.Tensor]:
-        """The memory weights under the Trainer model's names; every rank calls it (DeepSpeed / FSDP gather)."""
+        """The memory weights under the Trainer model's names, full tensors on CPU; every rank calls it (DeepSpeed /
+        FSDP gather). Under FSDP2 each memory parameter is a DTensor shard: only those are gathered (``full_tensor``,
+        a collective), never the frozen base that FSDP's own state dict would gather whole onto rank 0."""
+        if self.is_fsdp_enabled:  # FSDP2 (ahn asks for version 2): DTensor shards once prepared, whole before
+            params = {n: p for n, p in self.model.named_parameters() if n in self.memory_names}
+            assert params.keys() == self.memory_names.keys(), "FSDP renamed the memory parameters"
+            return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+                    for n, p in params.items()}
         state = self.accelerator.get_state_dict(self.model_wrapped)
         return {n: t for n, t in state.items() if n in self.memory_names}
 
@@ -313,6 +322,8 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     cfg.check_required()
     out = Path(cfg.output)
     bf16 = _use_bf16(cfg)
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun / accelerate
+    _check_engine(cfg, multi_process)
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model)
     with library_progress(cfg.progress):
@@ -341,7 +352,6 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None) or 0
     cuda = torch.cuda.is_available()
-    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun / accelerate
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -352,12 +362,40 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
         seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
         dataloader_num_workers=cfg.dataloader_workers, disable_tqdm=not cfg.progress, deepspeed=cfg.deepspeed,
-        fsdp=cfg.fsdp or "", use_cpu=not cuda, ddp_backend="gloo" if multi_process and not cuda else None, ddp_find_unused_parameters=False,
+        fsdp=bool(cfg.fsdp), fsdp_config=cfg.fsdp_config(), use_cpu=not cuda,
+        ddp_backend="gloo" if multi_process and not cuda else None, ddp_find_unused_parameters=False,
     )
-    return DistillTrainer(
+    made = [d for d in (out, out / CHECKPOINTS) if not d.exists()]  # the Trainer makes its output_dir
+    trainer = DistillTrainer(
         ahn_model=model, distill_config=cfg, sampler=cfg.sampler(), args=args, train_dataset=dataset,
         data_collator=DistillCollator(pad_token_id=pad), callbacks=[JsonlLogCallback(out / LOG_NAME), *callbacks],
     )
+    # accelerate decides the engine from the devices: it makes a CPU multi-process run plain DDP whatever fsdp or
+    # deepspeed say (measured with accelerate 1.15). Refuse that rather than train with another engine than asked.
+    engine = trainer.accelerator.distributed_type.value
+    wrong = None
+    if cfg.fsdp and not trainer.is_fsdp_enabled:
+        wrong = (f"fsdp={cfg.fsdp!r}: accelerate set this run up as {engine}, not FSDP: it shards only across GPU "
+                 "processes (CUDA, torchrun --nproc_per_node N); drop --fsdp here (CPU runs are DDP)")
+    elif cfg.deepspeed and not trainer.is_deepspeed_enabled:
+        wrong = (f"deepspeed={cfg.deepspeed!r}: accelerate set this run up as {engine}, not DeepSpeed: DeepSpeed needs "
+                 "CUDA; drop --deepspeed here")
+    if wrong:
+        for d in reversed(made):  # leave nothing behind: the folders the Trainer made are still empty
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise ValueError(wrong)
+    return trainer
+
+
+def _check_engine(cfg: DistillConfig, multi_process: bool) -> None:
+    """What can be told of fsdp / deepspeed before the model is loaded (the rest: after the Trainer is built)."""
+    if cfg.fsdp and not multi_process:
+        raise ValueError(f"fsdp={cfg.fsdp!r} shards the model across processes, and this is one: launch it with "
+                         "torchrun --nproc_per_node N -m ahn distill ... on N GPUs, or drop --fsdp")
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"deepspeed={cfg.deepspeed!r} but DeepSpeed is not installed: pip install deepspeed (on a "
+                         "CUDA machine; it is in ahn's [gpu] extra), or drop --deepspeed")
 
 
 def resume_checkpoint(cfg: DistillConfig) -> Optional[Path]:
