@@ -252,14 +252,15 @@ MASS_QUERIES = 64
 
 
 def received_mass(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor, scale: float, own: int,
-                  window: int) -> torch.Tensor:
+                  window: int, gap: int = 0) -> torch.Tensor:
     """The attention each key receives from a block of queries: ``sum_i mean_h exp(scale q_hi . k_j - lse_hi)`` over
     the visible pairs (the softmax's probabilities, from its log-sum-exp), without autograd.
 
     ``q [B, Hkv, R, bq, D]`` (R query heads per kv head), ``keys [B, Hkv, n, D]``, ``mask [B, bq, n]`` bool
     (True: visible), ``lse [B, Hkv, R, bq]`` float32 of the whole softmax (keys beyond these, the sinks say, count in
     it), ``own``: the column of query 0's own slot; query i sees at most columns ``own + i - window + 1 .. own + i``
-    (a sliding window). Returns ``[B, Hkv, n]`` float32.
+    (a sliding window). ``gap``: count only queries at least this many slots after the key (the teacher's probe).
+    Returns ``[B, Hkv, n]`` float32.
 
     Steps of :data:`MASS_QUERIES` queries: each scores only its band of columns, with ``-lse`` folded into the
     matmul (``[q * scale, -lse] . [k, 1]``); the middle of the band, which every query of the step sees in a steady
@@ -272,12 +273,16 @@ def received_mass(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, lse: 
     for i0 in range(0, bq, MASS_QUERIES):
         i1 = min(bq, i0 + MASS_QUERIES)
         b = i1 - i0
-        c0, c1 = max(0, own + i0 - window + 1), min(n, own + i1)  # the columns any query of the step may see
+        c0, c1 = max(0, own + i0 - window + 1), min(n, own + i1 - gap)  # the columns any query of the step may see
         if c1 <= c0:
             continue
         s = torch.matmul(qs[:, :, :, i0:i1].reshape(B, Hkv, R * b, D + 1), ks[..., c0:c1]).view(B, Hkv, R, b, -1)
-        m = mask[:, i0:i1, c0:c1].view(B, 1, 1, b, -1)
-        m0, m1 = max(c0, own + i1 - window) - c0, min(c1, own + i0 + 1) - c0  # the columns every query may see
+        m = mask[:, i0:i1, c0:c1]
+        if gap:
+            rows, cols = torch.arange(i0, i1, device=q.device).view(-1, 1), torch.arange(c0, c1, device=q.device)
+            m = m & (cols <= rows + own - gap)
+        m = m.view(B, 1, 1, b, -1)
+        m0, m1 = max(c0, own + i1 - window) - c0, min(c1, own + i0 + 1 - gap) - c0  # the columns every query may see
         if m1 > m0 and bool(m[..., m0:m1].all()):
             s[..., :m0].masked_fill_(~m[..., :m0], float("-inf"))
             s[..., m1:].masked_fill_(~m[..., m1:], float("-inf"))
@@ -436,12 +441,9 @@ def window_attention(
         if probe is not None:
             # The teacher's probe: the window attention each key receives from queries at least probe_window ahead.
             with torch.no_grad():
-                p_w = _block_logits(qb, keys, mask.view(B, 1, 1, bq, -1), scale)
-                p_w = p_w.sub_(lse.detach().view(B, Hkv, R, bq, 1)).exp_()
-                t = (start + a + torch.arange(bq, device=dev)).view(1, bq, 1)  # query slots
-                j = torch.arange(lo, hi, device=dev).view(1, 1, -1)  # key slots
-                far = ((t - j >= probe_window) & (j >= P + sinks)).view(B, 1, 1, bq, -1)
-                probe[:, :, lo - ctx_start: hi - ctx_start] += (p_w[..., n_sinks:] * far).sum(3).mean(2)
+                probe[:, :, lo - ctx_start: hi - ctx_start] += received_mass(
+                    qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse.detach().view(B, Hkv, R, bq), scale,
+                    own=start + a - lo, window=window, gap=probe_window)
         evicted = None
         if scorer is not None:
             e = start + a - window + torch.arange(bq, device=dev)  # [bq] the slot each query evicts
