@@ -31,7 +31,6 @@ settings of the call arrive as the keyword ``ahn_context`` (an :class:`AHNContex
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +42,8 @@ from transformers import AttentionInterface
 
 from ahn.cache import AHNCache, AHNCacheLayer, Buffer, DecodeView
 from ahn.config import MODES  # noqa: F401 (re-exported: the attention modes)
+from ahn.kernels.attention_lse import flex_attention_with_lse, lse_backend_setting, received_mass, use_flex, \
+    use_triton_mass
 from ahn.memory import Memory
 from ahn.salience import SalienceRecord, SalienceScorer, gate_one, gate_writes
 
@@ -213,7 +214,7 @@ class _FlashWithLSE(torch.autograd.Function):
 
 def _cpu_flash_with_lse(q: torch.Tensor) -> bool:
     return _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.device.type == "cpu" \
-        and q.dtype in _CPU_FLASH_DTYPES and os.environ.get("AHN_ATTENTION_LSE", "auto") != "explicit"
+        and q.dtype in _CPU_FLASH_DTYPES and lse_backend_setting() == "auto"
 
 
 def _explicit_attention(q, keys, values, mask, scale):
@@ -232,8 +233,11 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Opti
     ``[B, Hkv, T, N]`` bool (True: visible; every row sees at least one key), or None (all visible). Returns
     ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
 
-    On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); elsewhere, or with
-    ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd)."""
+    On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); on CUDA torch's compiled
+    flex_attention (:mod:`ahn.kernels.attention_lse`; also with ``AHN_ATTENTION_LSE=flex``); without either, or
+    with ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd)."""
+    if use_flex(q.device):
+        return flex_attention_with_lse(q, keys, values, mask, scale)
     if _cpu_flash_with_lse(q):
         bias = None
         if mask is not None:
@@ -387,7 +391,11 @@ def window_attention(
         qb = qg[:, :, :, a: a + bq]
         block_mask = mask.view(B, 1, 1, bq, -1)
         out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale)  # [B, Hq, bq, D], [B, Hq, bq]
-        if (scorer is not None and scorer.uses_mass) or probe is not None:
+        if scorer is not None and scorer.uses_mass and probe is None and use_triton_mass(dev):
+            # GPU: each key's received mass in a fused second pass from the lse (no [bq, N] probabilities).
+            mass[:, :, lo - ctx_start: hi - ctx_start] += received_mass(q[:, :, a: a + bq], keys, mask, lse, scale,
+                                                                        n_sinks)
+        elif (scorer is not None and scorer.uses_mass) or probe is not None:
             # The window's own probabilities exp(logit - lse), from the attention's log-sum-exp: each key's
             # received mass (summed over queries, averaged over heads) and the teacher's probe.
             with torch.no_grad():
