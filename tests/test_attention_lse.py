@@ -29,6 +29,8 @@ TOLERANCE = {torch.float64: 2e-6, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 # The received mass, relative to max(1, |reference|): float32 (the kernel's ieee dot vs torch's matmul); bf16 inputs
 # (the reference rounds its logits to bf16, the kernel accumulates them in float32).
 MASS_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# The mass kernel's tile here: the smallest tl.dot takes, so that the shapes below span several query and key tiles.
+TILE = 16
 
 
 def inputs(dtype, B=2, Hq=4, Hkv=2, T=37, N=70, D=12, window=16, sinks=2, seed=0):
@@ -129,7 +131,7 @@ def test_triton_mass_equals_the_reference(dtype, B, Hq, Hkv, T, N, D, sinks):
 
     q, k, v, mask = inputs(dtype, B=B, Hq=Hq, Hkv=Hkv, T=T, N=N, D=D, window=24, sinks=sinks)
     _, lse = attention._explicit_attention(q, k, v, mask, 0.3)
-    got = triton_received_mass(q, k, mask, lse, 0.3, sinks)
+    got = triton_received_mass(q, k, mask, lse, 0.3, sinks, tile=TILE)
     ref = received_mass_reference(q, k, mask, lse, 0.3, sinks)
     assert got.shape == (B, Hkv, N - sinks) and got.dtype == torch.float32
     assert rel_err(got, ref) <= MASS_TOLERANCE[dtype]
@@ -143,7 +145,7 @@ def test_triton_mass_per_head_mask_and_no_mask(per_head):
     q, k, v, mask = inputs(torch.float32, N=50)
     mask = torch.stack([mask, mask.roll(3, dims=-1) | mask[..., :1]], dim=1) if per_head else None
     _, lse = attention._explicit_attention(q, k, v, mask, 0.3)
-    got = triton_received_mass(q, k, mask, lse, 0.3, 2)
+    got = triton_received_mass(q, k, mask, lse, 0.3, 2, tile=TILE)
     assert rel_err(got, received_mass_reference(q, k, mask, lse, 0.3, 2)) <= MASS_TOLERANCE[torch.float32]
     if not per_head:  # every query sees every key: the masses of a kv head sum to T minus the sinks' share
         assert got.sum(-1).le(q.shape[2] + 1e-4).all()

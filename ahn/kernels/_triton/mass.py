@@ -24,9 +24,9 @@ from . import interpreting
 
 # Tile sizes: tl.dot needs at least 16 per side. On the GPU 64 x 64 tiles keep q, k and the [BQ, BK] logits in
 # registers for head sizes up to 256 (untuned: no autotuning, which cannot run in the interpreter); the interpreter
-# runs a few larger numpy tiles faster than many small ones.
+# runs a few large numpy tiles much faster than many small ones (the tests pass small tiles to cover several).
 BLOCK_Q, BLOCK_K = 64, 64
-INTERPRET_BLOCK = 32
+INTERPRET_BLOCK = 128
 MAX_HEAD_DIM = 256
 
 
@@ -73,10 +73,11 @@ def _mass_kernel(
 
 
 def triton_received_mass(q: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor], lse: torch.Tensor,
-                         scale: float, n_sinks: int) -> torch.Tensor:
+                         scale: float, n_sinks: int, tile: Optional[int] = None) -> torch.Tensor:
     """:func:`ahn.kernels.attention_lse.received_mass` in one launch: ``q [B, Hq, T, D]``, ``keys [B, Hkv, N, D]``,
-    ``mask [B, T, N]`` / ``[B, Hkv, T, N]`` bool or None, ``lse [B, Hq, T]``. Returns ``[B, Hkv, N - n_sinks]``
-    float32."""
+    ``mask [B, T, N]`` / ``[B, Hkv, T, N]`` bool or None, ``lse [B, Hq, T]``; ``tile``: queries and keys per tile (a
+    power of two >= 16; default BLOCK_Q x BLOCK_K, INTERPRET_BLOCK in the interpreter). Returns
+    ``[B, Hkv, N - n_sinks]`` float32."""
     B, Hq, T, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
     if D > MAX_HEAD_DIM:
@@ -97,8 +98,7 @@ def triton_received_mass(q: torch.Tensor, keys: torch.Tensor, mask: Optional[tor
     else:
         sm = (0, 0, 0)
     interp = interpreting()
-    BQ = BK = INTERPRET_BLOCK if interp else None
-    BQ, BK = BQ or BLOCK_Q, BK or BLOCK_K
+    BQ, BK = (tile, tile) if tile else (INTERPRET_BLOCK, INTERPRET_BLOCK) if interp else (BLOCK_Q, BLOCK_K)
     BD = max(16, triton.next_power_of_2(D))
     # bf16 tl.dot gives wrong results in the interpreter: it computes in float32 there.
     upcast = interp or q.dtype == torch.float32
