@@ -22,12 +22,17 @@ import triton.language as tl
 
 from . import interpreting
 
-# Tile sizes: tl.dot needs at least 16 per side. On the GPU 64 x 64 tiles keep q, k and the [BQ, BK] logits in
-# registers for head sizes up to 256 (untuned: no autotuning, which cannot run in the interpreter); the interpreter
-# runs a few large numpy tiles much faster than many small ones (the tests pass small tiles to cover several).
-BLOCK_Q, BLOCK_K = 64, 64
-INTERPRET_BLOCK = 128
+# Tiles and warps by the padded head size BD (tl.dot needs at least 16 per side): (BQ, BK, num_warps). Sized by
+# compiling for sm_90 without a GPU (triton.compile with GPUTarget("cuda", 90, 32), then cuobjdump -res-usage),
+# bf16 and float32 inputs, 2026-12-02: none spills registers. With 64 x 64 tiles and 4 warps, BD = 128 spilled
+# (255 registers + 24 bytes of stack in bf16, 528 in float32), so 128 takes 8 warps (177 / 192 registers); BD = 256
+# with 8 warps still spilled (32 / 1200 bytes) and takes 32-query tiles (175 / 140 registers). Untuned for speed:
+# no autotuning (it cannot run in the interpreter) and no GPU has timed it.
+GPU_CONFIGS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8), 256: (32, 64, 8)}
 MAX_HEAD_DIM = 256
+# The interpreter runs a few large numpy tiles much faster than many small ones (the tests pass small tiles to
+# cover several).
+INTERPRET_BLOCK = 128
 
 
 @triton.jit
@@ -43,8 +48,9 @@ def _mass_kernel(
     o_k = i_k * BK + tl.arange(0, BK)  # context keys (after the sinks)
     o_d = tl.arange(0, BD)
     m_k, m_d = o_k < NC, o_d < D
-    p_k = k + i_b.to(tl.int64) * sk_b + i_hk * sk_h + (n_sinks + o_k)[:, None].to(tl.int64) * sk_n + o_d[None, :]
-    b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+    # The key tile is loaded transposed, [BD, BK]: the right operand of q k^T as it is, for every query tile.
+    p_k = k + i_b.to(tl.int64) * sk_b + i_hk * sk_h + (n_sinks + o_k)[None, :].to(tl.int64) * sk_n + o_d[:, None]
+    b_k = tl.load(p_k, mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BK]
     if UPCAST:
         b_k = b_k.to(tl.float32)
     acc = tl.zeros([BK], dtype=tl.float32)
@@ -63,9 +69,9 @@ def _mass_kernel(
             if UPCAST:
                 b_q = b_q.to(tl.float32)
             if IEEE:
-                s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+                s = tl.dot(b_q, b_k, input_precision="ieee")
             else:
-                s = tl.dot(b_q, tl.trans(b_k))
+                s = tl.dot(b_q, b_k)
             b_lse = tl.load(lse + i_b.to(tl.int64) * sl_b + h * sl_h + o_q, mask=m_q, other=0.0)
             p = tl.where(visible, tl.exp(s * scale - b_lse[:, None]), 0.0)
             acc += tl.sum(p, 0)
@@ -76,7 +82,7 @@ def triton_received_mass(q: torch.Tensor, keys: torch.Tensor, mask: Optional[tor
                          scale: float, n_sinks: int, tile: Optional[int] = None) -> torch.Tensor:
     """:func:`ahn.kernels.attention_lse.received_mass` in one launch: ``q [B, Hq, T, D]``, ``keys [B, Hkv, N, D]``,
     ``mask [B, T, N]`` / ``[B, Hkv, T, N]`` bool or None, ``lse [B, Hq, T]``; ``tile``: queries and keys per tile (a
-    power of two >= 16; default BLOCK_Q x BLOCK_K, INTERPRET_BLOCK in the interpreter). Returns
+    power of two >= 16; default GPU_CONFIGS, INTERPRET_BLOCK in the interpreter). Returns
     ``[B, Hkv, N - n_sinks]`` float32."""
     B, Hq, T, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
@@ -98,8 +104,13 @@ def triton_received_mass(q: torch.Tensor, keys: torch.Tensor, mask: Optional[tor
     else:
         sm = (0, 0, 0)
     interp = interpreting()
-    BQ, BK = (tile, tile) if tile else (INTERPRET_BLOCK, INTERPRET_BLOCK) if interp else (BLOCK_Q, BLOCK_K)
     BD = max(16, triton.next_power_of_2(D))
+    BQ, BK, num_warps = GPU_CONFIGS[BD]
+    if interp:
+        BQ = BK = INTERPRET_BLOCK
+        num_warps = 1
+    if tile:
+        BQ = BK = tile
     # bf16 tl.dot gives wrong results in the interpreter: it computes in float32 there.
     upcast = interp or q.dtype == torch.float32
     grid = (triton.cdiv(NC, BK), B * Hkv)
@@ -108,6 +119,6 @@ def triton_received_mass(q: torch.Tensor, keys: torch.Tensor, mask: Optional[tor
         T, NC, D, Hq // Hkv, Hkv, n_sinks,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), *sm,
         lse.stride(0), lse.stride(1),
-        BQ=BQ, BK=BK, BD=BD, HAS_MASK=mask is not None, UPCAST=upcast, IEEE=upcast,
+        BQ=BQ, BK=BK, BD=BD, HAS_MASK=mask is not None, UPCAST=upcast, IEEE=upcast, num_warps=num_warps,
     )
     return out
