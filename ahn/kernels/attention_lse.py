@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 from typing import Optional
 
 import torch
 
-try:  # public since torch 2.5; AuxRequest (the non-deprecated way to ask for the log-sum-exp) since 2.9
+try:  # public since torch 2.5; AuxRequest (newer torch: the non-deprecated way to ask for the lse) where it exists
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # an older torch: ahn.attention's explicit softmax serves instead
     BlockMask = flex_attention = None
@@ -57,8 +58,11 @@ def lse_backend_setting() -> str:
     return _setting(LSE_ENV, LSE_CHOICES)
 
 
+@functools.cache
 def flex_available() -> bool:
-    return flex_attention is not None
+    """torch's flex_attention with what this module needs: ``BlockMask.from_kv_blocks(..., seq_lengths=)`` for lengths
+    that are not whole 128-blocks (added after torch 2.5, pytorch PR 141625; older torch uses the explicit softmax)."""
+    return flex_attention is not None and "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
 def use_flex(device: torch.device) -> bool:
