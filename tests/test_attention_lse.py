@@ -11,12 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ahn import attention
+import ahn
+from ahn import AHNConfig, attention
 from ahn.attention import attend, gather_sinks, window_attention, window_block_mask
 from ahn.cache import Buffer
 from ahn.kernels import attention_lse
 from ahn.kernels.attention_lse import received_mass, received_mass_reference, use_flex, use_triton_mass
 from ahn.salience import SalienceScorer
+from helpers import ATOL, ids, load_base, logits, randomize_memory, randomize_salience, run_incremental
 
 pytestmark = [
     pytest.mark.skipif(not attention_lse.flex_available(), reason="this torch has no flex_attention"),
@@ -192,3 +194,26 @@ def test_received_mass_dispatch(monkeypatch):
     got = received_mass(q, k, mask, lse, 0.3, 2)
     assert not got.requires_grad
     torch.testing.assert_close(got, received_mass_reference(q.detach(), k, mask, lse.detach(), 0.3, 2))
+
+
+def test_the_model_on_the_gpu_forms(model_dirs, monkeypatch):
+    """docs/design.md's invariant 3 on the GPU's forms (flex uncompiled, the Triton mass kernel interpreted), every
+    salience option on: a parallel forward equals chunked prefill + decode, and both equal the CPU path's logits, the
+    cache's received mass included."""
+    pytest.importorskip("triton")
+    x = ids(2, 30, seed=4)
+    model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, attention_block=5, buffer_slots=3,
+                                                            salience_writes=True, readout="defer"))
+    randomize_memory(model)
+    randomize_salience(model)
+    runs = {}
+    for form, env in (("cpu", {}), ("gpu", {"AHN_ATTENTION_LSE": "flex", "AHN_RECEIVED_MASS": "triton"})):
+        for name in ("AHN_ATTENTION_LSE", "AHN_RECEIVED_MASS"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        incremental, cache = run_incremental(model, x, [9, 4])
+        runs[form] = logits(model, x), incremental, torch.stack([layer.salience_mass for layer in cache.layers])
+    torch.testing.assert_close(runs["gpu"][1], runs["gpu"][0], rtol=0, atol=ATOL)
+    for name, a, b in zip(("parallel", "incremental", "mass"), runs["gpu"], runs["cpu"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=ATOL, msg=name)
