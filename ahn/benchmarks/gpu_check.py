@@ -530,9 +530,9 @@ def section_end_to_end(run: Run, sec: Section) -> None:
                      "'salient' runs on a copy; CUDA only); work_GB: that peak above what was allocated before the "
                      "case (cache, activations, attention's working memory)")
     sec.notes.append("vs_window: the last-token logits against sinks + window: ahn's always (the memory output starts "
-                     "at zero), salient's while n <= sinks + window (nothing has left the window: the buffer is empty); "
-                     "vs_full: sinks + window against full attention, checked while n <= sinks + window; *_x_ahn: "
-                     "the recommended configuration against the paper's mechanism")
+                     "at zero), salient's while n <= sinks + window (nothing has left the window, the buffer is "
+                     "empty); vs_full: sinks + window against full attention, checked while n <= sinks + window; "
+                     "*_x_ahn: the recommended configuration against the paper's mechanism")
     if gpu_forms(dev):
         sec.notes.append(f"salient runs the GPU's attention forms here, with {gpu_forms(dev)}")
     run.log(f"end_to_end: models built ({sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters each)")

@@ -42,14 +42,15 @@ except ImportError:
 # Environment overrides and their values (the first is the default).
 LSE_ENV, LSE_CHOICES = "AHN_ATTENTION_LSE", ("auto", "flex", "explicit")
 MASS_ENV, MASS_CHOICES = "AHN_RECEIVED_MASS", ("auto", "triton", "torch")
-# flex_attention's sparse block (its default, _DEFAULT_SPARSE_BLOCK_SIZE): the mask is summarised per block of this size.
+# flex_attention's sparse block (its default, _DEFAULT_SPARSE_BLOCK_SIZE): the mask is summarised per block this size.
 FLEX_BLOCK = 128
 
 
 def _setting(name: str, choices: tuple) -> str:
     value = os.environ.get(name, choices[0])
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}; unset it for the default ({choices[0]})")
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}; unset it for the default "
+                         f"({choices[0]})")
     return value
 
 
