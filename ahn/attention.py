@@ -18,8 +18,9 @@ salience-gated writes), the **priority buffer** (attended in the same softmax), 
 policy** (the paper's "add", or "defer", which needs the attention's log-sum-exp) and the teacher's
 **probe** of received attention. Without any of them the attention is SDPA (the paper's mechanism,
 bit for bit); with any of them the same blocks run :func:`attend`, attention that also returns its
-log-sum-exp (torch's CPU flash kernel, or an explicit softmax as the fallback), and a scorer that
-reads each key's received mass gets it from one more pass ``exp(logit - lse)``. The cache (:mod:`ahn.cache`) owns every slot and ring
+log-sum-exp (torch's CPU flash kernel; compiled flex_attention on CUDA; an explicit softmax as the fallback), and
+a scorer that reads each key's received mass gets it from one more pass ``exp(logit - lse)`` (a Triton kernel on
+CUDA; :mod:`ahn.kernels.attention_lse`). The cache (:mod:`ahn.cache`) owns every slot and ring
 index: this module asks it for the window, the leaving tokens and the decode view, and hands it
 what to store.
 
