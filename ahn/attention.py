@@ -18,8 +18,9 @@ salience-gated writes), the **priority buffer** (attended in the same softmax), 
 policy** (the paper's "add", or "defer", which needs the attention's log-sum-exp) and the teacher's
 **probe** of received attention. Without any of them the attention is SDPA (the paper's mechanism,
 bit for bit); with any of them the same blocks run :func:`attend`, attention that also returns its
-log-sum-exp (torch's CPU flash kernel, or an explicit softmax as the fallback), and a scorer that
-reads each key's received mass gets it from one more pass ``exp(logit - lse)``. The cache (:mod:`ahn.cache`) owns every slot and ring
+log-sum-exp (torch's CPU flash kernel; compiled flex_attention on CUDA; an explicit softmax as the fallback), and
+a scorer that reads each key's received mass gets it from one more pass ``exp(logit - lse)`` (a Triton kernel on
+CUDA; :mod:`ahn.kernels.attention_lse`). The cache (:mod:`ahn.cache`) owns every slot and ring
 index: this module asks it for the window, the leaving tokens and the decode view, and hands it
 what to store.
 
@@ -31,7 +32,6 @@ settings of the call arrive as the keyword ``ahn_context`` (an :class:`AHNContex
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +43,8 @@ from transformers import AttentionInterface
 
 from ahn.cache import AHNCache, AHNCacheLayer, Buffer, DecodeView
 from ahn.config import MODES  # noqa: F401 (re-exported: the attention modes)
+from ahn.kernels.attention_lse import EXP_FLOOR, flex_attention_with_lse, lse_backend_setting, received_mass, \
+    received_mass_in_bands, use_flex, use_triton_mass
 from ahn.memory import Memory
 from ahn.salience import SalienceRecord, SalienceScorer, gate_one, gate_writes
 
@@ -169,7 +171,7 @@ def window_softmax(logits: torch.Tensor):
     parts: ``(e, m, lse)`` with ``e = exp(logits - m)`` (m the row max, without gradient: it cancels),
     ``lse [...]`` the log-sum-exp. ``logits`` is overwritten by ``e`` (one pass over the block, no copy)."""
     m = logits.detach().amax(dim=-1, keepdim=True)
-    e = logits.sub_(m).exp_()
+    e = logits.sub_(m).clamp_(min=EXP_FLOOR).exp_()  # -inf (not visible) -> e^-87, no slow path; see EXP_FLOOR
     return e, m, m.squeeze(-1) + torch.log(e.sum(dim=-1))
 
 
@@ -213,7 +215,7 @@ class _FlashWithLSE(torch.autograd.Function):
 
 def _cpu_flash_with_lse(q: torch.Tensor) -> bool:
     return _CPU_FLASH is not None and _CPU_FLASH_BACKWARD is not None and q.device.type == "cpu" \
-        and q.dtype in _CPU_FLASH_DTYPES and os.environ.get("AHN_ATTENTION_LSE", "auto") != "explicit"
+        and q.dtype in _CPU_FLASH_DTYPES and lse_backend_setting() == "auto"
 
 
 def _explicit_attention(q, keys, values, mask, scale):
@@ -232,8 +234,11 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Opti
     ``[B, Hkv, T, N]`` bool (True: visible; every row sees at least one key), or None (all visible). Returns
     ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
 
-    On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); elsewhere, or with
-    ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd)."""
+    On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); on CUDA torch's compiled
+    flex_attention (:mod:`ahn.kernels.attention_lse`; also with ``AHN_ATTENTION_LSE=flex``); without either, or
+    with ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd)."""
+    if use_flex(q.device):
+        return flex_attention_with_lse(q, keys, values, mask, scale)
     if _cpu_flash_with_lse(q):
         bias = None
         if mask is not None:
@@ -244,52 +249,6 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Opti
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, keys, values)):
         return checkpoint(_explicit_attention, q, keys, values, mask, scale, use_reentrant=False)
     return _explicit_attention(q, keys, values, mask, scale)
-
-
-# Queries per step of :func:`received_mass`: a step's scores are [R * sub, W + sub], so fewer queries waste fewer
-# masked keys (W / (W + sub) of each row is visible) and stay nearer the cache; below 64 the steps' overhead shows.
-MASS_QUERIES = 64
-
-
-def received_mass(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor, scale: float, own: int,
-                  window: int, gap: int = 0) -> torch.Tensor:
-    """The attention each key receives from a block of queries: ``sum_i mean_h exp(scale q_hi . k_j - lse_hi)`` over
-    the visible pairs (the softmax's probabilities, from its log-sum-exp), without autograd.
-
-    ``q [B, Hkv, R, bq, D]`` (R query heads per kv head), ``keys [B, Hkv, n, D]``, ``mask [B, bq, n]`` bool
-    (True: visible), ``lse [B, Hkv, R, bq]`` float32 of the whole softmax (keys beyond these, the sinks say, count in
-    it), ``own``: the column of query 0's own slot; query i sees at most columns ``own + i - window + 1 .. own + i``
-    (a sliding window). ``gap``: count only queries at least this many slots after the key (the teacher's probe).
-    Returns ``[B, Hkv, n]`` float32.
-
-    Steps of :data:`MASS_QUERIES` queries: each scores only its band of columns, with ``-lse`` folded into the
-    matmul (``[q * scale, -lse] . [k, 1]``); the middle of the band, which every query of the step sees in a steady
-    block, is not masked."""
-    B, Hkv, R, bq, D = q.shape
-    n = keys.shape[2]
-    qs = torch.cat([q.float() * scale, -lse.float().unsqueeze(-1)], dim=-1)  # [B, Hkv, R, bq, D + 1]
-    ks = F.pad(keys.float(), (0, 1), value=1.0).transpose(-1, -2)  # [B, Hkv, D + 1, n]
-    mass = torch.zeros(B, Hkv, n, device=q.device)
-    for i0 in range(0, bq, MASS_QUERIES):
-        i1 = min(bq, i0 + MASS_QUERIES)
-        b = i1 - i0
-        c0, c1 = max(0, own + i0 - window + 1), min(n, own + i1 - gap)  # the columns any query of the step may see
-        if c1 <= c0:
-            continue
-        s = torch.matmul(qs[:, :, :, i0:i1].reshape(B, Hkv, R * b, D + 1), ks[..., c0:c1]).view(B, Hkv, R, b, -1)
-        m = mask[:, i0:i1, c0:c1]
-        if gap:
-            rows, cols = torch.arange(i0, i1, device=q.device).view(-1, 1), torch.arange(c0, c1, device=q.device)
-            m = m & (cols <= rows + own - gap)
-        m = m.view(B, 1, 1, b, -1)
-        m0, m1 = max(c0, own + i1 - window) - c0, min(c1, own + i0 + 1 - gap) - c0  # the columns every query may see
-        if m1 > m0 and bool(m[..., m0:m1].all()):
-            s[..., :m0].masked_fill_(~m[..., :m0], float("-inf"))
-            s[..., m1:].masked_fill_(~m[..., m1:], float("-inf"))
-        else:
-            s.masked_fill_(~m, float("-inf"))
-        mass[:, :, c0:c1] += s.view(B, Hkv, R * b, -1).exp_().sum(dim=2)
-    return mass.div_(R)
 
 
 def _priority_order(score: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -356,10 +315,17 @@ def _buffer_step(q, window_out, window_lse, scale: float, buffer: Buffer, evicte
     better = torch.cumsum(evicted_by.int(), dim=-1) - evicted_by.int()  # better candidates evicted by query i
     visible = evicted_by & (better < M)
     blogits = _grouped_matmul(q * scale, ck.transpose(-1, -2)).float()  # [B, Hkv, R, bq, M + bq]
-    blogits = blogits.masked_fill_(~visible.unsqueeze(2), float("-inf"))
-    lse = torch.logaddexp(window_lse, torch.logsumexp(blogits, dim=-1))
-    out = (window_out.float() * torch.exp(window_lse - lse).unsqueeze(-1)
-           + _grouped_matmul(torch.exp(blogits - lse.unsqueeze(-1)).to(cv.dtype), cv).float())
+    visible = visible.unsqueeze(2)
+    # One softmax over the window (through its lse) and the visible candidates, shifted by a row maximum m (no
+    # gradient: it cancels); invisible candidates are zeroed after the exp (EXP_FLOOR: no -inf through exp).
+    # (Bool products, not masked_fill: with a broadcast mask it is several times slower on CPU.)
+    shown = torch.where(visible, blogits.detach(), float("-inf"))
+    m = torch.maximum(window_lse.detach(), shown.amax(dim=-1)).unsqueeze(-1)
+    e = (blogits - m).clamp(min=EXP_FLOOR).exp() * visible
+    w = torch.exp(window_lse.unsqueeze(-1) - m)  # the window's share, unnormalised
+    total = w + e.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(total)).squeeze(-1)
+    out = (window_out.float() * w + _grouped_matmul(e.to(cv.dtype), cv).float()) / total
     # Every candidate is evicted by the block's end: the new buffer is the best M (empty ones sort last).
     return out.to(window_out.dtype), lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
 
@@ -432,18 +398,18 @@ def window_attention(
             continue
         qb = qg[:, :, :, a: a + bq]
         out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale)  # [B, Hq, bq, D], [B, Hq, bq]
-        if scorer is not None and scorer.uses_mass:
-            # Each key's received mass (summed over queries, averaged over heads), from the attention's lse.
+        if scorer is not None and scorer.uses_mass or probe is not None:
+            # Each key's received mass (summed over queries, averaged over heads) from the attention's lse: for the
+            # scorer, and for the teacher's probe from queries at least probe_window ahead only.
             with torch.no_grad():
-                mass[:, :, lo - ctx_start: hi - ctx_start] += received_mass(
-                    qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse.detach().view(B, Hkv, R, bq), scale,
-                    own=start + a - lo, window=window)
-        if probe is not None:
-            # The teacher's probe: the window attention each key receives from queries at least probe_window ahead.
-            with torch.no_grad():
-                probe[:, :, lo - ctx_start: hi - ctx_start] += received_mass(
-                    qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse.detach().view(B, Hkv, R, bq), scale,
-                    own=start + a - lo, window=window, gap=probe_window)
+                bands = (qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse.detach().view(B, Hkv, R, bq), scale)
+                if scorer is not None and scorer.uses_mass:
+                    mass[:, :, lo - ctx_start: hi - ctx_start] += (
+                        received_mass(q[:, :, a: a + bq], keys, mask, lse, scale, n_sinks) if use_triton_mass(dev)
+                        else received_mass_in_bands(*bands, own=start + a - lo, window=window))
+                if probe is not None:
+                    probe[:, :, lo - ctx_start: hi - ctx_start] += received_mass_in_bands(
+                        *bands, own=start + a - lo, window=window, gap=probe_window)
         evicted = None
         if scorer is not None:
             e = start + a - window + torch.arange(bq, device=dev)  # [bq] the slot each query evicts

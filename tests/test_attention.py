@@ -8,6 +8,7 @@ import torch
 
 from ahn import attention
 from ahn.attention import attend, window_block_mask
+from ahn.kernels.attention_lse import received_mass_in_bands
 
 # The explicit form's softmax is float32 whatever the inputs (as in the model), so float64 inputs agree to float32's
 # rounding; float32 inputs also differ by flash's blocked online softmax.
@@ -93,7 +94,7 @@ def test_received_mass_equals_the_column_sums_of_the_softmax(B, Hkv, R, bq, W, S
     p = torch.softmax(attention._block_logits(qb, keys, mask.view(B, 1, 1, bq, -1), scale), dim=-1)
     far = (start + torch.arange(bq)).view(-1, 1) - torch.arange(lo, hi) >= gap  # [bq, n]: query slot - key slot
     expected = (p[..., n_sinks:] * far).sum(dim=3).mean(dim=2)
-    got = attention.received_mass(qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse, scale, own=start - lo, window=W,
+    got = received_mass_in_bands(qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse, scale, own=start - lo, window=W,
                                   gap=gap)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert expected.sum() > 0.1 * bq  # the window holds most of the attention: the test compares real mass

@@ -14,6 +14,8 @@ from ahn.kernels._triton import interpreting
 from ahn.benchmarks.kernels import NEW_RULES, RULES
 
 TRITON_RULES = [rule for rule in RULES if rule not in NEW_RULES]
+# The dry run's flex_attention runs uncompiled on CPU, as meant (torch warns that it materialises the scores).
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def load(out):
@@ -61,14 +63,30 @@ def test_dry_run_writes_every_section(tmp_path):
         fused = interpreting() and row["rule"] in TRITON_RULES
         assert ("state_err" in row) == fused and (not fused or row["state_err"] <= gpu_check.TOL_STEP_STATE)
 
+    # Attention: flex's output and lse against the explicit softmax, the Triton mass (interpreted) against torch;
+    # no flex backward on CPU.
+    attn = sections["attention"]
+    assert [(r["block"], r["window"]) for r in attn["rows"]] == [tuple(c) for c in sizes.attention_cases]
+    for row in attn["rows"]:
+        assert row["flex_s"] > 0 and row["explicit_s"] > 0 and "grad_err" not in row
+        assert max(row["out_err"], row["lse_err"]) <= gpu_check.TOL
+        assert ("mass_err" in row) == interpreting() and row.get("mass_err", 0) <= gpu_check.TOL
+    assert any("no flex_attention backward on CPU" in note for note in attn["notes"])
+
     # End to end: every (length, mode), and the logits checks of docs/design.md's invariants 1 and 2.
     e2e = {(r["n"], r["mode"]): r for r in sections["end_to_end"]["rows"]}
-    assert set(e2e) == {(n, mode) for n in sizes.e2e_lengths for mode in gpu_check.MODES}
+    assert set(e2e) == {(n, mode) for n in sizes.e2e_lengths for mode in gpu_check.E2E_MODES}
     assert all(r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["cache_MiB"] > 0 for r in e2e.values())
     short, long = sizes.e2e_lengths
     assert short <= sizes.sinks + sizes.window < long
     assert e2e[short, "window"]["vs_full"] <= gpu_check.TOL and "vs_full" not in e2e[long, "window"]
     assert all(e2e[n, "ahn"]["vs_window"] <= gpu_check.TOL for n in sizes.e2e_lengths)
+    # The recommended configuration (on the GPU's attention forms: flex, the interpreted mass kernel) equals sinks +
+    # window while nothing has left the window; its ratios against the paper's mechanism are written.
+    assert e2e[short, "salient"]["vs_window"] <= gpu_check.TOL and "vs_window" not in e2e[long, "salient"]
+    assert all("prefill_x_ahn" in e2e[n, "salient"] and "decode_x_ahn" in e2e[n, "salient"] for n in sizes.e2e_lengths)
+    assert any("AHN_ATTENTION_LSE" in note for note in sections["end_to_end"]["notes"])
+    assert e2e[long, "ahn"]["cache_MiB"] < e2e[long, "salient"]["cache_MiB"]  # + the buffer's slots and scores
     # The memory's state is a fixed size; the full cache grows with n.
     assert e2e[short, "ahn"]["cache_MiB"] == e2e[long, "ahn"]["cache_MiB"] < e2e[long, "full"]["cache_MiB"]
     assert f"| {long} | ahn |" in md and "| n | mode | prefill_s |" in md

@@ -3,7 +3,7 @@
     python -m ahn.benchmarks.gpu_check [--out build/gpu-check]    # on a CUDA machine (make gpu-check)
     python -m ahn.benchmarks.gpu_check --dry-run --out /tmp/gc    # the same code, tiny sizes, CPU (the suite runs it)
 
-Four sections, in this order:
+Five sections, in this order:
 
 1. ``cuda_tests``: the ``cuda``-marked tests (``pytest -m cuda`` on the test files that carry
    the mark): fla and ahn's Triton kernels against torch in bfloat16, the fused decode step.
@@ -16,11 +16,19 @@ Four sections, in this order:
 3. ``decode_step``: the fused Triton decode step vs the unfused torch step, same shapes,
    batch 1 and 8, the k / v heads of the model (GQA): median seconds and the error. The
    newer rules decode with torch ops only: their rows time the torch step.
-4. ``end_to_end``: a random-weight Qwen2.5-3B-shaped model in bfloat16 prefills 32k and 128k
-   tokens, then decodes tokens after them: full attention (sdpa) vs sinks + window vs ahn
-   (window + gated DeltaNet memory), with time, cache size and peak GPU memory. Two logits
-   checks of docs/design.md's invariants: ahn equals sinks + window (zero-initialised memory
-   output), and sinks + window equals full attention when n <= sinks + window.
+4. ``attention``: what the recommended configuration needs from attention, on steady-state
+   prefill blocks (Qwen2.5-3B's heads, 128 sinks, 32k and 8k windows): attention with its
+   log-sum-exp through torch's compiled flex_attention vs the explicit float32 softmax
+   (forward; forward+backward with the log-sum-exp's gradient), and the Triton received-mass
+   kernel vs its torch reference: median seconds, peak GPU memory, relative errors.
+5. ``end_to_end``: a random-weight Qwen2.5-3B-shaped model in bfloat16 prefills 32k and 128k
+   tokens, then decodes tokens after them: sinks + window vs ahn (window + gated DeltaNet
+   memory, the paper's mechanism) vs the recommended configuration ("salient": ahn with a
+   16-slot priority buffer, salience-gated writes from a mass-reading scorer, the deferring
+   read-out) vs full attention (sdpa), with time, cache size and peak GPU memory. Logits checks
+   of docs/design.md's invariants: ahn equals sinks + window (zero-initialised memory output),
+   so does "salient" while n <= sinks + window (nothing has left the window, the buffer is
+   empty), and sinks + window equals full attention when n <= sinks + window.
 
 Each section gets a share of the time budget (``--budget``; what one leaves, the next ones
 get); inside a section the cases run from small to large, and a case predicted (from the last
@@ -34,6 +42,8 @@ machine and reading the results: docs/gpu.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import datetime
 import importlib.metadata
@@ -52,10 +62,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ahn.attention import _explicit_attention, window_block_mask
 from ahn.benchmarks.efficiency import cache_bytes, decode_ms, peak_gpu_gb, prefill, shaped_model
 from ahn.benchmarks.kernels import RULES, make_args, rule_fn, runs, step_args, step_fn, timed
-from ahn.config import MODES, AHNConfig
+from ahn.config import AHNConfig
 from ahn.configs import load_model_config
+from ahn.kernels.attention_lse import flex_attention_with_lse, flex_available, received_mass_reference
 from ahn.kernels.dispatch import fla_available
 from ahn.kernels._triton import interpreting
 from ahn.model import add_memory
@@ -66,7 +78,9 @@ BUDGET_S = 480
 RESERVE_S = 15
 # Relative shares of the budget, in run order. Compiling the Triton kernels (ahn's and every config fla
 # autotunes) falls in the tests, which run first; the compiled kernels are cached on disk for the rest.
-SHARES = {"cuda_tests": 2.5, "kernels": 2.0, "decode_step": 0.5, "end_to_end": 3.0}
+# attention: mostly compiling flex's forward and backward kernels (the timed calls are milliseconds); end_to_end runs
+# four modes (the recommended configuration's prefill compiles flex and the mass kernel in its warm-up).
+SHARES = {"cuda_tests": 2.5, "kernels": 1.25, "decode_step": 0.5, "attention": 1.25, "end_to_end": 3.5}
 # Model shapes of ahn/configs/models/ (the memory runs on the query heads; head size = hidden / heads).
 KERNEL_SHAPES = ("Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct")
 E2E_SHAPE = "Qwen2.5-3B-Instruct"
@@ -74,6 +88,12 @@ E2E_SHAPE = "Qwen2.5-3B-Instruct"
 # 32768, Qwen2.5-3B's max_position_embeddings, the context its attention was trained on.
 SINKS, WINDOW = 128, 32640
 MEMORY = "gated_deltanet"
+# The end-to-end modes, in run order: the product's first, full attention (the costliest, a comparison) last.
+# "salient" is "ahn" with the recommended options (the demo's defaults, ahn/demo/run.py DemoSettings, and
+# efficiency.py's 'salient' mode): a 16-slot priority buffer, salience-gated writes, a scorer that reads the
+# received mass, the deferring read-out.
+E2E_MODES = ("window", "ahn", "salient", "full")
+RECOMMENDED = dict(buffer_slots=16, salience_writes=True, readout="defer", salience_mass=True)
 # Tolerances, relative to max(1, |reference| max), from the tests: bf16 outputs and states
 # (TOL of tests/kernel_cases.py), bf16 gradients (TOL_BF16_GRAD of tests/kernel_cases.py),
 # the decode step's float32 state (test_fused_step_bfloat16_on_cuda).
@@ -105,6 +125,7 @@ class Sizes:
     decode_steps: int
     kernel_repeats: int
     step_repeats: int
+    attention_cases: tuple  # (query block, window) of the attention section (keys: sinks + window - 1 + block)
     model_overrides: dict = field(default_factory=dict)
 
 
@@ -113,11 +134,14 @@ GPU_SIZES = Sizes(
     sinks=SINKS, window=WINDOW,
     block=4096,  # efficiency.py's --block default: a full-attention mask is then [4096, n], not [n, n]
     decode_steps=10, kernel_repeats=3, step_repeats=50,
+    # A prefill block at ahn's GPU set-up first: flex's compilation falls in the first case, and if it leaves too
+    # little of the section's share, the smaller case is the one skipped.
+    attention_cases=((4096, WINDOW), (1024, 8192)),
 )
 # --dry-run: the same sections at sizes a CPU runs in seconds (lengths / 256 for the model, heads / 16).
 DRY_SIZES = Sizes(
     kernel_lengths=(64,), head_divisor=16, decode_batches=(1, 8), e2e_lengths=(128, 512), sinks=4, window=124,
-    block=128, decode_steps=2, kernel_repeats=1, step_repeats=2,
+    block=128, decode_steps=2, kernel_repeats=1, step_repeats=2, attention_cases=((128, 124), (32, 60)),
     model_overrides=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=1024),
 )
 
@@ -347,31 +371,182 @@ def section_decode_step(run: Run, sec: Section) -> None:
                 run.log(f"decode_step {name} B={B} {rule}: {brief(row, 'shape', 'B', 'H', 'Hk', 'D', 'rule')}")
 
 
+def section_attention(run: Run, sec: Section) -> None:
+    """flex attention with its lse vs the explicit softmax, and the Triton received mass vs torch, per block size."""
+    s, dev = run.sizes, run.device
+    sh = shape_of(E2E_SHAPE, s.head_divisor)
+    mass_why = unavailable("triton", dev)
+    sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), shape=E2E_SHAPE, B=1, Hq=sh["H"], Hkv=sh["Hk"],
+                      D=sh["D"], sinks=s.sinks, cases=[list(c) for c in s.attention_cases], repeats=s.kernel_repeats,
+                      reference="explicit float32 softmax on the same (rounded) inputs",
+                      tolerance={"output, lse, mass": TOL, "gradients": TOL_GRAD})
+    sec.notes.append("a steady-state prefill block: `block` queries against the sinks and the window (mask of "
+                     "ahn.attention.window_block_mask); flex_* : ahn.kernels.attention_lse.flex_attention_with_lse "
+                     "(compiled on CUDA), explicit_*: the fallback it replaces; *_peak_GB: peak GPU memory of the call "
+                     "above the inputs (CUDA only); mass: Triton vs ahn.kernels.attention_lse.received_mass_reference")
+    if not flex_available():
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.flex_attention")
+    if dev.type != "cuda":
+        sec.notes.append("flex fwd+bwd left empty: torch has no flex_attention backward on CPU")
+    if mass_why:
+        sec.notes.append(f"mass columns left empty: {mass_why}")
+    for bq, window in s.attention_cases:
+        row = {"block": bq, "window": window, "keys": s.sinks + window - 1 + bq}
+        sec.rows.append(row)
+        size = bq * row["keys"]
+        why = sec.fits("attention", size)
+        if why:
+            row["skipped"] = why
+            continue
+        try:
+            attention_case(run, row, sh, bq, window, mass=mass_why is None)
+        except Exception as e:  # noqa: BLE001 (recorded, the next case runs)
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+        finally:
+            free(dev)
+        # The next case's cost: its calls (warm-up and peak-memory calls included), compilation being done.
+        sec.ran("attention", size, (2 + run.sizes.kernel_repeats) * sum(v for k, v in row.items() if k.endswith("_s")))
+        run.log(f"attention block={bq} window={window}: {brief(row, 'block', 'window')}")
+
+
+def peak_above(dev: torch.device, fn):
+    """``(fn(), peak GPU memory in GB above what was allocated before it)``; None for the memory off CUDA."""
+    if dev.type != "cuda":
+        return fn(), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
+def attention_case(run: Run, row: dict, sh: dict, bq: int, window: int, mass: bool) -> None:
+    dev, dtype, S, repeats = run.device, run.dtype, run.sizes.sinks, run.sizes.kernel_repeats
+    t0 = window  # the first query slot: the window is full, every key slot is a real token
+    lo, hi = t0 - window + 1, t0 + bq
+    P = torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
+    mask = window_block_mask(t0, bq, lo, hi, window, S, P, P + torch.arange(S, device=dev).view(1, 1, -1))
+    N = S + hi - lo
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, sh["D"], generator=gen).to(dev, dtype)
+               for h, n in ((sh["H"], bq), (sh["Hk"], N), (sh["Hk"], N)))
+    scale = sh["D"] ** -0.5
+    ok = True
+
+    def explicit():
+        return _explicit_attention(q.float(), k.float(), v.float(), mask, scale)
+
+    def flex():
+        return flex_attention_with_lse(q, k, v, mask, scale)
+
+    with torch.no_grad():
+        row["explicit_s"], _ = timed(explicit, dev, repeats)
+        (ref_out, ref_lse), row["explicit_peak_GB"] = peak_above(dev, explicit)
+        row["flex_s"], _ = timed(flex, dev, repeats)
+        (out, lse), row["flex_peak_GB"] = peak_above(dev, flex)
+    row["out_err"], row["lse_err"] = rel_err(out, ref_out), rel_err(lse, ref_lse)
+    ok &= row["out_err"] <= TOL and row["lse_err"] <= TOL
+    if dev.type == "cuda":  # forward + backward, the lse's gradient included (the deferring read-out trains it)
+        g_out = torch.randn(out.shape, generator=gen).to(dev)
+        g_lse = torch.randn(lse.shape, generator=gen).to(dev)
+
+        def grads(f, cast):
+            def run_once():
+                leaves = [cast(x).requires_grad_() for x in (q, k, v)]
+                o, l = f(*leaves, mask, scale)
+                return torch.autograd.grad((o.float() * g_out).sum() + (l * g_lse).sum(), leaves)
+            return run_once
+
+        ref_grads = grads(_explicit_attention, lambda x: x.float())()
+        row["flex_fwd_bwd_s"], got = timed(grads(flex_attention_with_lse, lambda x: x.detach().clone()), dev, repeats)
+        row["grad_err"] = max(rel_err(g, r) for g, r in zip(got, ref_grads))
+        ok &= row["grad_err"] <= TOL_GRAD
+        del ref_grads, got
+    if mass:
+        # optional dependency: triton (CUDA, or its interpreter in the dry run)
+        from ahn.kernels._triton.mass import triton_received_mass
+
+        lse = lse.float()
+        ref_mass = received_mass_reference(q, k, mask, lse, scale, S)
+        row["mass_s"], got = timed(lambda: triton_received_mass(q, k, mask, lse, scale, S), dev, repeats)
+        row["mass_err"] = rel_err(got, ref_mass)
+        ok &= row["mass_err"] <= TOL
+    row["ok"] = bool(ok)
+
+
+def gpu_forms(device: torch.device) -> dict:
+    """Environment settings that make attention on ``device`` take the GPU's forms of ahn.kernels.attention_lse (flex
+    uncompiled, the Triton mass kernel in the interpreter) off CUDA, so that a dry run covers them end to end; none on
+    CUDA, where they are the default."""
+    if device.type == "cuda":
+        return {}
+    env = {"AHN_ATTENTION_LSE": "flex"} if flex_available() else {}
+    if not unavailable("triton", device):
+        env["AHN_RECEIVED_MASS"] = "triton"
+    return env
+
+
+@contextlib.contextmanager
+def environ(values: dict):
+    """Set environment variables for the duration of a ``with`` block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def section_end_to_end(run: Run, sec: Section) -> None:
-    """Prefill n tokens and decode after them, per n (small first) and mode, on one random-weight model."""
+    """Prefill n tokens and decode after them, per n (small first) and mode, on one random-weight model (and a copy
+    of it with the recommended options, for "salient")."""
     s, dev = run.sizes, run.device
     base = shaped_model(E2E_SHAPE, max(s.e2e_lengths), str(dev), run.dtype, overrides=s.model_overrides)
     cfg = base.config
-    model = add_memory(base, AHNConfig(memory=MEMORY, window=s.window, sinks=s.sinks))
+    paper = AHNConfig(memory=MEMORY, window=s.window, sinks=s.sinks)
+    salient = add_memory(copy.deepcopy(base), AHNConfig(**paper.to_dict() | RECOMMENDED))
+    model = add_memory(base, paper)
+    models = {mode: model for mode in E2E_MODES} | {"salient": salient}
+
+    @contextlib.contextmanager
+    def running(mode: str):
+        """The model in the attention mode of an end-to-end mode ("salient" is "ahn" on its own model, with the GPU's
+        attention forms in a dry run)."""
+        with models[mode].attention_mode("ahn" if mode == "salient" else mode) as m, \
+                environ(gpu_forms(dev) if mode == "salient" else {}):
+            yield m
+
     sec.config.update(device=str(dev), dtype=dtype_name(run.dtype), shape=E2E_SHAPE, overrides=s.model_overrides,
                       layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
                       kv_heads=cfg.num_key_value_heads, memory=MEMORY, sinks=s.sinks, window=s.window,
                       prefill_block=s.block, decode_steps=s.decode_steps, logits_tolerance=TOL,
-                      memory_backend=model.ahn_config.backend)
+                      memory_backend=model.ahn_config.backend, salient=RECOMMENDED,
+                      salient_attention_block=salient.ahn_config.attention_block)
     sec.notes.append("prefill_s: n tokens in blocks of prefill_block; decode_ms: median of decode_steps tokens "
-                     "after them; peak_GB: peak GPU memory of prefill + decode (weights included; CUDA only)")
-    sec.notes.append("vs_window: ahn's last-token logits against sinks + window (equal: the memory output starts at "
-                     "zero); vs_full: sinks + window against full attention, checked while n <= sinks + window")
-    run.log(f"end_to_end: model built ({sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters)")
-    for mode in MODES:
-        with model.attention_mode(mode) as m:
+                     "after them; peak_GB: peak GPU memory of prefill + decode (the weights of both models included: "
+                     "'salient' runs on a copy; CUDA only); work_GB: that peak above what was allocated before the "
+                     "case (cache, activations, attention's working memory)")
+    sec.notes.append("vs_window: the last-token logits against sinks + window: ahn's always (the memory output starts "
+                     "at zero), salient's while n <= sinks + window (nothing has left the window, the buffer is "
+                     "empty); vs_full: sinks + window against full attention, checked while n <= sinks + window; "
+                     "*_x_ahn: the recommended configuration against the paper's mechanism")
+    if gpu_forms(dev):
+        sec.notes.append(f"salient runs the GPU's attention forms here, with {gpu_forms(dev)}")
+    run.log(f"end_to_end: models built ({sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters each)")
+    for mode in E2E_MODES:  # the recommended one compiles flex attention and the mass kernel here
+        with running(mode) as m:
             small = {} if mode == "full" else {"window": WARMUP_WINDOW, "sinks": WARMUP_SINKS}
             prefill(m, WARMUP_TOKENS, WARMUP_BLOCK, **small)
     free(dev)
     run.log("end_to_end: warmed up")
     for n in s.e2e_lengths:
         logits = {}
-        for mode in MODES:
+        for mode in E2E_MODES:
             row = {"n": n, "mode": mode}
             sec.rows.append(row)
             why = sec.fits(mode, n, GROWTH_POWER.get(mode, 1.0))
@@ -380,13 +555,16 @@ def section_end_to_end(run: Run, sec: Section) -> None:
                 continue
             t0 = time.monotonic()
             try:
+                before = 0
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                with model.attention_mode(mode) as m:
+                    before = torch.cuda.memory_allocated()
+                with running(mode) as m:
                     secs, cache, last = prefill(m, n, s.block)
                     row.update(prefill_s=secs, prefill_tok_per_s=n / secs, cache_MiB=cache_bytes(cache) / 2**20)
                     row["decode_ms"] = decode_ms(m, cache, s.decode_steps)
                 row["peak_GB"] = peak_gpu_gb(dev)
+                row["work_GB"] = None if row["peak_GB"] is None else row["peak_GB"] - before / 1e9
                 logits[mode] = last.float()
                 row["ok"] = bool(torch.isfinite(logits[mode]).all())
                 del cache, last
@@ -397,24 +575,28 @@ def section_end_to_end(run: Run, sec: Section) -> None:
             sec.ran(mode, n, time.monotonic() - t0)
             run.log(f"end_to_end n={n} {mode}: {brief(row, 'n', 'mode')}")
         rows = {r["mode"]: r for r in sec.rows if r["n"] == n}
-        if "ahn" in logits and "window" in logits:
-            rows["ahn"]["vs_window"] = rel_err(logits["ahn"], logits["window"])
-            rows["ahn"]["ok"] &= rows["ahn"]["vs_window"] <= TOL
+        for mode in ("ahn", "salient"):
+            if mode in logits and "window" in logits and (mode == "ahn" or n <= s.sinks + s.window):
+                rows[mode]["vs_window"] = rel_err(logits[mode], logits["window"])
+                rows[mode]["ok"] &= rows[mode]["vs_window"] <= TOL
         if "window" in logits and "full" in logits and n <= s.sinks + s.window:
             rows["window"]["vs_full"] = rel_err(logits["window"], logits["full"])
             rows["window"]["ok"] &= rows["window"]["vs_full"] <= TOL
-        for mode in ("window", "ahn"):
-            if all("decode_ms" in rows[m] for m in (mode, "full")):
-                rows[mode]["prefill_x_full"] = rows[mode]["prefill_s"] / rows["full"]["prefill_s"]
-                rows[mode]["decode_x_full"] = rows[mode]["decode_ms"] / rows["full"]["decode_ms"]
-    del model, base
+        for mode, against in (("window", "full"), ("ahn", "full"), ("salient", "full"), ("salient", "ahn")):
+            if all("decode_ms" in rows[m] for m in (mode, against)):
+                rows[mode][f"prefill_x_{against}"] = rows[mode]["prefill_s"] / rows[against]["prefill_s"]
+                rows[mode][f"decode_x_{against}"] = rows[mode]["decode_ms"] / rows[against]["decode_ms"]
+    del model, salient, models, base
 
 
 SECTIONS: dict[str, tuple[str, Callable[[Run, Section], None]]] = {
     "cuda_tests": ("The cuda-marked tests", section_cuda_tests),
     "kernels": ("Memory kernels: ahn's Triton vs fla vs torch chunkwise", section_kernels),
     "decode_step": ("Decode step: fused Triton vs unfused torch", section_decode_step),
-    "end_to_end": ("End to end: full attention vs sinks + window vs ahn", section_end_to_end),
+    "attention": ("Attention with its log-sum-exp (flex vs explicit) and the received mass (Triton vs torch)",
+                  section_attention),
+    "end_to_end": ("End to end: sinks + window vs ahn vs the recommended configuration vs full attention",
+                   section_end_to_end),
 }
 
 
