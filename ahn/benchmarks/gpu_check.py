@@ -560,7 +560,7 @@ def section_end_to_end(run: Run, sec: Section) -> None:
                     torch.cuda.reset_peak_memory_stats()
                     before = torch.cuda.memory_allocated()
                 with running(mode) as m:
-                    secs, cache, last = prefill(m, n, s.block)
+                    secs, cache, last, _ = prefill(m, n, s.block)
                     row.update(prefill_s=secs, prefill_tok_per_s=n / secs, cache_MiB=cache_bytes(cache) / 2**20)
                     row["decode_ms"] = decode_ms(m, cache, s.decode_steps)
                 row["peak_GB"] = peak_gpu_gb(dev)
