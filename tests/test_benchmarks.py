@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ahn.benchmarks import capacity, efficiency, kernels
+from ahn.benchmarks import capacity, distill_step, efficiency, kernels
 
 
 def test_kernels_benchmark_prints_its_table(capsys):
@@ -52,3 +52,11 @@ def test_efficiency_benchmark_prints_ratios_and_plots(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "ratios to 'full'" in out and "ahn     decode      300" in out and "salient decode      300" in out
     assert png.stat().st_size > 0
+
+
+def test_distill_step_benchmark_times_both_modes(capsys):
+    """Both modes' steps are timed through the real trainer (the recommended one with its salience loss)."""
+    distill_step.main(["--seq-len", "96", "--window", "16", "--sinks", "2", "--batch", "2", "--steps", "1", "--warmup", "0",
+                       "--buffer", "4"])
+    out = capsys.readouterr().out
+    assert "step 1/1 paper" in out and "step 1/1 recommended" in out and "recommended / paper: x" in out
