@@ -171,6 +171,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {where}, {dtype}; {what}; memory={a.memory} window={a.window} sinks={a.sinks}")
     rows = []
     prefill_best: dict = {}
+    kept: dict = {}  # (mode, n) -> the cache of the last prefill round, for n in --decode-at
     for r in range(a.prefill_rounds):  # interleaved rounds, the best kept (as for decode below)
         for mode in a.modes:
             with running(mode) as m:
@@ -184,6 +185,8 @@ def main(argv=None):
                     best = prefill_best.get((mode, n))
                     prefill_best[mode, n] = (min(secs, best[0]) if best else secs, cache_bytes(cache),
                                              max(growth, best[2]) if best else growth, min(cpu, best[3]) if best else cpu)
+                    if n in a.decode_at and r == a.prefill_rounds - 1:
+                        kept[mode, n] = cache  # decoded from below, not prefilled a second time
                     del cache
     cpu_secs = {}
     for (mode, n), (secs, nbytes, growth, cpu) in prefill_best.items():
@@ -197,7 +200,7 @@ def main(argv=None):
     for mode in a.modes:
         with running(mode) as m:
             for n in a.decode_at:
-                caches[mode, n] = prefill(m, n, a.block)[1]
+                caches[mode, n] = kept.pop((mode, n)) if (mode, n) in kept else prefill(m, n, a.block)[1]
     best = {}
     for _ in range(a.rounds):
         for (mode, n), cache in caches.items():
