@@ -49,6 +49,8 @@ def shaped_model(name: str, max_len: int, device: str, dtype: torch.dtype, seed:
     cfg = load_model_config(name)
     for key, value in (overrides or {}).items():
         setattr(cfg, key, value)
+    if getattr(cfg, "layer_types", None) and len(cfg.layer_types) != cfg.num_hidden_layers:
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]  # fewer layers: the first ones' types
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_len + 1024)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
