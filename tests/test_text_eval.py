@@ -174,8 +174,11 @@ def test_text_demo_end_to_end_in_miniature(tiny_text_teacher, tmp_path):
                           print_fn=lines.append)
     assert again["modes"] == results["modes"]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("scores-*.json")} == before
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings.*max_steps: 2 -> 3"):
         run_text_demo(tmp_path / "run", quick_settings(length=192, steps=3), teacher_dir=teacher, texts=texts,
+                      progress=False, print_fn=lines.append)
+    with pytest.raises(ValueError, match="other settings.*data: "):  # the same steps on other data
+        run_text_demo(tmp_path / "run", quick_settings(length=192, train_sequences=9), teacher_dir=teacher, texts=texts,
                       progress=False, print_fn=lines.append)
 
 

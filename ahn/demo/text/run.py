@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ahn._io import check_writable_folder, replace_file
 from ahn._progress import library_progress
@@ -55,7 +56,7 @@ RECALL_PAIRS = (8, 16, 32, 64)
 RESULTS_NAME = "results.json"
 TABLE_NAME = "results.md"
 NEEDLE_PLOT, PPL_PLOT, RECALL_PLOT = "needles.png", "perplexity.png", "recall.png"
-TRAIN_DATA = "train.jsonl"
+TRAIN_DATA = "train"  # + the data's digest + .jsonl
 # The issue's targets (issue 26, "Targets"): the recommended configuration on the held-out essays.
 NEEDLE_TARGET = 0.95  # needles beyond the window
 PPL_GAP_TARGET = 0.5  # share of the window -> full perplexity gap closed beyond the first window
@@ -423,8 +424,11 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
                                               **mode_configs(settings, 0)["recommended"]))
     configs = mode_configs(settings, equal["slots"])
     records = training_records(tokenizer, train, settings, length)
-    data = out / TRAIN_DATA
-    replace_file(data, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
+    # Named by its content, so that a rerun whose data differ (another mix, count or seed) is another distill run,
+    # which distill refuses in the same adapter folder, naming the data.
+    data = out / f"{TRAIN_DATA}-{_digest(records)}.jsonl"
+    if not data.is_file():
+        replace_file(data, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
     sets = held_out_sets(tokenizer, heldout, settings, length)
     train_seconds = {}
     adapters = {}
@@ -442,21 +446,21 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
         adapters[mode] = distill(cfg, callbacks=[FrozenReadout()] if mode == "buffer_only" else [])
         train_seconds[mode] = round(time.perf_counter() - t0, 1)
     scores = {}
-    key = _digest({"settings": asdict(settings), "length": length, "teacher": str(teacher_dir),
-                   "heldout": _digest(heldout), "slots": equal["slots"]})
+    key = _digest({"settings": asdict(settings), "length": length, "heldout": _digest(heldout), "slots": equal["slots"],
+                   "teacher": _file_digest(teacher_dir / SAFE_WEIGHTS_NAME)})
     for mode in tqdm(MODE_NAMES, desc="ahn demo --task text: scoring", disable=not progress):
         path = out / f"scores-{mode}.json"
+        adapter = _file_digest(adapters[mode] / WEIGHTS_NAME) if mode in adapters else None
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved.get("key") == key and (mode not in adapters or saved.get("adapter") == _adapter_digest(adapters[mode])):
+            if saved.get("key") == key and saved.get("adapter") == adapter:
                 scores[mode] = saved["scores"]
                 continue
         fresh = _load_teacher(teacher_dir, progress)[0]
         model = (AHNModel.from_pretrained(fresh, str(adapters[mode])) if mode in adapters else
                  add_memory(fresh, AHNConfig(memory=settings.memory, window=settings.window, sinks=settings.sinks)))
         scores[mode] = score_mode(model, mode, sets, settings, length, progress)
-        _write_json(path, {"key": key, "adapter": _adapter_digest(adapters[mode]) if mode in adapters else None,
-                           "scores": scores[mode]})
+        _write_json(path, {"key": key, "adapter": adapter, "scores": scores[mode]})
     results = {
         "task": "text", "attention": {"window": settings.window, "sinks": settings.sinks}, "length": length,
         "needle_lengths": lengths, "needle_depths": list(settings.needle_depths), "teacher": str(teacher_dir),
@@ -485,8 +489,8 @@ def _load_teacher(path: Path, progress: bool):
         raise ValueError(str(e)) from None
 
 
-def _adapter_digest(adapter: Path) -> str:
-    return hashlib.sha256((Path(adapter) / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def quick_settings(**overrides) -> TextSettings:
