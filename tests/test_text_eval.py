@@ -152,6 +152,7 @@ def test_text_demo_end_to_end_in_miniature(tiny_text_teacher, tmp_path):
         assert r["ppl_beyond"] > 1 and r["ppl_first_window"] > 1
         assert sorted(r["recall"]) == ["2", "4"] and all(0 <= v <= 1 for v in r["recall"].values())
         assert len(r["needle_grid"]) == 2 and len(r["needle_grid"][0]) == len(saved["needle_lengths"])
+        assert sorted(r["recall_beyond"]) == ["2", "4"] and "single" in r["needle_kinds"]
     m = saved["modes"]
     for mode in MODE_NAMES:  # the first window sees its whole prefix in every mode: no memory can change it
         assert abs(m[mode]["ppl_first_window"] / m["window"]["ppl_first_window"] - 1) < 1e-4, mode

@@ -78,8 +78,10 @@ class TextSettings:
     steps / batch_size / learning_rate / ...: each memory's distillation. train_sequences: generated training
         sequences (default steps x batch size); lm_share: the share of them that are plain essay windows, the rest
         needles (all four kinds) and word-pair recall (8 to 64 pairs) in equal parts.
-    needles_per_cell / ppl_windows / recall_examples: held-out sizes; repeat_span: tokens a span must share with
-        an earlier occurrence beyond the window for its last token to count as a repeat.
+    needles_per_cell / ppl_windows / recall_examples: held-out sizes (``needles_per_cell`` needles of each kind at
+        ``length`` too, at random depths); repeat_span: tokens a span must share with an earlier occurrence beyond
+        the window for its last token to count as a repeat (in 16 held-out windows of 1024 tokens, spans of 8 tokens
+        never recurred beyond the window, spans of 4 did 52 times).
     """
 
     memory: str = "gated_deltanet"
@@ -99,10 +101,10 @@ class TextSettings:
     train_sequences: Optional[int] = None
     lm_share: float = 0.5
     needles_per_cell: int = 8
-    ppl_windows: int = 16
+    ppl_windows: int = 32
     recall_examples: int = 8
     recall_pairs: tuple = RECALL_PAIRS
-    repeat_span: int = 8
+    repeat_span: int = 4
     seed: int = 0
     eval_seed: int = 20262  # never used for training data
 
@@ -193,8 +195,7 @@ def training_records(tokenizer, texts: Sequence[str], settings: TextSettings, le
     if top < 1:
         raise ValueError(f"the training text gives {len(words)} one-token words and a recall example of {length} tokens "
                          "holds no pair: give more text or a longer length")
-    kinds = [k for k in tasks.NEEDLE_KINDS if _fits(lambda r: tasks.needle_example(
-        tokenizer, haystack, length, 0.5, k, r, words))]  # at short lengths four needles may not fit
+    kinds = fitting_kinds(tokenizer, haystack, length, words)
     records = []
     for i in range(n):
         if rng.random() < settings.lm_share:
@@ -218,6 +219,12 @@ def _fits(make: Callable[[random.Random], object]) -> bool:
     except ValueError:
         return False
     return True
+
+
+def fitting_kinds(tokenizer, haystack, length: int, words: Sequence[str]) -> list[str]:
+    """The needle kinds whose needles and question fit ``length`` tokens (four needles may not, at toy lengths)."""
+    return [k for k in tasks.NEEDLE_KINDS
+            if _fits(lambda r: tasks.needle_example(tokenizer, haystack, length, 0.5, k, r, words))]
 
 
 def max_pairs(tokenizer, words: Sequence[str], length: int) -> int:
@@ -245,6 +252,8 @@ def held_out_sets(tokenizer, texts: Sequence[str], settings: TextSettings, lengt
     windows = len(haystack) // length
     if windows < 1:
         raise ValueError(f"the held-out text has {len(haystack)} tokens, fewer than one window of {length}")
+    kinds = {k: [tasks.needle_example(tokenizer, haystack, length, rng.random(), k, rng, words)
+                 for _ in range(settings.needles_per_cell)] for k in fitting_kinds(tokenizer, haystack, length, words)}
     ppl = [[tokenizer.bos_token_id] + haystack[k * length:(k + 1) * length - 1].tolist()
            for k in range(min(windows, settings.ppl_windows))]
     too_many = [p for p in settings.recall_pairs if 2 * p > len(words) or p > max_pairs(tokenizer, words, length)]
@@ -254,7 +263,7 @@ def held_out_sets(tokenizer, texts: Sequence[str], settings: TextSettings, lengt
                          f"{max_pairs(tokenizer, words, length)} pairs; ask for fewer pairs or a longer length")
     recall = {p: [tasks.recall_example(tokenizer, words, p, length, rng, haystack)
                   for _ in range(settings.recall_examples)] for p in settings.recall_pairs}
-    return {"needles": needles, "ppl": ppl, "recall": recall}
+    return {"needles": needles, "kinds": kinds, "ppl": ppl, "recall": recall}
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -266,12 +275,16 @@ def score_mode(model: AHNModel, mode: str, sets: dict, settings: TextSettings, l
     needles = sets["needles"]
     hits = span_matches(model, att, [e.input_ids for e in needles], [e.answer_spans for e in needles],
                         progress=progress, desc=f"{mode}: needles")
-    rows = []
-    for e, h in zip(needles, hits):
-        q = e.answer_spans[0][0] - 1
-        positions = [p for a, b in e.value_spans for p in range(a, b)]
-        rows.append({"length": len(e.input_ids), "depth": round(100 * e.depth), "region":
-                     needle_region(q, positions, W, S), "found": h[0]})
+    rows = [{"length": len(e.input_ids), "depth": round(100 * e.depth), "region": _region(e, 0, W, S), "found": h[0]}
+            for e, h in zip(needles, hits)]
+    kinds = {}
+    for kind, examples in sets["kinds"].items():
+        found = span_matches(model, att, [e.input_ids for e in examples], [e.answer_spans for e in examples],
+                             progress=progress, desc=f"{mode}: {kind} needles")
+        regions = [_region(e, 0, W, S) for e in examples]
+        kinds[kind] = {"accuracy": accuracy([f[0] for f in found]),
+                       "beyond": accuracy([f[0] for f, r in zip(found, regions) if r == "beyond"]),
+                       "count": len(found), "beyond_count": regions.count("beyond")}
     nll = position_nll(model, att, sets["ppl"], progress=progress)  # [N, L - 1]
     edges = position_edges(length, W, S)
     by_position = []
@@ -280,14 +293,25 @@ def score_mode(model: AHNModel, mode: str, sets: dict, settings: TextSettings, l
         by_position.append({"lo": lo, "hi": hi, "ppl": value, "tokens": count})
     repeats = torch.stack([repeat_mask(s, settings.repeat_span, W, S) for s in sets["ppl"]])
     ppl_repeat, repeat_tokens = perplexity(nll, repeats)
-    recall = {}
+    recall, recall_beyond = {}, {}
     for pairs, examples in sets["recall"].items():
         found = span_matches(model, att, [e.input_ids for e in examples], [e.answer_spans for e in examples],
                              progress=progress, desc=f"{mode}: recall {pairs}")
         recall[str(pairs)] = accuracy([f for row in found for f in row])
+        beyond = [f for e, row in zip(examples, found) for j, f in enumerate(row) if _region(e, j, W, S) == "beyond"]
+        recall_beyond[str(pairs)] = accuracy(beyond)
     return {"needles": rows, "nll_sum": nll.sum().item(), "ppl_first_window": perplexity(nll[:, :S + W])[0],
             "ppl_beyond": perplexity(nll[:, S + W:])[0], "ppl_by_position": by_position,
-            "ppl_repeat": ppl_repeat, "repeat_tokens": repeat_tokens, "recall": recall}
+            "ppl_repeat": ppl_repeat, "repeat_tokens": repeat_tokens, "recall": recall, "recall_beyond": recall_beyond,
+            "needle_kinds": kinds}
+
+
+def _region(example, j: int, window: int, sinks: int) -> str:
+    """Where the needle(s) of answer span ``j`` of a :class:`tasks.TextExample` lie for the query that starts it: a
+    needle example's one answer reads every value span, a recall query reads its own."""
+    a = example.answer_spans[j][0]
+    spans = example.value_spans if len(example.answer_spans) == 1 else [example.value_spans[j]]
+    return needle_region(a - 1, [p for lo, hi in spans for p in range(lo, hi)], window, sinks)
 
 
 def summarise(scores: dict, settings: TextSettings, lengths: Sequence[int]) -> dict:
@@ -303,7 +327,8 @@ def summarise(scores: dict, settings: TextSettings, lengths: Sequence[int]) -> d
                      "needle_counts": {r: sum(x["region"] == r for x in rows) for r in REGIONS},
                      "needle_grid": grid, "ppl_beyond": s["ppl_beyond"], "ppl_first_window": s["ppl_first_window"],
                      "ppl_by_position": s["ppl_by_position"], "ppl_repeat": s["ppl_repeat"],
-                     "repeat_tokens": s["repeat_tokens"], "recall": s["recall"]}
+                     "repeat_tokens": s["repeat_tokens"], "recall": s["recall"], "recall_beyond": s["recall_beyond"],
+                     "needle_kinds": s["needle_kinds"]}
     return out
 
 
@@ -357,6 +382,14 @@ def format_table(results: dict) -> str:
         lines.append(f"| {mode} | {pct(r['needle_beyond'])} | {pct(r['needle_within'])} | {num(r['ppl_first_window'])} "
                      f"| {num(r['ppl_beyond'])} | {num(r['ppl_repeat'])} | "
                      + " | ".join(pct(r["recall"][p]) for p in pairs) + " |")
+    kinds = list(next(iter(modes.values()))["needle_kinds"])
+    lines += ["", f"Beyond the window only: recall by pairs, and each needle kind at {results['length']} tokens "
+              "(all depths).", "",
+              "| mode | " + " | ".join(f"recall {p}" for p in pairs) + " | " + " | ".join(kinds) + " |",
+              "|" + " --- |" * (1 + len(pairs) + len(kinds))]
+    for mode, r in modes.items():
+        lines.append(f"| {mode} | " + " | ".join(pct(r["recall_beyond"][p]) for p in pairs) + " | "
+                     + " | ".join(pct(r["needle_kinds"][k]["beyond"]) for k in kinds) + " |")
     first = next(iter(modes.values()))
     lines += ["", f"Needles: {first['needle_counts']['beyond']} beyond the window, {first['needle_counts']['within']} "
               f"within, {first['needle_counts']['straddle']} straddling; repeats: {first['repeat_tokens']} tokens.", "",
