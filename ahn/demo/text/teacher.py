@@ -65,7 +65,7 @@ class TextTeacherRecipe:
     rope_theta: float = 10000.0
     max_len: int = 1024  # the context it is trained (and evaluated) at (why not 2048: the README)
     batch_tokens: int = 4096  # tokens per step: batch size = batch_tokens // length
-    steps: int = 700
+    steps: int = 1000
     lr: float = 3e-3
     warmup: int = 50
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
@@ -73,8 +73,8 @@ class TextTeacherRecipe:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     short_len: int = 256  # curriculum: the length while the lookup is learned
-    hold_steps: int = 250
-    grow_until: int = 450  # the step at which the length reaches max_len; the copy drill stops here too
+    hold_steps: int = 300
+    grow_until: int = 600  # the step at which the length reaches max_len; the copy drill stops here too
     length_multiple: int = 64
     min_len: int = 512  # the shortest random length after the curriculum
     p_lm: float = 0.35  # task mix (the rest is recall)
