@@ -213,3 +213,24 @@ def test_demo_task_text_wiring(tmp_path, monkeypatch):
     assert "".join(seen["texts"]["train"] + seen["texts"]["heldout"]) == sample_text()
     assert seen["threads"] == demo_run.DEMO_THREADS and seen["progress"] is False
     assert main(["demo", "--out", str(tmp_path / "r")]) == 0 and seen.get("recall")
+
+
+def test_retrain_teacher_calls_the_text_trainer(tmp_path, monkeypatch):
+    """--retrain-teacher trains the text teacher into OUT/teacher from the run's seed (on the quick run's sample text)
+    before anything else loads it."""
+    import ahn.demo.text.run as text_run
+    from ahn.cli import main
+
+    calls = []
+
+    def trainer(out_dir, **kw):
+        calls.append((out_dir, kw))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(text_run, "train_text_teacher", trainer)
+    with pytest.raises(SystemExit):
+        main(["demo", "--task", "text", "--quick", "--retrain-teacher", "--teacher-steps", "7", "--seed", "3",
+              "--out", str(tmp_path / "r"), "--no-progress"])
+    (out_dir, kw), = calls
+    assert out_dir == tmp_path / "r" / "teacher" and kw["steps"] == 7 and kw["seed"] == 3
+    assert "".join(kw["train_texts"] + kw["heldout_texts"]) == sample_text()

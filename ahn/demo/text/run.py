@@ -197,7 +197,7 @@ def training_records(tokenizer, texts: Sequence[str], settings: TextSettings, le
                          "holds no pair: give more text or a longer length")
     kinds = fitting_kinds(tokenizer, haystack, length, words)
     records = []
-    for i in range(n):
+    for _ in range(n):
         if rng.random() < settings.lm_share:
             ex = tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
             labels = [tasks.IGNORE_INDEX] * len(ex.input_ids)
@@ -241,8 +241,8 @@ def max_pairs(tokenizer, words: Sequence[str], length: int) -> int:
 
 
 def held_out_sets(tokenizer, texts: Sequence[str], settings: TextSettings, length: int) -> dict:
-    """The evaluation examples, from the held-out ``texts`` with ``settings.eval_seed``: the needle grid, the
-    perplexity windows and recall by pair count."""
+    """The evaluation examples, from the held-out ``texts`` with ``settings.eval_seed``: the needle grid (single
+    needles), each needle kind at ``length``, the perplexity windows and recall by pair count."""
     rng = random.Random(settings.eval_seed)
     haystack = tasks.token_stream(tokenizer, texts)
     words = tasks.single_token_words(tokenizer, texts)
