@@ -200,6 +200,14 @@ def test_generators_are_seeded_and_refuse_what_cannot_fit(tokenizer, haystack, w
         tasks.lm_example(haystack[:50], 300, random.Random(0), 0)
 
 
+def test_essay_data_is_the_split_as_a_stream_and_a_word_pool(tokenizer, monkeypatch):
+    asked = []
+    monkeypatch.setattr(corpus, "essays", lambda split: asked.append(split) or {"x": "\n" + corpus.sample_text()})
+    haystack, words = tasks.essay_data(tokenizer)
+    assert asked == ["heldout"] and tokenizer.decode(haystack.tolist()) == corpus.clean(corpus.sample_text())
+    assert "river" in words and words == sorted(words)
+
+
 # ------------------------------------------------------------------ teacher recipe
 def test_copy_drill_and_curriculum(haystack):
     ex = copy_example(haystack, 101, random.Random(0), 0)

@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ahn.demo.text import corpus
+
 IGNORE_INDEX = -100  # labels that carry no loss (transformers' default ignore_index)
 NEEDLE_KINDS = ("single", "multikey", "multivalue", "multiquery")
 NUMBER_DIGITS = 7  # RULER draws 7-digit magic numbers
@@ -104,6 +106,14 @@ def single_token_words(tokenizer, texts: Sequence[str], min_count: int = 3, min_
             counts[w] = counts.get(w, 0) + 1
     words = sorted(w for w, c in counts.items() if c >= min_count and len(w) >= min_chars)
     return [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def essay_data(tokenizer, split: str = "heldout") -> tuple[torch.Tensor, list[str]]:
+    """(haystack, words) of the essays of ``split`` (:func:`ahn.demo.text.corpus.essays`, fetched on first use):
+    their :func:`token_stream` (cleaned, in name order) and their :func:`single_token_words`. The evaluation
+    uses "heldout"; the teacher and the memories train on "train"."""
+    texts = [corpus.clean(t) for t in corpus.essays(split).values()]
+    return token_stream(tokenizer, texts), single_token_words(tokenizer, texts)
 
 
 def magic_number(rng: random.Random, digits: int = NUMBER_DIGITS) -> str:
