@@ -390,6 +390,17 @@ def format_table(results: dict) -> str:
     for mode, r in modes.items():
         lines.append(f"| {mode} | " + " | ".join(pct(r["recall_beyond"][p]) for p in pairs) + " | "
                      + " | ".join(pct(r["needle_kinds"][k]["beyond"]) for k in kinds) + " |")
+    lines += ["", "Perplexity by predicting position (the first bucket is sinks + window, then every 256 tokens).", "",
+              "| mode | " + " | ".join(f"{b['lo']}-{b['hi']}" for b in next(iter(modes.values()))["ppl_by_position"])
+              + " |", "|" + " --- |" * (1 + len(next(iter(modes.values()))["ppl_by_position"]))]
+    for mode, r in modes.items():
+        lines.append(f"| {mode} | " + " | ".join(num(b["ppl"]) for b in r["ppl_by_position"]) + " |")
+    lengths = results["needle_lengths"]
+    lines += ["", "Needle grid (single needles; rows: depth in the haystack, columns: context length in tokens)."]
+    for mode, r in modes.items():
+        lines += ["", f"| {mode} | " + " | ".join(str(n) for n in lengths) + " |", "|" + " --- |" * (1 + len(lengths))]
+        lines += [f"| {d}% | " + " | ".join(pct(v) for v in row) + " |"
+                  for d, row in zip(results["needle_depths"], r["needle_grid"])]
     first = next(iter(modes.values()))
     lines += ["", f"Needles: {first['needle_counts']['beyond']} beyond the window, {first['needle_counts']['within']} "
               f"within, {first['needle_counts']['straddle']} straddling; repeats: {first['repeat_tokens']} tokens.", "",
