@@ -74,7 +74,7 @@ class TextSettings:
     memory: the memory rule. buffer_slots: the recommended configuration's slots per layer and kv head.
     length: the context length of training sequences and of held-out perplexity windows (default: the teacher's,
         ``max_position_embeddings``). needle_lengths: the needle grid's context lengths (default: 512 up to
-        ``length`` in doublings); needle_depths: needle depths in percent of the haystack.
+        ``length`` in about four steps of a multiple of 256: 512, 768, 1024 for a 1024-token teacher); needle_depths: needle depths in percent of the haystack.
     steps / batch_size / learning_rate / ...: each memory's distillation. train_sequences: generated training
         sequences (default steps x batch size); lm_share: the share of them that are plain essay windows, the rest
         needles (all four kinds) and word-pair recall (8 to 64 pairs) in equal parts.
@@ -177,11 +177,8 @@ def _lengths(settings: TextSettings, length: int) -> list[int]:
             raise ValueError(f"needle_lengths {bad} must exceed sinks + window = {settings.sinks + settings.window} "
                              f"and be at most the context length {length}")
         return sorted(settings.needle_lengths)
-    out, n = [], 512
-    while n < length:
-        out.append(n)
-        n *= 2
-    return out + [length]
+    step = max(256, -(-(length - 512) // 3 // 256) * 256)  # about four columns, in multiples of 256 tokens
+    return list(range(512, length, step)) + [length]
 
 
 def training_records(tokenizer, texts: Sequence[str], settings: TextSettings, length: int) -> list[dict]:
