@@ -193,6 +193,11 @@ def test_text_demo_flags_are_checked(tmp_path, capsys):
             main(["demo", *argv, "--out", str(tmp_path / "x")])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:  # a teacher folder without weights: the fix is named, nothing is written
+        main(["demo", "--task", "text", "--teacher", str(tmp_path / "empty"), "--out", str(tmp_path / "y")])
+    assert e.value.code == 2 and "python -m ahn.demo.text.teacher --out" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
     with pytest.raises(ValueError, match="needle_depths"):
         TextSettings(needle_depths=(50, 120))
 

@@ -447,7 +447,6 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
     out = Path(out) if out is not None else default_out_dir()
     check_writable_folder(out, "--out")
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     if retrain_teacher:
         teacher_dir = out / "teacher"
         print_fn(f"ahn demo --task text: training the teacher from scratch into {teacher_dir}")
@@ -455,6 +454,7 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
                            train_texts=texts and texts.get("train"), heldout_texts=texts and texts.get("heldout"))
     teacher_dir = Path(teacher_dir) if teacher_dir is not None else WEIGHTS_DIR
     base, tokenizer = _load_teacher(teacher_dir, progress)
+    out.mkdir(parents=True, exist_ok=True)
     length = settings.length or min(base.config.max_position_embeddings, 2048)
     if length <= settings.sinks + settings.window:
         raise ValueError(f"length={length} must exceed sinks + window = {settings.sinks + settings.window}: nothing "
