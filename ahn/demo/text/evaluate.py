@@ -222,17 +222,20 @@ def plot_needle_grid(path, grids: dict, depths: Sequence[float], lengths: Sequen
     plt = pyplot()
     n = len(grids)
     cols = min(n, 3)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.6 * cols, 3.2 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1.2, 2.9 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     image = None
-    for ax, (mode, grid) in zip(axes.flat, grids.items()):
+    for k, (ax, (mode, grid)) in enumerate(zip(axes.flat, grids.items())):
         values = [[float("nan") if v is None else v for v in row] for row in grid]
         image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(mode)
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
+        if k // cols == rows - 1 or k + cols >= n:
+            ax.set_xlabel("context length (tokens)")
+        if k % cols == 0:
+            ax.set_ylabel("needle depth")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, "-" if v is None else f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
