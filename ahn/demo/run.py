@@ -306,7 +306,7 @@ def add_arguments(p) -> None:
                         "(side by side)")
     p.add_argument("--out", "--output", dest="out", type=Path, default=None, help="output folder (default: a fresh ./ahn-demo-<date>-<time>)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help=f"distillation steps per memory (default {DemoSettings.steps}; --task text: 200, docs/demo.md)")
+                   help=f"distillation steps per memory (default {DemoSettings.steps}; --task text: 150, docs/demo.md)")
     p.add_argument("--pairs", type=int_at_least(1), default=None,
                    help=f"key-value pairs per sequence (default {DemoSettings.num_pairs}; 8 shows the state's capacity limit)")
     p.add_argument("--seed", type=int, default=None, help="seed of the training data and the memory init (default 0)")
