@@ -124,6 +124,19 @@ def test_tokenizer_round_trip_specials_digits_and_determinism(tokenizer):
         train_tokenizer([text], vocab_size=100)
 
 
+def test_auto_tokenizer_of_a_qwen2_checkpoint_tokenizes_the_same(tokenizer, tmp_path):
+    """AutoTokenizer rebuilds Qwen2Tokenizer's own pipeline for a qwen2 config: ours must be that pipeline, and
+    name its unknown token, or it would tokenize otherwise and add an id beyond the model's vocabulary."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tokenizer.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    text = corpus.sample_text() + ' "Quoted" (aside) 1234567  it\'s\n\n\n  done'
+    assert auto(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert len(auto) == len(tokenizer) and sorted(auto.all_special_ids) == [0, 1, 2]
+
+
 # ------------------------------------------------------------------ tasks
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.7, 1.0])
 def test_single_needle_sits_at_its_depth_and_answers_with_its_number(tokenizer, haystack, words, depth):
