@@ -183,6 +183,22 @@ def test_text_demo_end_to_end_in_miniature(tiny_text_teacher, tmp_path):
                       progress=False, print_fn=lines.append)
 
 
+def test_baselines_alone_distil_nothing(tiny_text_teacher, tmp_path, capsys):
+    """--modes full,window scores the teacher's two baselines without training a memory; unknown modes are named."""
+    from ahn.cli import main
+
+    teacher, _ = tiny_text_teacher
+    assert main(["demo", "--task", "text", "--quick", "--teacher", str(teacher), "--modes", "window,full", "--out",
+                 str(tmp_path / "b"), "--no-progress", "--threads", "1"]) == 0
+    saved = json.loads((tmp_path / "b" / RESULTS_NAME).read_text())
+    assert list(saved["modes"]) == ["full", "window"] and not list((tmp_path / "b").glob("adapter-*"))
+    assert all(t["pass"] is None for t in saved["targets"][:3])  # no recommended mode: nothing to check
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--task", "text", "--quick", "--teacher", str(teacher), "--modes", "full,sparse", "--out",
+              str(tmp_path / "c")])
+    assert e.value.code == 2 and "modes ['sparse']: choose one or more of full, window" in capsys.readouterr().err
+
+
 def test_text_demo_flags_are_checked(tmp_path, capsys):
     from ahn.cli import main
 

@@ -231,7 +231,7 @@ TASKS = ("recall", "text")
 RECALL_ONLY = (("pairs", "--pairs"), ("salience_writes", "--salience-writes"), ("readout", "--readout"),
                ("salience_mass", "--salience-mass"))
 TEXT_ONLY = (("teacher", "--teacher"), ("quick", "--quick"), ("needles_per_cell", "--needles-per-cell"),
-             ("length", "--length"))
+             ("length", "--length"), ("modes", "--modes"))
 
 
 def _check_task_flags(args) -> None:
@@ -263,7 +263,8 @@ def _run_text(args) -> None:
 
         half = len(sample_text()) // 2
         texts = {"train": [sample_text()[:half]], "heldout": [sample_text()[half:]]}
-    run_text_demo(out=args.out, settings=settings, teacher_dir=args.teacher, texts=texts,
+    modes = {"modes": [m.strip() for m in args.modes.split(",") if m.strip()]} if args.modes else {}
+    run_text_demo(out=args.out, settings=settings, teacher_dir=args.teacher, texts=texts, **modes,
                   retrain_teacher=args.retrain_teacher, teacher_steps=args.teacher_steps, progress=not args.no_progress)
 
 
@@ -338,5 +339,8 @@ def add_arguments(p) -> None:
                       help="every stage at toy size on the shipped sample text (seconds to minutes; figures mean nothing)")
     text.add_argument("--needles-per-cell", type=int_at_least(1), default=None,
                       help="held-out needles per depth x length cell of the grid (default 8)")
+    text.add_argument("--modes", default=None, metavar="M1,M2",
+                      help="the modes to distil and score, comma-separated (default all: full, window, paper, "
+                           "recommended, buffer_only, memory_only); a later run into the same --out adds the others")
     text.add_argument("--length", type=int_at_least(2), default=None,
                       help="context length of training and perplexity sequences (default: the teacher's)")

@@ -438,12 +438,19 @@ def default_out_dir() -> Path:
 
 def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSettings(), teacher_dir=None,
                   texts: Optional[dict] = None, retrain_teacher: bool = False, teacher_steps: Optional[int] = None,
-                  progress: bool = True, print_fn: Callable[[str], object] = print) -> dict:
+                  modes: Sequence[str] = MODE_NAMES, progress: bool = True,
+                  print_fn: Callable[[str], object] = print) -> dict:
     """Run the text demo (module docstring); returns what it writes to ``out/results.json``.
 
     ``teacher_dir``: a model folder with its tokenizer (default: the shipped text teacher). ``texts``:
     ``{"train": [...], "heldout": [...]}`` instead of the essays (tests and quick runs use the shipped sample).
+    ``modes``: the modes to distil and score (default all of :data:`MODE_NAMES`; a later run into the same folder
+    reuses what an earlier one did).
     """
+    unknown = [m for m in modes if m not in MODE_NAMES]
+    if unknown or not modes:
+        raise ValueError(f"modes {unknown or list(modes)!r}: choose one or more of {', '.join(MODE_NAMES)}")
+    modes = [m for m in MODE_NAMES if m in modes]  # in the table's order
     out = Path(out) if out is not None else default_out_dir()
     check_writable_folder(out, "--out")
     start = time.perf_counter()
@@ -473,7 +480,7 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
     sets = held_out_sets(tokenizer, heldout, settings, length)
     train_seconds = {}
     adapters = {}
-    for mode in MEMORY_MODES:
+    for mode in [m for m in MEMORY_MODES if m in modes]:
         cfg = DistillConfig(
             model=str(teacher_dir), memory=settings.memory, data=str(data), output=str(out / f"adapter-{mode}"),
             resume="auto", min_length=0, max_length=length, response_weight=settings.response_weight,
@@ -489,7 +496,7 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
     scores = {}
     key = _digest({"settings": asdict(settings), "length": length, "heldout": _digest(heldout), "slots": equal["slots"],
                    "teacher": _file_digest(teacher_dir / SAFE_WEIGHTS_NAME)})
-    for mode in tqdm(MODE_NAMES, desc="ahn demo --task text: scoring", disable=not progress):
+    for mode in tqdm(modes, desc="ahn demo --task text: scoring", disable=not progress):
         path = out / f"scores-{mode}.json"
         adapter = _file_digest(adapters[mode] / WEIGHTS_NAME) if mode in adapters else None
         if path.is_file():
