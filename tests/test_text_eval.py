@@ -173,7 +173,8 @@ def test_text_demo_end_to_end_in_miniature(tiny_text_teacher, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("scores-*.json")}
     again = run_text_demo(tmp_path / "run", settings, teacher_dir=teacher, texts=texts, progress=False,
                           print_fn=lines.append)
-    assert again["modes"] == results["modes"]
+    assert again["modes"] == results["modes"] and again["train_seconds"] == results["train_seconds"]
+    assert all(t["seconds"] > 0 and t["resumed"] is False for t in results["train_seconds"].values())
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("scores-*.json")} == before
     with pytest.raises(ValueError, match="other settings.*max_steps: 2 -> 3"):
         run_text_demo(tmp_path / "run", quick_settings(length=192, steps=3), teacher_dir=teacher, texts=texts,
