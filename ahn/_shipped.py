@@ -1,4 +1,4 @@
-"""The model shipped inside the package: the demo's recall teacher, for every layer that loads it.
+"""The models shipped inside the package: the demo's recall teacher and the text teacher, for every layer that loads them.
 
 A small Qwen2 model trained with full attention on associative recall (:mod:`ahn.demo.teacher` trains it and
 ``ahn demo`` distils memories into it) ships in ``ahn/demo/weights``. ``ahn distill --model demo-teacher`` and
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 DEMO_TEACHER = "demo-teacher"  # the --model alias of the shipped teacher (ahn distill, configs)
 DEMO_TEACHER_DIR = Path(__file__).resolve().parent / "demo" / "weights"
@@ -19,3 +19,21 @@ DEMO_TEACHER_DIR = Path(__file__).resolve().parent / "demo" / "weights"
 def load_demo_teacher(path=DEMO_TEACHER_DIR):
     """The teacher saved at ``path`` (default: the shipped one), in eval mode, float32."""
     return Qwen2ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+TEXT_TEACHER = "text-teacher"  # the alias of the shipped English teacher (ahn/demo/text)
+TEXT_TEACHER_DIR = Path(__file__).resolve().parent / "demo" / "text" / "weights"
+TEXT_TEACHER_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def load_text_teacher(path=TEXT_TEACHER_DIR):
+    """(model, tokenizer) of the text teacher saved at ``path`` (default: the shipped one): the model in eval
+    mode, float32 (it is stored in float16). FileNotFoundError naming the fix when a file is missing."""
+    path = Path(path)
+    missing = [name for name in TEXT_TEACHER_FILES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the text teacher at {path} lacks {', '.join(missing)}; rebuild it with "
+            f"`python -m ahn.demo.text.teacher --out {path}` (about an hour on 2 cores) or pass the folder of a copy")
+    model = Qwen2ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)

@@ -234,11 +234,17 @@ def _add_demo(sub) -> None:
         description=(
             "Distils a memory into the shipped recall teacher (a small Qwen2 model) and scores the same held-out "
             "sequences with full attention, sinks + window, and window + memory: accuracy on answers beyond the "
-            "window (and within it), by distance. Writes results.json and accuracy.png under --out."
+            "window (and within it), by distance. Writes results.json and accuracy.png under --out. --task text: "
+            "the text teacher on held-out Paul Graham essays, window 256 + 16 sinks: full attention, sinks + window, "
+            "the paper's memory, the recommended configuration, the buffer alone at equal cache bytes and the "
+            "memory alone, on a needle grid, perplexity by position and word-pair recall (results.json, results.md, "
+            "needles.png, perplexity.png, recall.png)."
         ),
         epilog=(
             "examples:\n"
             "  ahn demo\n"
+            "  ahn demo --task text --out text-run\n"
+            "  ahn demo --task text --quick --out text-quick\n"
             "  ahn demo --memory all --threads 2 --out demo-run\n"
             "  ahn demo --pairs 8 --steps 300"
         ),

@@ -226,10 +226,61 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+TASKS = ("recall", "text")
+# Flags that only the recall task reads, and the text task's own: each refused with the other task.
+RECALL_ONLY = (("pairs", "--pairs"), ("salience_writes", "--salience-writes"), ("readout", "--readout"),
+               ("salience_mass", "--salience-mass"))
+TEXT_ONLY = (("teacher", "--teacher"), ("quick", "--quick"), ("needles_per_cell", "--needles-per-cell"),
+             ("length", "--length"), ("modes", "--modes"))
+
+
+def _check_task_flags(args) -> None:
+    if args.task not in TASKS:
+        raise ValueError(f"--task {args.task!r}: choose one of {', '.join(TASKS)}")
+    other = RECALL_ONLY if args.task == "text" else TEXT_ONLY
+    given = [flag for name, flag in other if getattr(args, name, None) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to the "
+                         f"{'recall' if args.task == 'text' else 'text'} task, not --task {args.task}; drop "
+                         f"{'it' if len(given) == 1 else 'them'}")
+    if args.task == "text" and args.teacher is not None and args.retrain_teacher:
+        raise ValueError("--teacher and --retrain-teacher both name the teacher; give one")
+    if args.task == "text" and args.memory == "all":
+        raise ValueError("--memory all is the recall task's; the text task distils one rule (e.g. --memory "
+                         "gated_deltanet)")
+
+
+def _run_text(args) -> None:
+    from .text.run import TextSettings, quick_settings, run_text_demo  # start-up time (torch, the trainer)
+
+    given = {k: v for k, v in (("memory", args.memory), ("steps", args.steps), ("seed", args.seed),
+                               ("buffer_slots", args.buffer), ("salience_weight", args.salience_weight),
+                               ("needles_per_cell", args.needles_per_cell), ("length", args.length)) if v is not None}
+    settings = quick_settings(**given) if args.quick else TextSettings(**given)
+    texts = None
+    if args.quick:
+        from .text.corpus import sample_text  # start-up time
+
+        half = len(sample_text()) // 2
+        texts = {"train": [sample_text()[:half]], "heldout": [sample_text()[half:]]}
+    modes = {"modes": [m.strip() for m in args.modes.split(",") if m.strip()]} if args.modes else {}
+    run_text_demo(out=args.out, settings=settings, teacher_dir=args.teacher, texts=texts, **modes,
+                  retrain_teacher=args.retrain_teacher, teacher_steps=args.teacher_steps, progress=not args.no_progress)
+
+
 def main_args(args) -> int:
     """Entry point of ``ahn demo`` (argparse namespace from :func:`ahn.cli`)."""
     import torch  # start-up time
 
+    _check_task_flags(args)
+    if args.task == "text":
+        previous = torch.get_num_threads()
+        torch.set_num_threads(args.threads or DEMO_THREADS)
+        try:
+            _run_text(args)
+        finally:
+            torch.set_num_threads(previous)
+        return 0
     if args.pairs is not None and args.pairs > max_pairs():
         raise ValueError(f"--pairs {args.pairs}: the demo's sequences hold at most {max_pairs()} key-value pairs")
     previous = torch.get_num_threads()
@@ -247,13 +298,16 @@ def main_args(args) -> int:
 
 
 def add_arguments(p) -> None:
+    p.add_argument("--task", default="recall", choices=TASKS,
+                   help="recall: the shipped recall teacher, 256 tokens, window 32 (default); text: the text teacher on "
+                        "held-out Paul Graham essays, window 256 + 16 sinks, six modes side by side (docs/demo.md)")
     p.add_argument("--memory", default=DEFAULT_MEMORY,
                    help="memory rule to distil: gated_deltanet, deltanet, mamba2, kda, gdn2, gated_deltaproduct "
                         "(ahn.available_memories()), or all "
                         "(side by side)")
     p.add_argument("--out", "--output", dest="out", type=Path, default=None, help="output folder (default: a fresh ./ahn-demo-<date>-<time>)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help=f"distillation steps per memory (default {DemoSettings.steps})")
+                   help=f"distillation steps per memory (default {DemoSettings.steps}; --task text: 150, docs/demo.md)")
     p.add_argument("--pairs", type=int_at_least(1), default=None,
                    help=f"key-value pairs per sequence (default {DemoSettings.num_pairs}; 8 shows the state's capacity limit)")
     p.add_argument("--seed", type=int, default=None, help="seed of the training data and the memory init (default 0)")
@@ -270,10 +324,23 @@ def add_arguments(p) -> None:
                    help=f"weight of the scorer's loss against the teacher's attention mass (default "
                         f"{DemoSettings.salience_weight}; 0: the scorer learns through the gated writes only)")
     p.add_argument("--retrain-teacher", action="store_true",
-                   help="train the teacher from scratch first instead of using the shipped one (~6 min on one core)")
+                   help="train the teacher from scratch first instead of using the shipped one (recall: ~6 min on one core; "
+                        "text: python -m ahn.demo.text.teacher's recipe, about an hour on 2 cores)")
     p.add_argument("--teacher-steps", type=int_at_least(1), default=None,
                    help="steps of --retrain-teacher (default: the recipe's)")
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help=f"torch CPU threads (default {DEMO_THREADS}: the results depend on the thread count in the last "
                         "digits; the documented table is reproduced at 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    text = p.add_argument_group("the text task (--task text)")
+    text.add_argument("--teacher", type=Path, default=None,
+                      help="a model folder with its tokenizer to use as the teacher (default: the shipped text teacher)")
+    text.add_argument("--quick", action="store_true",
+                      help="every stage at toy size on the shipped sample text (seconds to minutes; figures mean nothing)")
+    text.add_argument("--needles-per-cell", type=int_at_least(1), default=None,
+                      help="held-out needles per depth x length cell of the grid (default 8)")
+    text.add_argument("--modes", default=None, metavar="M1,M2",
+                      help="the modes to distil and score, comma-separated (default all: full, window, paper, "
+                           "recommended, buffer_only, memory_only); a later run into the same --out adds the others")
+    text.add_argument("--length", type=int_at_least(2), default=None,
+                      help="context length of training and perplexity sequences (default: the teacher's)")

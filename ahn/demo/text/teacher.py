@@ -1,0 +1,339 @@
+"""The text teacher: a small Qwen2 model trained from scratch, with full attention, on the training essays.
+
+The repository ships the result in ``ahn/demo/text/weights/`` (``config.json``, ``model.safetensors`` in float16,
+the tokenizer files and ``training.json``); :func:`train_text_teacher` redoes it from its seed (``python -m
+ahn.demo.text.teacher --out DIR``), :func:`load_text_teacher` loads it.
+
+Recipe (:class:`TextTeacherRecipe`), and why. Each step trains on a batch of about ``batch_tokens`` tokens of one
+length, each example drawn from a mix of tasks (:mod:`ahn.demo.text.tasks`) over the training essays:
+
+- language modelling of essay windows (the loss on every token), so it reads English;
+- RULER-style needles (single, multi-key, multi-value, multi-query) at uniform depths, and word-pair recall with
+  ``min_pairs`` to ``max_pairs`` pairs (as many as the length holds), the loss on the answers only: both need an
+  induction circuit (find the key, copy what followed it);
+- a copy drill while the curriculum runs: an essay span followed by itself, the loss on the copy, which only a
+  previous-token head plus an induction head predict well. It gives that circuit a direct gradient early; the
+  demo's recall teacher (:mod:`ahn.demo.teacher`) sat on a plateau without such a drill.
+
+The loss is the mean over language-modelling tokens plus the mean over answer / copy tokens, so the few answer
+tokens are not drowned by the many text tokens. Length curriculum: ``short_len`` tokens for ``hold_steps`` (the
+lookup is learned cheaply), a linear growth to ``max_len`` until ``grow_until``, then every other step at
+``max_len`` and the others at a random length, so every evaluated length (512 to ``max_len``) has been seen.
+
+Context 1024, not 2048: on the 2 shared CPU cores this was built on, a step of 4096 tokens took 1.6-4.7 s at
+256 tokens and 2.4-6 s at 1024 (one thread; two threads were 3x slower while other jobs ran), so the hour allows
+about a thousand steps, 4M tokens. At 2048 a step holds two sequences (a noisy task gradient) and attention costs
+more per token; the demo's window (256 + 16 sinks) still leaves three quarters of 1024 tokens beyond it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from ahn._io import make_readable, temporary_prefix
+from ahn._progress import library_progress
+from ahn._shipped import TEXT_TEACHER_DIR, load_text_teacher
+from ahn.demo.text import corpus, tasks
+from ahn.demo.text.tokenizer import VOCAB_SIZE, train_tokenizer
+
+WEIGHTS_DIR = TEXT_TEACHER_DIR  # the shipped teacher
+TRAINING_RECORD = "training.json"
+__all__ = ["TextTeacherRecipe", "WEIGHTS_DIR", "evaluate_teacher", "load_text_teacher", "train_text_teacher"]
+
+
+@dataclass(frozen=True)
+class TextTeacherRecipe:
+    """Architecture, data mix and optimisation of the text teacher (see the module docstring for the why)."""
+
+    vocab_size: int = VOCAB_SIZE
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention, as Qwen2 models have
+    rope_theta: float = 10000.0
+    max_len: int = 1024  # the context it is trained (and evaluated) at (why not 2048: the module docstring)
+    batch_tokens: int = 4096  # tokens per step: batch size = batch_tokens // length
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    short_len: int = 256  # curriculum: the length while the lookup is learned
+    hold_steps: int = 500
+    grow_until: int = 750  # the step at which the length reaches max_len; the copy drill stops here too
+    length_multiple: int = 64
+    min_len: int = 512  # the shortest random length after the curriculum
+    p_lm: float = 0.25  # task mix (the rest is recall)
+    p_needle: float = 0.4
+    p_copy: float = 0.3  # share of the drill while the curriculum runs (taken from every task alike)
+    min_pairs: int = 8
+    max_pairs: int = 64
+    pair_tokens: int = 12  # budget per pair when capping the pairs a length holds (a 7-token sentence + queries)
+    eval_needles: int = 40  # held-out evaluation at max_len, in training.json
+    eval_recall: int = 8  # examples per number of pairs
+    eval_ppl_windows: int = 16
+
+
+def text_teacher_config(recipe: TextTeacherRecipe, tokenizer) -> Qwen2Config:
+    """The teacher's ``transformers.Qwen2Config`` (tied embeddings, full attention, ``recipe.max_len`` positions)."""
+    return Qwen2Config(
+        vocab_size=recipe.vocab_size, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_len, tie_word_embeddings=True,
+        rope_theta=recipe.rope_theta, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def curriculum_length(recipe: TextTeacherRecipe, step: int, rng: random.Random) -> int:
+    """The length trained at ``step`` (see the module docstring)."""
+    short, m = min(recipe.short_len, recipe.max_len), recipe.length_multiple
+    if step < recipe.hold_steps:
+        return short
+    if step < recipe.grow_until:
+        f = (step - recipe.hold_steps) / (recipe.grow_until - recipe.hold_steps)
+        return max(short, int(short + f * (recipe.max_len - short)) // m * m)
+    if step % 2 == 0:
+        return recipe.max_len
+    lo = min(recipe.min_len, recipe.max_len) // m
+    return rng.randint(lo, recipe.max_len // m) * m
+
+
+def max_pairs_for(recipe: TextTeacherRecipe, length: int) -> int:
+    return max(1, min(recipe.max_pairs, (length - 64) // recipe.pair_tokens))
+
+
+def copy_example(haystack: torch.Tensor, length: int, rng: random.Random, bos_token_id: int) -> tasks.TextExample:
+    """BOS + a span + the same span again (``length`` tokens); the loss on the repeat but its first token. Half
+    the spans are essay text, half are essay tokens in random order, which only an induction head predicts."""
+    half = (length - 1) // 2
+    span = tasks.lm_example(haystack, half + 1, rng, bos_token_id).input_ids[1:]
+    if rng.random() < 0.5:
+        rng.shuffle(span)
+    ids = [bos_token_id] + span + span + span[: length - 1 - 2 * half]
+    labels = [tasks.IGNORE_INDEX] * (2 + half) + ids[2 + half:]
+    return tasks.TextExample("copy", ids, labels, prompt_len=length)
+
+
+def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor, words: Sequence[str], length: int,
+                   rng: random.Random, drill: bool) -> tasks.TextExample:
+    """One training example of ``length`` tokens from the recipe's task mix."""
+    if drill and rng.random() < recipe.p_copy:
+        return copy_example(haystack, length, rng, tokenizer.bos_token_id)
+    u = rng.random()
+    if u < recipe.p_lm:
+        return tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
+    if u < recipe.p_lm + recipe.p_needle:
+        kind = rng.choice(("single", "single", "multikey", "multivalue", "multiquery"))
+        return tasks.needle_example(tokenizer, haystack, length, rng.random(), kind, rng, words)
+    top = max_pairs_for(recipe, length)
+    pairs = rng.randint(min(recipe.min_pairs, top), top)
+    return tasks.recall_example(tokenizer, words, pairs, length, rng, haystack)
+
+
+def mixed_loss(model, batch: dict, is_lm: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over the language-modelling rows' tokens plus the mean over the other rows' labelled
+    (answer / copy) tokens; ``is_lm`` [B] bool. The output layer runs on labelled positions only (most of a
+    needle or recall example carries no loss). Returns the loss and its two parts (floats)."""
+    hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state[:, :-1]  # [B, T-1, D]: t predicts t+1
+    labels = batch["labels"][:, 1:]  # [B, T-1]
+    mask = labels != tasks.IGNORE_INDEX
+    ce = F.cross_entropy(model.lm_head(hidden[mask]).float(), labels[mask], reduction="none")  # [N]
+    rows = is_lm[:, None].expand_as(mask)[mask]  # [N]: the labelled token belongs to a language-modelling row
+    parts, loss = {}, hidden.new_zeros(())
+    for name, sel in (("lm", rows), ("task", ~rows)):
+        if sel.any():
+            part = ce[sel].mean()
+            loss = loss + part
+            parts[name] = part.item()
+    return loss, parts
+
+
+def _lr_factor(recipe: TextTeacherRecipe, step: int) -> float:
+    warm = min(1.0, (step + 1) / recipe.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step, recipe.steps) / recipe.steps))
+    return warm * (cosine * (1 - recipe.min_lr_ratio) + recipe.min_lr_ratio)
+
+
+@torch.no_grad()
+def answer_correct(model, example: tasks.TextExample) -> list[bool]:
+    """Greedy correctness of each answer of ``example`` under ``model`` (teacher-forced argmax over every answer
+    token, which equals greedy decoding when all are right): one bool per ``answer_spans`` entry."""
+    ids = torch.tensor([example.input_ids])
+    pred = model(input_ids=ids).logits[0].argmax(-1)  # [T]
+    return [bool((pred[s - 1:e - 1] == ids[0, s:e]).all()) for s, e in example.answer_spans]
+
+
+@torch.no_grad()
+def evaluate_teacher(model, tokenizer, texts: Sequence[str], length: int, seed: int = 0, needles: int = 40,
+                     recall: int = 8, pairs: Sequence[int] = (8, 16, 32, 64), ppl_windows: int = 16,
+                     words: Optional[Sequence[str]] = None) -> dict:
+    """Full-attention scores of ``model`` on ``texts`` (the held-out essays): single-needle accuracy at
+    ``length`` tokens over evenly spaced depths, recall accuracy per number of pairs (per query), and the
+    perplexity of ``ppl_windows`` random windows of ``length`` tokens. ``words``: the key / value pool
+    (default: :func:`tasks.single_token_words` of ``texts``)."""
+    rng = random.Random(seed)
+    haystack = tasks.token_stream(tokenizer, texts)
+    words = list(words) if words is not None else tasks.single_token_words(tokenizer, texts)
+    hits = [answer_correct(model, tasks.needle_example(tokenizer, haystack, length, i / max(needles - 1, 1),
+                                                       "single", rng, words))[0] for i in range(needles)]
+    out = {"length": length, "needle_single": sum(hits) / max(len(hits), 1), "recall": {}}
+    for n in pairs:
+        if n > max_pairs_for(TextTeacherRecipe(max_pairs=max(pairs)), length) or 2 * n > len(words):
+            continue
+        got = [ok for _ in range(recall) for ok in answer_correct(
+            model, tasks.recall_example(tokenizer, words, n, length, rng, haystack))]
+        out["recall"][str(n)] = sum(got) / len(got)
+    total, count = 0.0, 0
+    for _ in range(ppl_windows):
+        ex = tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
+        ids = torch.tensor([ex.input_ids])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    out["perplexity"] = math.exp(total / max(count, 1))
+    return out
+
+
+def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, threads: Optional[int] = None,
+                       progress: bool = True, recipe: TextTeacherRecipe = TextTeacherRecipe(),
+                       train_texts: Optional[Sequence[str]] = None,
+                       heldout_texts: Optional[Sequence[str]] = None) -> dict:
+    """Train the text teacher from scratch with full attention and save it to ``out_dir``: ``config.json``,
+    ``model.safetensors`` (float16), the tokenizer files and ``training.json`` (the recipe, seed, seconds, machine,
+    a summary of the loss curve and :func:`evaluate_teacher` on the held-out essays). The folder appears whole
+    (written beside it, then renamed; an existing one is replaced). ``steps`` overrides ``recipe.steps``;
+    ``threads`` sets torch's threads. ``train_texts`` / ``heldout_texts`` default to the essays of
+    :mod:`ahn.demo.text.corpus` (fetched on first use). Returns the record."""
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be an int >= 1")
+        recipe = replace(recipe, steps=steps, hold_steps=min(recipe.hold_steps, steps),
+                         grow_until=min(recipe.grow_until, steps))
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be an int >= 1")
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if train_texts is None:
+        train_texts = [corpus.clean(t) for t in corpus.essays("train").values()]
+    if heldout_texts is None:
+        heldout_texts = [corpus.clean(t) for t in corpus.essays("heldout").values()]
+    tokenizer = train_tokenizer(train_texts, recipe.vocab_size)
+    haystack = tasks.token_stream(tokenizer, train_texts)
+    words = tasks.single_token_words(tokenizer, train_texts)
+
+    torch.manual_seed(seed)  # the model's random init
+    model = Qwen2ForCausalLM(text_teacher_config(recipe, tokenizer))
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=recipe.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(recipe, s))
+    rng = random.Random(seed + 1)
+    curve = []  # (step, length, loss, lm part, task part)
+    start = time.perf_counter()
+    bar = tqdm(range(recipe.steps), desc="text teacher", disable=not progress)
+    for step in bar:
+        length = curriculum_length(recipe, step, rng)
+        batch_size = max(1, recipe.batch_tokens // length)
+        drill = step < recipe.grow_until
+        examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, drill) for _ in range(batch_size)]
+        batch = tasks.collate(examples)
+        is_lm = torch.tensor([e.kind == "lm" for e in examples])
+        loss, parts = mixed_loss(model, batch, is_lm)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append((step, length, loss.item(), parts.get("lm"), parts.get("task")))
+        bar.set_postfix(loss=f"{curve[-1][2]:.3f}", len=length)
+    seconds = time.perf_counter() - start
+    model.eval()
+    scores = evaluate_teacher(model, tokenizer, heldout_texts, recipe.max_len, seed=seed,
+                              needles=recipe.eval_needles, recall=recipe.eval_recall,
+                              ppl_windows=recipe.eval_ppl_windows,
+                              pairs=[n for n in (8, 16, 32, 64) if recipe.min_pairs <= n <= recipe.max_pairs])
+    record = {"seed": seed, "recipe": asdict(recipe), "seconds": seconds,
+              "seconds_per_step": seconds / recipe.steps, "threads": torch.get_num_threads(),
+              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpus": os.cpu_count(), "torch": torch.__version__},
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "train_tokens": int(haystack.numel()), "words": len(words),
+              "loss_curve": _summary(curve), "heldout_full_attention": scores}
+    _save_atomically(out, model, tokenizer, record)
+    return record
+
+
+def _summary(curve: list, every: int = 50) -> list[dict]:
+    """The loss curve as means over blocks of ``every`` steps (the full curve would be most of the file)."""
+    out = []
+    for i in range(0, len(curve), every):
+        block = curve[i:i + every]
+        mean = lambda j: (lambda v: sum(v) / len(v) if v else None)([row[j] for row in block if row[j] is not None])
+        out.append({"steps": [block[0][0], block[-1][0]], "length": block[-1][1], "loss": mean(2), "lm": mean(3),
+                    "task": mean(4)})
+    return out
+
+
+def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out), dir=out.parent))
+    try:
+        make_readable(tmp, directory=True)
+        with library_progress(False):
+            model.to(torch.float16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
+        for path in tmp.iterdir():
+            make_readable(path)
+        old = None
+        if out.exists():
+            old = out.parent / f"{temporary_prefix(out)}old"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        model.to(torch.float32)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ahn.demo.text.teacher",
+                                     description="Train the text teacher from its seed (about an hour on 2 cores).")
+    parser.add_argument("--out", required=True, help="folder to write (replaced whole when it exists)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help=f"default {TextTeacherRecipe.steps}")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    record = train_text_teacher(args.out, seed=args.seed, steps=args.steps, threads=args.threads,
+                                progress=not args.no_progress)
+    print(json.dumps({"seconds": round(record["seconds"]), **record["heldout_full_attention"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
