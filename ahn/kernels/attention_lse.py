@@ -156,9 +156,13 @@ def received_mass_reference(q: torch.Tensor, keys: torch.Tensor, mask: Optional[
 # 0.84 ms with half of them -inf, 2.1-6.3 ms below -87): arguments are clamped to this floor and masked entries are
 # zeroed after the exp, not set to -inf before it. e^-87 ~ 1.6e-38: nothing a float32 sum of probabilities can see.
 EXP_FLOOR = -87.0
+# The same for exp2 (2^-126, the smallest normal float32; exp2 of -inf is fast too) and the factor to base 2.
+EXP2_FLOOR = -126.0
+LOG2E = 1.4426950408889634
 
-# Queries per step of :func:`received_mass_in_bands`: a step's scores are [R * sub, W + sub], so fewer queries waste fewer
-# masked keys (W / (W + sub) of each row is visible) and stay nearer the cache; below 64 the steps' overhead shows.
+# Queries per step of :func:`received_mass_in_bands`: a step's scores are [R * sub, W + sub], so fewer queries waste
+# fewer masked keys (W / (W + sub) of each row is visible) and stay nearer the cache; below 64 the steps' overhead
+# shows.
 MASS_QUERIES = 64
 
 
@@ -174,11 +178,13 @@ def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
     Returns ``[B, Hkv, n]`` float32.
 
     Steps of :data:`MASS_QUERIES` queries: each scores only its band of columns, with ``-lse`` folded into the
-    matmul (``[q * scale, -lse] . [k, 1]``) and the exp's argument floored at :data:`EXP_FLOOR`; the middle of the
-    band, which every query of the step sees in a steady block, is not masked."""
+    matmul (``[q * scale, -lse] . [k, 1]``, in base 2) and the exp's argument floored at :data:`EXP2_FLOOR`; the
+    middle of the band, which every query of the step sees in a steady block, is not masked."""
     B, Hkv, R, bq, D = q.shape
     n = keys.shape[2]
-    qs = torch.cat([q.float() * scale, -lse.float().unsqueeze(-1)], dim=-1)  # [B, Hkv, R, bq, D + 1]
+    # In base 2 (log2(e) folded into q and the lse): exp2 is 1.9x cheaper than exp on CPU (torch 2.13, 2.15 against
+    # 1.13 ms for 2M floats) and has no slow path down to EXP2_FLOOR.
+    qs = torch.cat([q.float() * (scale * LOG2E), -LOG2E * lse.float().unsqueeze(-1)], dim=-1)  # [B, Hkv, R, bq, D + 1]
     ks = F.pad(keys.float(), (0, 1), value=1.0).transpose(-1, -2)  # [B, Hkv, D + 1, n]
     mass = torch.zeros(B, Hkv, n, device=q.device)
     for i0 in range(0, bq, MASS_QUERIES):
@@ -194,7 +200,7 @@ def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
             m = m & (cols <= rows + own - gap)
         m = m.view(B, 1, 1, b, -1)
         m0, m1 = max(c0, own + i1 - window) - c0, min(c1, own + i0 + 1 - gap) - c0  # the columns every query may see
-        s = s.clamp_(min=EXP_FLOOR).exp_()
+        s = s.clamp_(min=EXP2_FLOOR).exp2_()
         # A broadcast bool multiply: 7x faster than masked_fill_ with the same broadcast mask (torch 2.13, CPU).
         if m1 > m0 and bool(m[..., m0:m1].all()):
             s[..., :m0].mul_(m[..., :m0])
