@@ -85,13 +85,13 @@ class TextTeacherRecipe:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     short_len: int = 256  # curriculum: the length while the lookup is learned
-    hold_steps: int = 500
-    grow_until: int = 750  # the step at which the length reaches max_len; the copy drill stops here too
+    hold_steps: int = 300
+    grow_until: int = 600  # the step at which the length reaches max_len; the copy drill stops here too
     length_multiple: int = 64
     min_len: int = 512  # the shortest random length after the curriculum
-    p_lm: float = 0.25  # task mix (the rest is recall)
-    p_needle: float = 0.4
-    p_copy: float = 0.3  # share of the drill while the curriculum runs (taken from every task alike)
+    p_lm: float = 0.35  # task mix (the rest is recall)
+    p_needle: float = 0.35
+    p_copy: float = 0.25  # share of the drill while the curriculum runs (taken from every task alike)
     min_pairs: int = 8
     max_pairs: int = 64
     pair_tokens: int = 12  # budget per pair when capping the pairs a length holds (a 7-token sentence + queries)
@@ -130,12 +130,9 @@ def max_pairs_for(recipe: TextTeacherRecipe, length: int) -> int:
 
 
 def copy_example(haystack: torch.Tensor, length: int, rng: random.Random, bos_token_id: int) -> tasks.TextExample:
-    """BOS + a span + the same span again (``length`` tokens); the loss on the repeat but its first token. Half
-    the spans are essay text, half are essay tokens in random order, which only an induction head predicts."""
+    """BOS + an essay span + the same span again (``length`` tokens); the loss on the repeat but its first token."""
     half = (length - 1) // 2
     span = tasks.lm_example(haystack, half + 1, rng, bos_token_id).input_ids[1:]
-    if rng.random() < 0.5:
-        rng.shuffle(span)
     ids = [bos_token_id] + span + span + span[: length - 1 - 2 * half]
     labels = [tasks.IGNORE_INDEX] * (2 + half) + ids[2 + half:]
     return tasks.TextExample("copy", ids, labels, prompt_len=length)
