@@ -69,6 +69,8 @@ class AHNContext:
         backend: ``ahn.kernels`` backend of the memory.
         buffer_slots: M of the priority buffer on memory layers in "ahn" mode (0: none).
         record: a :class:`ahn.salience.SalienceRecord` to fill, or None.
+        mass_stride: the received mass counts the queries at slots divisible by this, each this many
+            times (``AHNConfig.mass_stride_for``).
     """
 
     mode: str
@@ -81,6 +83,7 @@ class AHNContext:
     backend: str
     buffer_slots: int = 0
     record: Optional[SalienceRecord] = None
+    mass_stride: int = 1
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,7 @@ def window_attention(
     mass: Optional[torch.Tensor] = None,  # [B, Hkv, L] float32 window attention received so far; updated in place
     buffer: Optional[Buffer] = None,
     probe_window: Optional[int] = None,
+    mass_stride: int = 1,
 ):
     """Blocked sinks + window attention (+ the priority buffer), with the parts the options need.
 
@@ -366,7 +370,8 @@ def window_attention(
     or probe) each block is one SDPA call; otherwise one :func:`attend` call, which also gives the
     log-sum-exp. With a ``scorer`` the token each query evicts (slot t - W) is scored, and with a scorer
     that reads the received attention (``scorer.uses_mass``) the window attention each context slot
-    receives is accumulated into ``mass`` (an explicit softmax of the block, without autograd); with a
+    receives is accumulated into ``mass`` (from every ``mass_stride``-th query: those at slots divisible by
+    it, each counted ``mass_stride`` times; without autograd); with a
     ``buffer`` the evicted tokens compete for it; ``probe_window``: also return, per context slot, the
     attention mass received from queries at least that far ahead.
 
@@ -410,10 +415,16 @@ def window_attention(
             # scorer, and for the teacher's probe from queries at least probe_window ahead only.
             with torch.no_grad():
                 bands = (qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse.detach().view(B, Hkv, R, bq), scale)
-                if scorer is not None and scorer.uses_mass:
-                    mass[:, :, lo - ctx_start: hi - ctx_start] += (
-                        received_mass(q[:, :, a: a + bq], keys, mask, lse, scale, n_sinks) if use_triton_mass(dev)
-                        else received_mass_in_bands(*bands, own=start + a - lo, window=window))
+                first = -(start + a) % mass_stride  # the block's first query at a slot divisible by the stride
+                if scorer is not None and scorer.uses_mass and first < bq:
+                    if use_triton_mass(dev):
+                        rows = slice(first, bq, mass_stride)
+                        got = received_mass(q[:, :, a: a + bq][:, :, rows], keys, mask[:, rows], lse[:, :, rows],
+                                            scale, n_sinks).mul_(mass_stride)
+                    else:
+                        got = received_mass_in_bands(*bands, own=start + a - lo, window=window, stride=mass_stride,
+                                                     first=first)
+                    mass[:, :, lo - ctx_start: hi - ctx_start] += got
                 if probe is not None:
                     probe[:, :, lo - ctx_start: hi - ctx_start] += received_mass_in_bands(
                         *bands, own=start + a - lo, window=window, gap=probe_window)
@@ -569,7 +580,7 @@ def prefill(parts: LayerParts, hidden_states: torch.Tensor, q: torch.Tensor, k: 
     attn, lse, scores, buffer, probe = window_attention(
         q, ctx_k, ctx_v, ctx_start, sink_k, sink_v, start=start, window=W, sinks=S, pad_offsets=P, scale=scale,
         block=ctx.attention_block, need_lse=parts.needs_lse, scorer=scorer, token_part=context_part, mass=mass,
-        buffer=buffer, probe_window=parts.probe_window,
+        buffer=buffer, probe_window=parts.probe_window, mass_stride=ctx.mass_stride,
     )  # [B, T, Hq, D], [B, Hq, T] or None, [B, Hkv, T] or None
     if layer is not None:
         layer.append(k, v, gates, start, token_part, mass, ctx_start)
@@ -590,18 +601,20 @@ def prefill(parts: LayerParts, hidden_states: torch.Tensor, q: torch.Tensor, k: 
         .reshape(B, T, Hq * D)
 
 
-def decode_attention(q: torch.Tensor, view: DecodeView, scale: float, parts: LayerParts):
+def decode_attention(q: torch.Tensor, view: DecodeView, scale: float, parts: LayerParts, mass_weight: int = 0):
     """One query (slot t, already appended) over sinks, buffer and ring in place, in one softmax.
 
     ``q [B, Hq, 1, D]``. Returns ``(out [B, 1, Hq, D], lse [B, 1, Hq] or None, received [B, Hkv, C] or None)``:
-    ``received`` (with a scorer) is the ring entries' share of the window's own softmax (the buffer left out),
-    averaged over the group's heads."""
+    ``received`` (with a scorer that reads the mass, when ``mass_weight`` > 0) is the ring entries' share of the
+    window's own softmax (the buffer left out), averaged over the group's heads, times ``mass_weight``; with 0
+    (this query is not counted: its slot is not divisible by the stride) it is None and attention takes the fast
+    path."""
     B, Hq, _, D = q.shape
     if parts.plain:
         mask = view.mask.unsqueeze(2) if view.mask is not None else None  # [B, 1, 1, N]
         out = F.scaled_dot_product_attention(q, view.keys, view.values, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.transpose(1, 2), None, None
-    if parts.scorer is None or not parts.scorer.uses_mass:  # no received mass to count: attention and its lse
+    if parts.scorer is None or not parts.scorer.uses_mass or not mass_weight:  # no mass to count: attention, lse
         mask = view.mask  # [B, 1 or Hkv, N] or None
         if mask is not None:  # one query: [B, T = 1, N], or per kv head [B, Hkv, 1, N]
             mask = mask.view(B, 1, -1) if mask.shape[1] == 1 else mask.unsqueeze(2)
@@ -616,7 +629,7 @@ def decode_attention(q: torch.Tensor, view: DecodeView, scale: float, parts: Lay
     if parts.scorer is not None and parts.scorer.uses_mass:
         ring = e.detach()[..., view.ring_start:]  # [B, Hkv, R, 1, C]
         window_sum = e.detach()[..., : view.sinks].sum(-1, keepdim=True) + ring.sum(-1, keepdim=True)
-        received = (ring / window_sum).squeeze(3).mean(2)
+        received = (ring / window_sum).squeeze(3).mean(2).mul_(mass_weight)
     out = out.to(view.values.dtype).reshape(B, Hq, 1, -1).transpose(1, 2)  # [B, 1, Hq, D]
     return out, lse.reshape(B, 1, Hq), received
 
@@ -649,7 +662,8 @@ def decode(parts: LayerParts, hidden_states: torch.Tensor, q: torch.Tensor, k: t
         mem_out, gates = decode_memory(memory, hidden_states, q, ctx, layer, gate)
     layer.write_sinks(k, v, P, t)
     layer.append_one(k, v, gates, t, scorer.token_part(hidden_states) if scorer is not None else None)
-    attn, lse, received = decode_attention(q, layer.decode_view(t, P), scale, parts)
+    counted = ctx.mass_stride if t % ctx.mass_stride == 0 else 0  # this query's weight in the received mass
+    attn, lse, received = decode_attention(q, layer.decode_view(t, P), scale, parts, counted)
     if received is not None:
         layer.add_received(received)
     if mem_out is not None:

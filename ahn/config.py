@@ -26,6 +26,10 @@ MAX_BUFFER_SLOTS = 65536
 # Bounds of the automatic attention block (AHNConfig.block_for): below 64 queries the per-block
 # overhead dominates; above 1024 the [bq, S + W + bq] mask and scores only cost memory.
 MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 64, 1024
+# Queries each token's received mass is estimated from when salience_mass_stride is left to its default: the mass
+# pass is one more q.k product over the window (half the attention's FLOPs), so summing it over every query would
+# cost the recommended configuration a fifth of prefill at the Qwen2.5-0.5B shape (CPU, W = 2048).
+MASS_SAMPLES = 256
 # Memory read-outs: "add" (the paper's: added to the attention output as it is) and "defer" (weighted by its
 # share of a softmax in which the memory is one more entry beside the attended keys).
 READOUTS = ("add", "defer")
@@ -73,6 +77,11 @@ class AHNConfig:
         salience_mass: the salience score reads the attention a token received while in the window
             (True, default) or only the token itself (False: the score is known when the token enters, so
             prefill attention needs no explicit softmax for it; see :mod:`ahn.salience`).
+        salience_mass_stride: the received mass is summed over every s-th query only (the queries at
+            slots divisible by s, each counted s times): an estimate of the sum over all queries that costs
+            1/s of the exact pass, the same in prefill, decode and on every device. ``None`` (default):
+            s = W // MASS_SAMPLES (at least 1), so each token's mass comes from about MASS_SAMPLES = 256
+            queries whatever the window (exact up to W = 511); 1: every query (exact).
 
     With ``buffer_slots=0``, ``salience_writes=False`` and ``readout="add"`` everything is the
     paper's mechanism; any of them adds a salience scorer (or the read-out's logit) to each memory.
@@ -90,6 +99,7 @@ class AHNConfig:
     salience_writes: bool = False
     readout: str = "add"
     salience_mass: bool = True
+    salience_mass_stride: Optional[int] = None
 
     def __post_init__(self):
         # start-up time: the CLI imports this module to build its flags; the memory rules and backends import torch
@@ -98,12 +108,14 @@ class AHNConfig:
 
         if self.memory not in available_memories():
             raise ValueError(f"memory={self.memory!r} is unknown; choose one of {available_memories()}")
-        for name, lo in (("window", 1), ("sinks", 0), ("attention_block", 1), ("buffer_slots", 0)):
+        optional = ("attention_block", "salience_mass_stride")
+        for name, lo in (("window", 1), ("sinks", 0), ("attention_block", 1), ("buffer_slots", 0),
+                         ("salience_mass_stride", 1)):
             value = getattr(self, name)
-            if name == "attention_block" and value is None:
+            if name in optional and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise ValueError(f"{name}={value!r} must be an int >= {lo}" + (" or None" if name == "attention_block" else ""))
+                raise ValueError(f"{name}={value!r} must be an int >= {lo}" + (" or None" if name in optional else ""))
         if self.buffer_slots > MAX_BUFFER_SLOTS:
             raise ValueError(f"buffer_slots={self.buffer_slots} is above the bound of {MAX_BUFFER_SLOTS} slots per layer and "
                              "kv head (ahn.config.MAX_BUFFER_SLOTS): the buffer is attended at every step; use fewer "
@@ -144,6 +156,13 @@ class AHNConfig:
         if self.attention_block is not None:
             return self.attention_block
         return min(MAX_AUTO_BLOCK, max(MIN_AUTO_BLOCK, window // 2))
+
+    def mass_stride_for(self, window: int) -> int:
+        """Stride of the received-mass estimate for ``window``: ``salience_mass_stride`` if set, else
+        ``window // MASS_SAMPLES`` (at least 1): about MASS_SAMPLES queries per token whatever the window."""
+        if self.salience_mass_stride is not None:
+            return self.salience_mass_stride
+        return max(1, window // MASS_SAMPLES)
 
     def memory_layers(self, num_hidden_layers: int) -> tuple[int, ...]:
         """Indices of the layers that get a memory in a model with ``num_hidden_layers`` layers."""

@@ -365,6 +365,7 @@ def _decoder_pre_hook(runtime: _Runtime, decoder: _Decoder):
         kwargs["ahn_context"] = AHNContext(
             mode=mode, window=W, sinks=S, pad_offsets=P, start=start, cache=cache,
             attention_block=cfg.block_for(W), backend=cfg.backend, buffer_slots=cfg.buffer_slots, record=record,
+            mass_stride=cfg.mass_stride_for(W),
         )
         return (), kwargs
 

@@ -70,17 +70,18 @@ def test_per_kv_head_masks_and_no_mask(per_head, monkeypatch):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("gap", [0, 7])  # 7: the teacher's probe, queries at least 7 slots after the key
+@pytest.mark.parametrize("gap, stride", [(0, 1), (7, 1), (0, 3), (0, 5)])  # 7: the teacher's probe; 3, 5: estimates
 @pytest.mark.parametrize("B, Hkv, R, bq, W, S, D, start, pads", [
     (1, 2, 3, 150, 37, 4, 8, 500, [0]),  # steady blocks: the middle of each band unmasked
     (2, 1, 2, 70, 50, 3, 8, 60, [0, 5]),  # a left-padded row, the band clipped at the context's start
     (2, 2, 2, 130, 200, 2, 16, 10, [3, 0]),  # a window longer than the context so far
     (1, 1, 1, 64, 16, 0, 4, 3000, [0]),  # no sinks, one query head
 ])
-def test_received_mass_equals_the_column_sums_of_the_softmax(B, Hkv, R, bq, W, S, D, start, pads, gap):
+def test_received_mass_equals_the_column_sums_of_the_softmax(B, Hkv, R, bq, W, S, D, start, pads, gap, stride):
     """The salience score's received mass (and the teacher's probe: only queries ``gap`` or more slots after the key),
     computed in bands of queries with the lse folded into the matmul, equals the column sums (over queries, averaged
-    over heads) of the explicit softmax of the same block."""
+    over heads) of the explicit softmax of the same block; with a ``stride``, over the queries at slots divisible by
+    it only, times the stride."""
     gen = torch.Generator().manual_seed(B * 1000 + bq)
     lo, hi = max(0, start - W + 1), start + bq
     P = torch.tensor(pads).view(B, 1, 1)
@@ -93,8 +94,9 @@ def test_received_mass_equals_the_column_sums_of_the_softmax(B, Hkv, R, bq, W, S
     qb, lse = q.view(B, Hkv, R, bq, D), lse.view(B, Hkv, R, bq)
     p = torch.softmax(attention._block_logits(qb, keys, mask.view(B, 1, 1, bq, -1), scale), dim=-1)
     far = (start + torch.arange(bq)).view(-1, 1) - torch.arange(lo, hi) >= gap  # [bq, n]: query slot - key slot
-    expected = (p[..., n_sinks:] * far).sum(dim=3).mean(dim=2)
+    counted = ((start + torch.arange(bq)) % stride == 0).view(-1, 1)  # [bq, 1]
+    expected = (p[..., n_sinks:] * (far & counted)).sum(dim=3).mean(dim=2) * stride
     got = received_mass_in_bands(qb, keys[:, :, n_sinks:], mask[:, :, n_sinks:], lse, scale, own=start - lo, window=W,
-                                  gap=gap)
+                                  gap=gap, stride=stride, first=-start % stride)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert expected.sum() > 0.1 * bq  # the window holds most of the attention: the test compares real mass

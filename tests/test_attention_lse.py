@@ -196,14 +196,16 @@ def test_received_mass_dispatch(monkeypatch):
     torch.testing.assert_close(got, received_mass_reference(q.detach(), k, mask, lse.detach(), 0.3, 2))
 
 
-def test_the_model_on_the_gpu_forms(model_dirs, monkeypatch):
+@pytest.mark.parametrize("stride", [1, 3])  # 3: the received mass from every third query
+def test_the_model_on_the_gpu_forms(model_dirs, monkeypatch, stride):
     """docs/design.md's invariant 3 on the GPU's forms (flex uncompiled, the Triton mass kernel interpreted), every
     salience option on: a parallel forward equals chunked prefill + decode, and both equal the CPU path's logits, the
     cache's received mass included."""
     pytest.importorskip("triton")
     x = ids(2, 30, seed=4)
     model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=8, sinks=2, attention_block=5, buffer_slots=3,
-                                                            salience_writes=True, readout="defer"))
+                                                            salience_writes=True, readout="defer",
+                                                            salience_mass_stride=stride))
     randomize_memory(model)
     randomize_salience(model)
     runs = {}

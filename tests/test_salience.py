@@ -29,10 +29,11 @@ OPTIONS = [ALL_ON, dict(buffer_slots=2), dict(salience_writes=True), dict(readou
            dict(buffer_slots=2, salience_writes=True, salience_mass=False, readout="defer")]
 
 
-def reference_attention(q, k, v, token_part, mass_weight, *, window, sinks, pad, slots, scale):
+def reference_attention(q, k, v, token_part, mass_weight, *, window, sinks, pad, slots, scale, stride=1):
     """Token by token, from the definitions: one row (``q [Hq, T, D]``, ``k, v [Hkv, T, D]``, ``pad`` left pads).
 
-    Per query t: the window softmax (sinks + window) gives each key its received mass; the token
+    Per query t: the window softmax (sinks + window) gives each key its received mass (queries at slots divisible
+    by ``stride`` only, each counted ``stride`` times); the token
     t - W is scored ``token_part + mass_weight * log1p(mass)`` and joins the evicted set; the buffer
     is the top ``slots`` evicted tokens by (score, slot); the output attends over sinks, window and buffer.
     """
@@ -62,12 +63,15 @@ def reference_attention(q, k, v, token_part, mass_weight, *, window, sinks, pad,
             out[hq, t] = p @ v[h, keys].double()
             pw = torch.softmax(logit[: len(base)], 0)  # the window's own softmax
             for j, pj in zip(base[len(sink_set):], pw[len(sink_set):]):
-                mass[h, j] += float(pj) / R
+                mass[h, j] += float(pj) / R * stride if t % stride == 0 else 0.0
     return out
 
 
-@pytest.mark.parametrize("window, sinks, slots, block, pad", [(5, 2, 3, 4, 0), (4, 0, 2, 7, 3), (6, 1, 1, 64, 2)])
-def test_blocked_attention_equals_the_token_by_token_reference(window, sinks, slots, block, pad):
+@pytest.mark.parametrize("window, sinks, slots, block, pad, stride", [
+    (5, 2, 3, 4, 0, 1), (4, 0, 2, 7, 3, 1), (6, 1, 1, 64, 2, 1),
+    (5, 2, 3, 4, 0, 2), (6, 1, 2, 7, 3, 3),  # the received mass estimated from every 2nd / 3rd query
+])
+def test_blocked_attention_equals_the_token_by_token_reference(window, sinks, slots, block, pad, stride):
     torch.manual_seed(0)
     B, Hq, Hkv, T, D, hidden = 1, 4, 2, 29, 8, 16
     q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
@@ -80,9 +84,9 @@ def test_blocked_attention_equals_the_token_by_token_reference(window, sinks, sl
         out, lse, scores, buffer, _ = window_attention(
             q, k, v, 0, gather_sinks(k, P, sinks), gather_sinks(v, P, sinks), start=0, window=window, sinks=sinks,
             pad_offsets=P, scale=D**-0.5, block=block, scorer=scorer, token_part=token_part,
-            mass=torch.zeros(B, Hkv, T), buffer=Buffer.empty(k, v, slots))
+            mass=torch.zeros(B, Hkv, T), buffer=Buffer.empty(k, v, slots), mass_stride=stride)
     ref = reference_attention(q[0], k[0], v[0], token_part[0], scorer.mass_weight.detach(), window=window, sinks=sinks,
-                              pad=pad, slots=slots, scale=D**-0.5)
+                              pad=pad, slots=slots, scale=D**-0.5, stride=stride)
     got = out[0].transpose(0, 1)  # [Hq, T, D]
     torch.testing.assert_close(got[:, pad:].double(), ref[:, pad:], rtol=0, atol=1e-5)
     # The final buffer holds exactly the best `slots` evicted tokens of each head.
@@ -110,6 +114,34 @@ def test_parallel_forward_equals_prefill_plus_decode(model_dirs, memory, options
     if M:
         assert layer.buffer_slot.shape == (2, 2, M) and (layer.buffer_slot >= 0).all()  # full after 90 tokens
         assert all(0 <= s <= 90 - 1 - 10 for s in layer.buffer_slot.flatten().tolist())
+
+
+def test_a_strided_mass_is_the_same_in_every_form(model_dirs):
+    """``salience_mass_stride``: the received mass counts the queries at slots divisible by the stride (3 here) in
+    the parallel forward, in chunked prefill and in decode alike, so they stay equal; and it is a different
+    estimate from the exact mass (the option takes effect)."""
+    x = ids(2, 90, seed=3)
+    runs = {}
+    for stride in (1, 3):
+        model = ahn.add_memory(load_base(model_dirs), AHNConfig(window=10, sinks=3, attention_block=7,
+                                                                salience_mass_stride=stride, **ALL_ON))
+        randomize_memory(model)
+        randomize_salience(model)
+        parallel = logits(model, x)
+        incremental, cache = run_incremental(model, x, [5, 13, 1, 27])
+        torch.testing.assert_close(incremental, parallel, rtol=0, atol=ATOL)
+        runs[stride] = torch.stack([layer.salience_mass for layer in cache.layers])
+    exact, strided = runs[1], runs[3]
+    assert exact.shape == strided.shape
+    assert (strided - exact).abs().max() > 1e-3  # an estimate, not the exact sum
+    torch.testing.assert_close(strided.sum(), exact.sum(), rtol=0.2, atol=0)  # of the same quantity
+
+
+def test_the_mass_stride_default_keeps_about_256_queries_per_token():
+    assert AHNConfig(window=300).mass_stride_for(300) == 1  # exact below 512
+    assert AHNConfig().mass_stride_for(2048) == 8
+    assert AHNConfig().mass_stride_for(32640) == 127
+    assert AHNConfig(salience_mass_stride=1).mass_stride_for(32640) == 1
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama", "mistral"])
@@ -227,6 +259,7 @@ def test_cache_accounts_for_the_buffer(model_dirs):
 
 @pytest.mark.parametrize("kwargs, match", [(dict(buffer_slots=-1), "buffer_slots"), (dict(readout="mix"), "readout"),
                                            (dict(salience_writes=1), "salience_writes"),
+                                           (dict(salience_mass_stride=0), "salience_mass_stride=0 must be an int >= 1"),
                                            # Issue 25.14: refused at once, not at the first forward's allocation.
                                            (dict(buffer_slots=10**9, window=4),
                                             "buffer_slots=1000000000 is above the bound of 65536 slots")])

@@ -122,6 +122,8 @@ def main(argv=None):
                    help="'salient' mode: memory read-out")
     p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=True,
                    help="'salient' mode: the salience score reads the attention received in the window")
+    p.add_argument("--salience-mass-stride", type=int, default=None, metavar="S",
+                   help="'salient' mode: that mass from every S-th query (default: window // 256, at least 1)")
     p.add_argument("--memory", default="gated_deltanet")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--sinks", type=int, default=64)
@@ -159,7 +161,7 @@ def main(argv=None):
     models = {}
     if "salient" in a.modes:
         salient = dict(buffer_slots=a.buffer, salience_writes=a.salience_writes, readout=a.readout,
-                       salience_mass=a.salience_mass)
+                       salience_mass=a.salience_mass, salience_mass_stride=a.salience_mass_stride)
         models["salient"] = add_memory(copy.deepcopy(base), AHNConfig(**config.to_dict() | salient))
     model = add_memory(base, config)
     models.update({mode: model for mode in ("full", "window", "ahn")})

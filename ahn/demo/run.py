@@ -57,6 +57,8 @@ class DemoSettings:
         --readout add`` is the paper's mechanism.
     salience_mass: whether the salience score reads the attention each token received in the window
         (docs/salience.md: its measured worth and cost).
+    salience_mass_stride: that mass from every s-th query only (``AHNConfig.salience_mass_stride``; the
+        default is exact at the demo's 32-token window).
     salience_weight: weight of the scorer's loss against the teacher's attention mass.
     """
 
@@ -73,6 +75,7 @@ class DemoSettings:
     salience_writes: bool = True
     readout: str = "defer"
     salience_mass: bool = True
+    salience_mass_stride: Optional[int] = None
     salience_weight: float = 1.0
     seed: int = 0
     eval_seed: int = 20261  # never used for training data (train_teacher draws from seed + 1)
@@ -138,7 +141,7 @@ def run_demo(memory: str = DEFAULT_MEMORY, out: Optional[Path] = None, settings:
                    "seed": settings.seed, **task},
         min_length=0, max_length=None, response_weight=settings.response_weight, window=DEMO_WINDOW,
         sinks=DEMO_SINKS, buffer_slots=settings.buffer_slots, salience_writes=settings.salience_writes,
-        readout=settings.readout, salience_mass=settings.salience_mass, salience_weight=settings.salience_weight, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
+        readout=settings.readout, salience_mass=settings.salience_mass, salience_mass_stride=settings.salience_mass_stride, salience_weight=settings.salience_weight, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, weight_decay=0.0,
         lr_scheduler=settings.lr_scheduler,
         batch_size=settings.batch_size, max_steps=settings.steps, logging_steps=max(1, settings.steps // 10),
         save_steps=settings.steps, save_total_limit=1, seed=settings.seed, progress=progress,
@@ -229,7 +232,7 @@ def format_table(results: dict) -> str:
 TASKS = ("recall", "text")
 # Flags that only the recall task reads, and the text task's own: each refused with the other task.
 RECALL_ONLY = (("pairs", "--pairs"), ("salience_writes", "--salience-writes"), ("readout", "--readout"),
-               ("salience_mass", "--salience-mass"))
+               ("salience_mass", "--salience-mass"), ("salience_mass_stride", "--salience-mass-stride"))
 TEXT_ONLY = (("teacher", "--teacher"), ("quick", "--quick"), ("needles_per_cell", "--needles-per-cell"),
              ("length", "--length"), ("modes", "--modes"))
 
@@ -287,7 +290,7 @@ def main_args(args) -> int:
     torch.set_num_threads(args.threads or DEMO_THREADS)
     given = (("steps", args.steps), ("seed", args.seed), ("num_pairs", args.pairs), ("buffer_slots", args.buffer),
              ("salience_writes", args.salience_writes), ("readout", args.readout), ("salience_mass", args.salience_mass),
-             ("salience_weight", args.salience_weight))
+             ("salience_mass_stride", args.salience_mass_stride), ("salience_weight", args.salience_weight))
     settings = DemoSettings(**{k: v for k, v in given if v is not None})
     try:
         run_demo(memory=args.memory, out=args.out, settings=settings, retrain_teacher=args.retrain_teacher,
@@ -320,6 +323,9 @@ def add_arguments(p) -> None:
     p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=None,
                    help=f"the salience score reads the attention each token received in the window (default "
                         f"{DemoSettings.salience_mass})")
+    p.add_argument("--salience-mass-stride", type=int_at_least(1), default=None, metavar="S",
+                   help="estimate that mass from every S-th query (default: window // 256, at least 1, so exact at "
+                        "the demo's window; docs/salience.md)")
     p.add_argument("--salience-weight", type=float, default=None,
                    help=f"weight of the scorer's loss against the teacher's attention mass (default "
                         f"{DemoSettings.salience_weight}; 0: the scorer learns through the gated writes only)")

@@ -97,6 +97,8 @@ class DistillConfig:
                              "of a softmax beside the attended keys)")
     salience_mass: bool = _f(True, "the salience score reads the attention a token received in the window (false: "
                                    "the token alone, and prefill attention needs no explicit softmax for it)")
+    salience_mass_stride: Optional[int] = _f(None, "the received mass from every s-th query, each counted s times "
+                                                   "(default: window // 256, at least 1; 1: every query)")
     # ---------------------------------------------------------------- data
     data: Optional[str] = _f(None, "training data: .jsonl/.json/.parquet file or directory, Hub id, or 'synthetic'",
                              required=True)

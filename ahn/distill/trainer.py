@@ -334,7 +334,7 @@ def build_trainer(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ())
         window=cfg.inference_window or (cfg.window if fixed else DEFAULT_INFERENCE_WINDOW),
         sinks=cfg.inference_sinks if cfg.inference_sinks is not None else (cfg.sinks if fixed else DEFAULT_INFERENCE_SINKS),
         buffer_slots=cfg.buffer_slots, salience_writes=cfg.salience_writes, readout=cfg.readout,
-        salience_mass=cfg.salience_mass,
+        salience_mass=cfg.salience_mass, salience_mass_stride=cfg.salience_mass_stride,
     )
     model = add_memory(base, ahn_config)
     for p in model.memory_parameters():  # optimizer master weights stay float32 under bf16 autocast

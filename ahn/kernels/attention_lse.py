@@ -167,7 +167,7 @@ MASS_QUERIES = 64
 
 
 def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor, scale: float,
-                           own: int, window: int, gap: int = 0) -> torch.Tensor:
+                           own: int, window: int, gap: int = 0, stride: int = 1, first: int = 0) -> torch.Tensor:
     """The attention each key receives from a block of queries: ``sum_i mean_h exp(scale q_hi . k_j - lse_hi)`` over
     the visible pairs (the softmax's probabilities, from its log-sum-exp), without autograd.
 
@@ -175,31 +175,38 @@ def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
     (True: visible), ``lse [B, Hkv, R, bq]`` float32 of the whole softmax (keys beyond these, the sinks say, count in
     it), ``own``: the column of query 0's own slot; query i sees at most columns ``own + i - window + 1 .. own + i``
     (a sliding window). ``gap``: count only queries at least this many slots after the key (the teacher's probe).
-    Returns ``[B, Hkv, n]`` float32.
+    ``stride``, ``first``: count only queries ``first, first + stride, ...`` of the block, each ``stride`` times (an
+    estimate of the sum over all queries from every ``stride``-th: ``AHNConfig.salience_mass_stride``). Returns ``[B, Hkv, n]``
+    float32.
 
     Steps of :data:`MASS_QUERIES` queries: each scores only its band of columns, with ``-lse`` folded into the
     matmul (``[q * scale, -lse] . [k, 1]``, in base 2) and the exp's argument floored at :data:`EXP2_FLOOR`; the
     middle of the band, which every query of the step sees in a steady block, is not masked."""
     B, Hkv, R, bq, D = q.shape
     n = keys.shape[2]
+    if stride != 1 or first != 0:  # the counted queries only; their positions in the block set the bands' columns
+        rows = torch.arange(first, bq, stride, device=q.device)
+        q, mask, lse = q.index_select(3, rows), mask.index_select(1, rows), lse.index_select(3, rows)
+    pos = range(first, bq, stride)  # pos[j]: the block position of counted query j
+    nq = len(pos)
     # In base 2 (log2(e) folded into q and the lse): exp2 is 1.9x cheaper than exp on CPU (torch 2.13, 2.15 against
     # 1.13 ms for 2M floats) and has no slow path down to EXP2_FLOOR.
-    qs = torch.cat([q.float() * (scale * LOG2E), -LOG2E * lse.float().unsqueeze(-1)], dim=-1)  # [B, Hkv, R, bq, D + 1]
+    qs = torch.cat([q.float() * (scale * LOG2E), -LOG2E * lse.float().unsqueeze(-1)], dim=-1)  # [B, Hkv, R, nq, D + 1]
     ks = F.pad(keys.float(), (0, 1), value=1.0).transpose(-1, -2)  # [B, Hkv, D + 1, n]
     mass = torch.zeros(B, Hkv, n, device=q.device)
-    for i0 in range(0, bq, MASS_QUERIES):
-        i1 = min(bq, i0 + MASS_QUERIES)
-        b = i1 - i0
-        c0, c1 = max(0, own + i0 - window + 1), min(n, own + i1 - gap)  # the columns any query of the step may see
+    for j0 in range(0, nq, MASS_QUERIES):
+        j1 = min(nq, j0 + MASS_QUERIES)
+        b, p0, p1 = j1 - j0, pos[j0], pos[j1 - 1]  # queries, first and last block position of the step
+        c0, c1 = max(0, own + p0 - window + 1), min(n, own + p1 + 1 - gap)  # the columns any query of the step may see
         if c1 <= c0:
             continue
-        s = torch.matmul(qs[:, :, :, i0:i1].reshape(B, Hkv, R * b, D + 1), ks[..., c0:c1]).view(B, Hkv, R, b, -1)
-        m = mask[:, i0:i1, c0:c1]
+        s = torch.matmul(qs[:, :, :, j0:j1].reshape(B, Hkv, R * b, D + 1), ks[..., c0:c1]).view(B, Hkv, R, b, -1)
+        m = mask[:, j0:j1, c0:c1]
         if gap:
-            rows, cols = torch.arange(i0, i1, device=q.device).view(-1, 1), torch.arange(c0, c1, device=q.device)
-            m = m & (cols <= rows + own - gap)
+            rows = torch.tensor(pos[j0:j1], device=q.device).view(-1, 1)
+            m = m & (torch.arange(c0, c1, device=q.device) <= rows + own - gap)
         m = m.view(B, 1, 1, b, -1)
-        m0, m1 = max(c0, own + i1 - window) - c0, min(c1, own + i0 + 1 - gap) - c0  # the columns every query may see
+        m0, m1 = max(c0, own + p1 + 1 - window) - c0, min(c1, own + p0 + 1 - gap) - c0  # the columns every query may see
         s = s.clamp_(min=EXP2_FLOOR).exp2_()
         # A broadcast bool multiply: 7x faster than masked_fill_ with the same broadcast mask (torch 2.13, CPU).
         if m1 > m0 and bool(m[..., m0:m1].all()):
@@ -208,7 +215,7 @@ def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
         else:
             s.mul_(m)
         mass[:, :, c0:c1] += s.view(B, Hkv, R * b, -1).sum(dim=2)
-    return mass.div_(R)
+    return mass.mul_(stride / R)
 
 
 def received_mass(q: torch.Tensor, keys: torch.Tensor, mask: Optional[torch.Tensor], lse: torch.Tensor, scale: float,
