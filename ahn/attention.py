@@ -540,8 +540,10 @@ def read_out(parts: LayerParts, attn: torch.Tensor, mem_out: torch.Tensor, hidde
     ``hidden_states [B, T, hidden]``, ``lse [B, T, Hq]`` the attention's log-sum-exp (None for "add")."""
     if parts.defer is None:
         return attn + mem_out.to(attn.dtype)
-    share = torch.sigmoid(parts.defer(hidden_states).float() - lse)
-    return attn + (share.unsqueeze(-1) * mem_out.float()).to(attn.dtype)
+    share = torch.sigmoid(parts.defer(hidden_states).float() - lse).unsqueeze(-1)
+    if attn.dtype == torch.float32:
+        return torch.addcmul(attn, share, mem_out.float())  # one pass (a decoding step runs this per layer)
+    return attn + (share * mem_out.float()).to(attn.dtype)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -607,31 +609,35 @@ def decode_attention(q: torch.Tensor, view: DecodeView, scale: float, parts: Lay
     ``q [B, Hq, 1, D]``. Returns ``(out [B, 1, Hq, D], lse [B, 1, Hq] or None, received [B, Hkv, C] or None)``:
     ``received`` (with a scorer that reads the mass, when ``mass_weight`` > 0) is the ring entries' share of the
     window's own softmax (the buffer left out), averaged over the group's heads, times ``mass_weight``; with 0
-    (this query is not counted: its slot is not divisible by the stride) it is None and attention takes the fast
-    path."""
+    (this query is not counted: its slot is not divisible by the stride) it is None. ``lse`` is None for a plain
+    layer (no options), which needs none."""
     B, Hq, _, D = q.shape
-    if parts.plain:
-        mask = view.mask.unsqueeze(2) if view.mask is not None else None  # [B, 1, 1, N]
-        out = F.scaled_dot_product_attention(q, view.keys, view.values, attn_mask=mask, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2), None, None
-    if parts.scorer is None or not parts.scorer.uses_mass or not mass_weight:  # no mass to count: attention, lse
+    counted = parts.scorer is not None and parts.scorer.uses_mass and bool(mass_weight)
+    if q.device.type != "cpu" and not counted:  # SDPA's / flex's single-query kernels
+        if parts.plain:
+            mask = view.mask.unsqueeze(2) if view.mask is not None else None  # [B, 1, 1, N]
+            out = F.scaled_dot_product_attention(q, view.keys, view.values, attn_mask=mask, scale=scale,
+                                                 enable_gqa=True)
+            return out.transpose(1, 2), None, None
         mask = view.mask  # [B, 1 or Hkv, N] or None
         if mask is not None:  # one query: [B, T = 1, N], or per kv head [B, Hkv, 1, N]
             mask = mask.view(B, 1, -1) if mask.shape[1] == 1 else mask.unsqueeze(2)
         out, lse = attend(q, view.keys, view.values, mask, scale)
         return out.transpose(1, 2), lse.reshape(B, 1, Hq), None
+    # On CPU one query's softmax in two grouped matmuls: 0.35 ms against 0.52 for SDPA and 0.56 for the flash
+    # kernel with its log-sum-exp ([1, 14, 1, 64] over 2,144 keys, 2 kv heads, one thread, torch 2.13).
     Hkv, N = view.keys.shape[1], view.keys.shape[2]
     qg = q.view(B, Hkv, Hq // Hkv, 1, D)
     block_mask = view.mask.view(B, -1, 1, 1, N) if view.mask is not None else None
     e, m, lse = window_softmax(_block_logits(qg, view.keys, block_mask, scale))
     out = _grouped_matmul(e.to(view.values.dtype), view.values).float() * torch.exp(m - lse.unsqueeze(-1))
     received = None
-    if parts.scorer is not None and parts.scorer.uses_mass:
+    if counted:
         ring = e.detach()[..., view.ring_start:]  # [B, Hkv, R, 1, C]
         window_sum = e.detach()[..., : view.sinks].sum(-1, keepdim=True) + ring.sum(-1, keepdim=True)
         received = (ring / window_sum).squeeze(3).mean(2).mul_(mass_weight)
     out = out.to(view.values.dtype).reshape(B, Hq, 1, -1).transpose(1, 2)  # [B, 1, Hq, D]
-    return out, lse.reshape(B, 1, Hq), received
+    return out, None if parts.plain else lse.reshape(B, 1, Hq), received
 
 
 def decode(parts: LayerParts, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -652,7 +658,9 @@ def decode(parts: LayerParts, hidden_states: torch.Tensor, q: torch.Tensor, k: t
         evicted = layer.evicted_salience(t, P)
         if evicted is not None:
             token_part, mass, valid = evicted
-            score = scorer.score(token_part, mass).masked_fill(~valid, float("-inf"))  # [B, Hkv, 1]
+            score = scorer.score(token_part, mass)  # [B, Hkv, 1]
+            if valid is not None:
+                score = score.masked_fill(~valid, float("-inf"))
             if layer.buffer_slots:
                 layer.offer_to_buffer(t, score, valid)
     mem_out = gates = None

@@ -195,12 +195,13 @@ class AHNCacheLayer(CacheLayerMixin):
 
     def evicted_salience(self, t: int, pad_offsets: torch.Tensor):
         """The salience parts of the token leaving the window when slot ``t`` arrives: ``(token_part, mass
-        [B, Hkv, 1], valid [B, 1, 1])`` (``valid``: a real, non-sink token in that row), or None before slot W."""
+        [B, Hkv, 1], valid [B, 1, 1])`` (``valid``: a real, non-sink token in that row; None when it is one in
+        every row, the steady state), or None before slot W."""
         e = t - self.window
         if e < 0:
             return None
         i = e % self.window
-        valid = (e >= pad_offsets + self.sinks).view(-1, 1, 1)
+        valid = None if e >= self.sink_ends(pad_offsets)[1] else (e >= pad_offsets + self.sinks).view(-1, 1, 1)
         return self.salience_token[:, :, i: i + 1], self.salience_mass[:, :, i: i + 1], valid
 
     @property
@@ -214,10 +215,10 @@ class AHNCacheLayer(CacheLayerMixin):
     def decode_view(self, t: int, pad_offsets: torch.Tensor) -> DecodeView:
         """What the query at slot ``t`` (already appended) attends to: sinks, buffer entries that hold a token,
         and the ring entries of its window that hold real, non-sink tokens."""
-        if not self.buffer_slots and t - self.window + 1 >= self.sink_ends(pad_offsets)[1] \
-                and self.capacity == self.window:
-            # Every sink is filled and every ring entry holds a real, non-sink token of the window (the steady
-            # state of a long decode): nothing to mask.
+        if t - self.window + 1 >= self.sink_ends(pad_offsets)[1] + self.buffer_slots and self.capacity == self.window:
+            # Every sink is filled, every ring entry holds a real, non-sink token of the window, and every row has
+            # evicted at least M real tokens (slots P_r + S .. t - W), so every buffer entry holds one (empty
+            # entries rank lowest and are the first replaced): the steady state of a long decode, nothing to mask.
             return DecodeView(self.keys, self.values, None, self.sinks, self.ring_start)
         dev = self.device
         P = pad_offsets.view(-1, 1)  # [B, 1]
@@ -317,11 +318,19 @@ class AHNCacheLayer(CacheLayerMixin):
         """The buffer rule for the token leaving the window when slot ``t`` arrives (before it is overwritten):
         it replaces the entry of lowest priority (score, then slot; empty entries lowest) when it ranks above it,
         which keeps the buffer the top M of the evicted tokens, as a prefill block does. ``score [B, Hkv, 1]``,
-        ``valid [B, 1, 1]`` (rows where it is a real, non-sink token)."""
+        ``valid [B, 1, 1]`` (rows where it is a real, non-sink token; None: every row). On CPU the same rule runs on the host
+        (:meth:`_offer_on_host`: a few list reads instead of ~20 tensor operations per layer and token)."""
         e = t - self.window
         i = self.ring_start + e % self.window
+        if self.keys.device.type == "cpu":
+            self._offer_on_host(e, i, score, valid)
+        else:
+            self._offer_with_tensors(e, i, score, valid)
+
+    def _offer_with_tensors(self, e: int, i: int, score: torch.Tensor, valid: torch.Tensor) -> None:
+        """:meth:`offer_to_buffer` in tensor operations (no host sync): evicted slot ``e`` at ring index ``i``."""
         ek, ev = self.keys[:, :, i: i + 1], self.values[:, :, i: i + 1]  # [B, Hkv, 1, D]
-        eslot = torch.where(valid, e, -1)  # [B, 1, 1]
+        eslot = e if valid is None else torch.where(valid, e, -1)  # [B, 1, 1]
         slot, low_score = self.buffer_slot, self.buffer_score.amin(dim=-1, keepdim=True)  # [B, Hkv, M], [B, Hkv, 1]
         oldest = torch.where(self.buffer_score == low_score, slot, torch.iinfo(slot.dtype).max).argmin(-1, keepdim=True)
         low_slot = slot.gather(-1, oldest)
@@ -332,6 +341,29 @@ class AHNCacheLayer(CacheLayerMixin):
         self.values[:, :, region] = torch.where(at.unsqueeze(-1), ev, self.values[:, :, region])
         self.buffer_slot = torch.where(at, eslot, slot)
         self.buffer_score = torch.where(at, score, self.buffer_score)
+
+    def _offer_on_host(self, e: int, i: int, score: torch.Tensor, valid: torch.Tensor) -> None:
+        """:meth:`offer_to_buffer` on the host, for CPU tensors (reading them costs no device sync): per row and kv
+        head, the entry of lowest (score, slot) is found in Python lists and replaced in place when the evicted token
+        ranks above it. The same decisions as :meth:`_offer_with_tensors` (first of equal entries, as ``argmin``)."""
+        B, H, M = self.buffer_slot.shape
+        new_scores, ok = score.reshape(B, H).tolist(), [True] * B if valid is None else valid.reshape(B).tolist()
+        scores, slots = self.buffer_score.tolist(), self.buffer_slot.tolist()
+        copied = False  # slot and score are replaced, not written in place, as the tensor path does
+        for b in range(B):
+            if not ok[b]:
+                continue
+            for h in range(H):
+                row_score, row_slot = scores[b][h], slots[b][h]
+                j = min(range(M), key=lambda m: (row_score[m], row_slot[m]))
+                s = new_scores[b][h]
+                if s > row_score[j] or (s == row_score[j] and e > row_slot[j]):
+                    if not copied:
+                        self.buffer_slot, self.buffer_score, copied = self.buffer_slot.clone(), self.buffer_score.clone(), True
+                    self.keys[b, h, self.sinks + j] = self.keys[b, h, i]
+                    self.values[b, h, self.sinks + j] = self.values[b, h, i]
+                    self.buffer_slot[b, h, j] = e
+                    self.buffer_score[b, h, j] = score[b, h, 0]
 
     # ------------------------------------------------------------- saved states
     def state_fields(self) -> dict[str, Optional[torch.Tensor]]:

@@ -44,6 +44,8 @@ forward passes.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -98,12 +100,18 @@ class SalienceRecord:
 
 def gate_writes(gates: torch.Tensor, scores: torch.Tensor, strength: tuple[int, ...]) -> torch.Tensor:
     """Salience-gated writes: ``gates [B, T, Hq, G]`` with the ``strength`` channels times sigmoid(``scores [B, Hkv, T]``)."""
-    Hq, Hkv = gates.shape[2], scores.shape[1]
-    factor = torch.sigmoid(scores).transpose(1, 2).repeat_interleave(Hq // Hkv, dim=2)  # [B, T, Hq]
-    channels = list(gates.unbind(-1))
-    for c in strength:
-        channels[c] = channels[c] * factor
-    return torch.stack(channels, dim=-1)
+    B, T, Hq, G = gates.shape
+    Hkv = scores.shape[1]
+    factor = torch.sigmoid(scores).transpose(1, 2)[..., None, None]  # [B, T, Hkv, 1, 1]
+    factor = factor.expand(B, T, Hkv, Hq // Hkv, 1).reshape(B, T, Hq, 1)  # each kv head's query heads
+    return gates * torch.where(_channels(strength, G, gates.device), factor, 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _channels(strength: tuple[int, ...], channels: int, device: torch.device) -> torch.Tensor:
+    """``[channels]`` bool, True on the ``strength`` channels (built once per rule and device: a decoding step
+    gates one token per layer, where building it would cost as much as the product)."""
+    return torch.tensor([c in strength for c in range(channels)], device=device)
 
 
 def gate_one(gates: torch.Tensor, score: torch.Tensor, strength: tuple[int, ...]) -> torch.Tensor:

@@ -369,3 +369,39 @@ def test_the_old_readout_name_still_loads(model_dirs, tmp_path):
     with pytest.warns(FutureWarning, match="renamed"):
         loaded = ahn.AHNModel.from_pretrained(load_base(model_dirs), tmp_path / "a")
     assert loaded.ahn_config.readout == "add"
+
+
+def test_the_buffer_rule_on_the_host_makes_the_tensor_rules_decisions():
+    """CPU decoding offers each evicted token to the buffer with host-side lists (``_offer_on_host``); it must
+    keep the same entries in the same places as the tensor form used on GPUs, with ties (equal scores, then the
+    newer slot wins), empty entries, rows whose evicted token is padding, and a buffer that fills up."""
+    from ahn.cache import AHNCacheLayer
+
+    g = torch.Generator().manual_seed(3)
+    B, H, M, W, S, D = 3, 2, 4, 8, 2, 5
+
+    def layer():
+        lay = AHNCacheLayer(W, S, buffer_slots=M)
+        lay.lazy_initialization(torch.zeros(B, H, 1, D), torch.zeros(B, H, 1, D), salience=True)
+        lay.keys = torch.randn(B, H, S + M + W, D, generator=g)
+        lay.values = torch.randn(B, H, S + M + W, D, generator=g)
+        return lay
+
+    host, tensors = layer(), layer()
+    tensors.keys, tensors.values = host.keys.clone(), host.values.clone()
+    replaced = 0
+    for t in range(W + S, W + S + 40):
+        score = torch.randint(0, 4, (B, H, 1), generator=g).float()  # few values: many ties
+        valid = torch.rand(B, 1, 1, generator=g) > 0.2 if t % 5 else None  # None: every row's token is real
+        i = host.ring_start + (t - W) % W
+        for lay in (host, tensors):  # a fresh evicted token at its ring entry
+            lay.keys[:, :, i], lay.values[:, :, i] = float(t), -float(t)
+        before = host.buffer_slot.clone()
+        host._offer_on_host(t - W, i, score, valid)
+        tensors._offer_with_tensors(t - W, i, score, valid)
+        replaced += int((host.buffer_slot != before).sum())
+        assert torch.equal(host.buffer_slot, tensors.buffer_slot), t
+        assert torch.equal(host.buffer_score, tensors.buffer_score), t
+        assert torch.equal(host.keys, tensors.keys) and torch.equal(host.values, tensors.values), t
+    assert replaced > B * H * M  # the buffers filled and entries were replaced after that
+    assert (host.buffer_slot >= 0).all()
