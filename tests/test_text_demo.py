@@ -14,7 +14,7 @@ import torch
 
 from ahn.demo.text import corpus, tasks
 from ahn.demo.text.teacher import (
-    TRAINING_RECORD, WEIGHTS_DIR, TextTeacherRecipe, answer_correct, copy_example, curriculum_length,
+    TRAINING_RECORD, WEIGHTS_DIR, TextTeacherRecipe, answer_correct, curriculum_length, induction_example,
     load_text_teacher, mixed_loss, train_text_teacher,
 )
 from ahn.demo.text.tokenizer import BOS, EOS, PAD, train_tokenizer
@@ -222,16 +222,47 @@ def test_essay_data_is_the_split_as_a_stream_and_a_word_pool(tokenizer, monkeypa
 
 
 # ------------------------------------------------------------------ teacher recipe
-def test_copy_drill_and_curriculum(haystack):
-    ex = copy_example(haystack, 101, random.Random(0), 0)
-    half = 50
-    assert len(ex.input_ids) == 101 and ex.input_ids[1:1 + half] == ex.input_ids[1 + half:1 + 2 * half]
-    assert [i for i, l in enumerate(ex.labels) if l != tasks.IGNORE_INDEX] == list(range(2 + half, 101))
-    r = TextTeacherRecipe(max_len=1024, short_len=256, hold_steps=10, grow_until=20, steps=40)
+def test_induction_drills_and_curriculum(haystack):
+    from ahn.demo.text.teacher import DRILL_FIRST_ID
+
+    r = TextTeacherRecipe(max_len=1024, short_len=256, induction_steps=5, induction_len=64, hold_steps=10,
+                          grow_until=20, steps=40)
     rng = random.Random(0)
+    kinds = set()
+    for _ in range(40):
+        ex = induction_example(r, haystack, 64, rng, 0, vocab=256)
+        assert len(ex.input_ids) == len(ex.labels) == 64
+        answers = [i for i, label in enumerate(ex.labels) if label != tasks.IGNORE_INDEX]
+        assert answers and all(DRILL_FIRST_ID <= ex.input_ids[i] < DRILL_FIRST_ID + 256 for i in answers)
+        if ex.input_ids[1] == ex.input_ids[3]:  # "a b a" triples: each third token repeats the one two back
+            assert answers == list(range(3, 64, 3)) and all(ex.input_ids[i] == ex.input_ids[i - 2] for i in answers)
+            kinds.add("aba")
+        else:  # a span repeated at the end: each labelled token follows its earlier copy
+            span = 64 - answers[0] + 1
+            assert 8 <= span <= 32
+            assert ex.input_ids[-span:] in [ex.input_ids[i:i + span] for i in range(1, 64 - 2 * span + 1)]
+            kinds.add("span")
+    assert kinds == {"aba", "span"}
     lengths = [curriculum_length(r, s, rng) for s in range(40)]
-    assert lengths[:10] == [256] * 10 and lengths[19] < 1024 and lengths == [l // 64 * 64 for l in lengths]
+    assert lengths[:5] == [64] * 5 and lengths[5:10] == [256] * 5 and lengths[19] < 1024
+    assert lengths == [l // 64 * 64 for l in lengths]
     assert lengths[20::2] == [1024] * 10 and all(512 <= l <= 1024 for l in lengths[21::2])
+
+
+def test_every_length_the_default_curriculum_trains_at_holds_every_task(tokenizer, haystack, words):
+    """A short length after the first phase once made multi-needle examples overflow and killed a training run at
+    its step 500: every length of the default curriculum must hold every task of the mix."""
+    from ahn.demo.text.teacher import sample_example
+
+    r = TextTeacherRecipe(vocab_size=len(tokenizer))
+    rng = random.Random(0)
+    lengths = sorted({curriculum_length(r, s, rng) for s in range(r.induction_steps, r.steps)})
+    assert lengths[0] == r.short_len and lengths[-1] == r.max_len
+    for length in lengths:
+        for kind in tasks.NEEDLE_KINDS:
+            assert len(tasks.needle_example(tokenizer, haystack, length, 0.5, kind, rng, words).input_ids) == length
+        for _ in range(10):
+            assert len(sample_example(r, tokenizer, haystack, words, length, rng, True).input_ids) == length
 
 
 def test_mixed_loss_weighs_text_and_answers_apart():

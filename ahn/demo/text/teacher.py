@@ -77,21 +77,25 @@ class TextTeacherRecipe:
     rope_theta: float = 10000.0
     max_len: int = 1024  # the context it is trained (and evaluated) at (why not 2048: the module docstring)
     batch_tokens: int = 4096  # tokens per step: batch size = batch_tokens // length
-    steps: int = 1000
-    lr: float = 3e-3
+    steps: int = 1600
+    lr: float = 1e-3
     warmup: int = 50
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
-    short_len: int = 256  # curriculum: the length while the lookup is learned
-    hold_steps: int = 300
-    grow_until: int = 600  # the step at which the length reaches max_len; the copy drill stops here too
+    induction_steps: int = 500  # first phase: random-token drills only, at induction_len over induction_vocab ids
+    induction_len: int = 64
+    induction_vocab: int = 256
+    p_aba: float = 0.3  # share of "a b a" triples among the drills (the rest: a random span, repeated)
+    short_len: int = 256  # curriculum after the first phase: the length grows from here (the needle kinds need 256)
+    hold_steps: int = 500
+    grow_until: int = 1100  # the step at which the length reaches max_len; the drill stops here too
     length_multiple: int = 64
     min_len: int = 512  # the shortest random length after the curriculum
     p_lm: float = 0.35  # task mix (the rest is recall)
     p_needle: float = 0.35
-    p_copy: float = 0.25  # share of the drill while the curriculum runs (taken from every task alike)
+    p_copy: float = 0.3  # share of the drill (over all ids) while the length grows (taken from every task alike)
     min_pairs: int = 8
     max_pairs: int = 64
     pair_tokens: int = 12  # budget per pair when capping the pairs a length holds (a 7-token sentence + queries)
@@ -114,6 +118,8 @@ def text_teacher_config(recipe: TextTeacherRecipe, tokenizer) -> Qwen2Config:
 def curriculum_length(recipe: TextTeacherRecipe, step: int, rng: random.Random) -> int:
     """The length trained at ``step`` (see the module docstring)."""
     short, m = min(recipe.short_len, recipe.max_len), recipe.length_multiple
+    if step < recipe.induction_steps:
+        return min(recipe.induction_len, recipe.max_len)
     if step < recipe.hold_steps:
         return short
     if step < recipe.grow_until:
@@ -129,12 +135,33 @@ def max_pairs_for(recipe: TextTeacherRecipe, length: int) -> int:
     return max(1, min(recipe.max_pairs, (length - 64) // recipe.pair_tokens))
 
 
-def copy_example(haystack: torch.Tensor, length: int, rng: random.Random, bos_token_id: int) -> tasks.TextExample:
-    """BOS + an essay span + the same span again (``length`` tokens); the loss on the repeat but its first token."""
-    half = (length - 1) // 2
-    span = tasks.lm_example(haystack, half + 1, rng, bos_token_id).input_ids[1:]
-    ids = [bos_token_id] + span + span + span[: length - 1 - 2 * half]
-    labels = [tasks.IGNORE_INDEX] * (2 + half) + ids[2 + half:]
+DRILL_FIRST_ID = 300  # drills draw ids from here up: below are the byte alphabet and the special tokens
+
+
+def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length: int, rng: random.Random,
+                      bos_token_id: int, vocab: Optional[int] = None) -> tasks.TextExample:
+    """A random-token drill of ``length`` tokens over ids ``DRILL_FIRST_ID .. DRILL_FIRST_ID + vocab - 1`` (all ids
+    by default), which only attention to earlier tokens predicts: with probability ``recipe.p_aba`` triples ``a b
+    a`` (the label on each third token: a previous-token head), otherwise essay text, a random span, essay text and
+    the span again (the loss on the repeat but its first token: an induction head)."""
+    hi = recipe.vocab_size if vocab is None else min(recipe.vocab_size, DRILL_FIRST_ID + vocab)
+    draw = lambda: rng.randrange(DRILL_FIRST_ID, hi)
+    if rng.random() < recipe.p_aba:
+        ids, labels = [bos_token_id], [tasks.IGNORE_INDEX]
+        for _ in range((length - 1) // 3):
+            a, b = draw(), draw()
+            ids += [a, b, a]
+            labels += [tasks.IGNORE_INDEX, tasks.IGNORE_INDEX, a]
+        pad = length - len(ids)
+        return tasks.TextExample("copy", ids + [bos_token_id] * pad, labels + [tasks.IGNORE_INDEX] * pad,
+                                 prompt_len=length)
+    span = rng.randrange(min(8, (length - 1) // 2), (length - 1) // 2 + 1)
+    seg = [draw() for _ in range(span)]
+    before = rng.randint(1, length - 2 * span)  # BOS and essay text, the span, essay text, the span again
+    first = tasks.lm_example(haystack, before, rng, bos_token_id).input_ids
+    between = tasks.lm_example(haystack, 1 + length - before - 2 * span, rng, bos_token_id).input_ids[1:]
+    ids = first + seg + between + seg
+    labels = [tasks.IGNORE_INDEX] * (length - span + 1) + ids[length - span + 1:]
     return tasks.TextExample("copy", ids, labels, prompt_len=length)
 
 
@@ -142,7 +169,7 @@ def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor,
                    rng: random.Random, drill: bool) -> tasks.TextExample:
     """One training example of ``length`` tokens from the recipe's task mix."""
     if drill and rng.random() < recipe.p_copy:
-        return copy_example(haystack, length, rng, tokenizer.bos_token_id)
+        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id)
     u = rng.random()
     if u < recipe.p_lm:
         return tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
@@ -231,8 +258,8 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
     if steps is not None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an int >= 1")
-        recipe = replace(recipe, steps=steps, hold_steps=min(recipe.hold_steps, steps),
-                         grow_until=min(recipe.grow_until, steps))
+        recipe = replace(recipe, steps=steps, induction_steps=min(recipe.induction_steps, steps),
+                         hold_steps=min(recipe.hold_steps, steps), grow_until=min(recipe.grow_until, steps))
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1")
@@ -262,8 +289,13 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
     for step in bar:
         length = curriculum_length(recipe, step, rng)
         batch_size = max(1, recipe.batch_tokens // length)
-        drill = step < recipe.grow_until
-        examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, drill) for _ in range(batch_size)]
+        if step < recipe.induction_steps:
+            examples = [induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id,
+                                          recipe.induction_vocab) for _ in range(batch_size)]
+        else:
+            drill = step < recipe.grow_until
+            examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, drill)
+                        for _ in range(batch_size)]
         batch = tasks.collate(examples)
         is_lm = torch.tensor([e.kind == "lm" for e in examples])
         loss, parts = mixed_loss(model, batch, is_lm)
@@ -274,6 +306,10 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
         opt.zero_grad(set_to_none=True)
         curve.append((step, length, loss.item(), parts.get("lm"), parts.get("task")))
         bar.set_postfix(loss=f"{curve[-1][2]:.3f}", len=length)
+        if progress and (step + 1) % 100 == 0:
+            block = _summary(curve[-100:], every=100)[0]
+            bar.write(f"steps {block['steps'][0]}-{block['steps'][1]}: length {block['length']}, text loss "
+                      f"{_fmt(block['lm'])}, answer / drill loss {_fmt(block['task'])}")
     seconds = time.perf_counter() - start
     model.eval()
     scores = evaluate_teacher(model, tokenizer, heldout_texts, recipe.max_len, seed=seed,
@@ -289,6 +325,10 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
               "loss_curve": _summary(curve), "heldout_full_attention": scores}
     _save_atomically(out, model, tokenizer, record)
     return record
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _summary(curve: list, every: int = 50) -> list[dict]:
