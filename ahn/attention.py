@@ -238,7 +238,8 @@ def _explicit_attention(q, keys, values, mask, scale):
     return out.reshape(B, Hq, T, -1), lse.reshape(B, Hq, T)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], scale: float):
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+           memo: Optional[dict] = None):
     """Softmax attention and its log-sum-exp, both differentiable: ``q [B, Hq, T, D]``, ``keys, values
     [B, Hkv, N, D]`` (GQA: query head h reads kv head h // (Hq / Hkv)), ``mask [B, T, N]`` or per kv head
     ``[B, Hkv, T, N]`` bool (True: visible; every row sees at least one key), or None (all visible). Returns
@@ -246,14 +247,18 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Opti
 
     On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); on CUDA torch's compiled
     flex_attention (:mod:`ahn.kernels.attention_lse`; also with ``AHN_ATTENTION_LSE=flex``); without either, or
-    with ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd)."""
+    with ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd).
+    ``memo``: a dict kept by a caller that passes the same mask again (a sliding window's steady blocks); what is
+    derived from the mask (the flash kernel's additive form) is kept in it and reused."""
     if use_flex(q.device):
         return flex_attention_with_lse(q, keys, values, mask, scale)
     if _cpu_flash_with_lse(q):
-        bias = None
-        if mask is not None:
+        bias = None if memo is None else memo.get("bias")
+        if mask is not None and bias is None:
             bias = mask_bias(mask, q.dtype)
             bias = bias.unsqueeze(1) if mask.dim() == 3 else repeat_heads(bias, q.shape[1] // keys.shape[1], 1)
+            if memo is not None:
+                memo["bias"] = bias
         out, lse = _FlashWithLSE.apply(q, keys, values, bias, scale)
         return out, lse.float()
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, keys, values)):
@@ -305,39 +310,101 @@ def _buffer_step(q, window_out, window_lse, scale: float, buffer: Buffer, evicte
 
     Inside the block the buffer evolves token by token without a loop: the candidates are the M entries at
     the block's start plus the tokens the block evicts; sorted by priority, a candidate is visible to query i
-    iff it has been evicted by i and fewer than M candidates before it in that order have been.
+    iff it has been evicted by i and fewer than M candidates before it in that order have been. Which candidates
+    a query sees depends on slots and scores only (no gradient); the attention over them is :class:`_BufferMerge`.
     """
-    bq = q.shape[3]
+    B, Hkv, bq = q.shape[0], q.shape[1], q.shape[3]
     M = buffer.slots
     ek, ev, eslot, escore = evicted
-    ck = torch.cat([buffer.k, ek.to(buffer.k.dtype)], dim=2)  # [B, Hkv, M + bq, D]: the candidates
-    cv = torch.cat([buffer.v, ev.to(buffer.v.dtype)], dim=2)
-    cslot = torch.cat([buffer.slot, eslot], dim=2)
-    cscore = torch.cat([buffer.score, escore], dim=2)
-    # Query i sees candidate c once c is evicted: buffer entries from the start, the token query j evicts from j on.
-    evict_at = torch.cat([torch.full((M,), -1, device=q.device), torch.arange(bq, device=q.device)])
-    order = _priority_order(cscore, cslot)  # [B, Hkv, M + bq]
-    ck = ck.gather(2, order.unsqueeze(-1).expand_as(ck))
-    cv = cv.gather(2, order.unsqueeze(-1).expand_as(cv))
-    cslot, cscore = cslot.gather(2, order), cscore.gather(2, order)
-    query = torch.arange(bq, device=q.device).view(1, 1, bq, 1)
-    evicted_by = (cslot >= 0).unsqueeze(2) & (evict_at[order].unsqueeze(2) <= query)  # [B, Hkv, bq, M + bq]
-    better = torch.cumsum(evicted_by.int(), dim=-1) - evicted_by.int()  # better candidates evicted by query i
-    visible = evicted_by & (better < M)
-    blogits = _grouped_matmul(q * scale, ck.transpose(-1, -2)).float()  # [B, Hkv, R, bq, M + bq]
+    with torch.no_grad():
+        cslot = torch.cat([buffer.slot, eslot], dim=2)  # [B, Hkv, M + bq]: the candidates
+        cscore = torch.cat([buffer.score, escore.to(buffer.score.dtype)], dim=2)  # ranks them only: no gradient
+        order = _priority_order(cscore, cslot)  # [B, Hkv, M + bq]
+        cslot, cscore = cslot.gather(2, order), cscore.gather(2, order)
+        # Query i sees candidate c once c is evicted: buffer entries from the start, the token query j evicts from j on.
+        evict_at = torch.cat([torch.full((M,), -1, device=q.device), torch.arange(bq, device=q.device)])
+        query = torch.arange(bq, device=q.device).view(1, 1, bq, 1)
+        evicted_by = (cslot >= 0).unsqueeze(2) & (evict_at[order].unsqueeze(2) <= query)  # [B, Hkv, bq, M + bq]
+        # visible: evicted by query i and fewer than M better candidates are (the running count includes itself)
+        visible = evicted_by & (torch.cumsum(evicted_by, dim=-1, dtype=torch.int32) <= M)
+        # One gather per candidate tensor: rows of the flattened [B * Hkv * (M + bq)] candidates.
+        rows = (order + (torch.arange(B * Hkv, device=q.device) * (M + bq)).view(B, Hkv, 1)).view(-1)
+    ck = torch.cat([buffer.k, ek.to(buffer.k.dtype)], dim=2).flatten(0, 2).index_select(0, rows).view(B, Hkv, M + bq, -1)
+    cv = torch.cat([buffer.v, ev.to(buffer.v.dtype)], dim=2).flatten(0, 2).index_select(0, rows).view(B, Hkv, M + bq, -1)
+    out, lse = _BufferMerge.apply(q, ck, cv, visible, window_out, window_lse, scale)
+    # Every candidate is evicted by the block's end: the new buffer is the best M (empty ones sort last).
+    return out, lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
+
+
+def buffer_merge_reference(q, ck, cv, visible, window_out, window_lse, scale: float):
+    """:class:`_BufferMerge` in plain autograd (the reference the tests hold it to): ``q [B, Hkv, R, bq, D]``, the
+    candidates ``ck, cv [B, Hkv, C, D]``, ``visible [B, Hkv, bq, C]`` bool, the window's attention ``window_out
+    [B, Hkv, R, bq, Dv]`` and log-sum-exp ``window_lse [B, Hkv, R, bq]``. Returns ``(out, lse)`` of one softmax
+    over the window (through its lse) and the visible candidates."""
+    blogits = _grouped_matmul(q * scale, ck.transpose(-1, -2)).float()  # [B, Hkv, R, bq, C]
     visible = visible.unsqueeze(2)
-    # One softmax over the window (through its lse) and the visible candidates, shifted by a row maximum m (no
-    # gradient: it cancels); invisible candidates are zeroed after the exp (EXP_FLOOR: no -inf through exp).
-    # (Bool products, not masked_fill: with a broadcast mask it is several times slower on CPU.)
     shown = torch.where(visible, blogits.detach(), float("-inf"))
-    m = torch.maximum(window_lse.detach(), shown.amax(dim=-1)).unsqueeze(-1)
+    m = torch.maximum(window_lse.detach(), shown.amax(dim=-1)).unsqueeze(-1)  # no gradient: it cancels
     e = (blogits - m).clamp(min=EXP_FLOOR).exp() * visible
     w = torch.exp(window_lse.unsqueeze(-1) - m)  # the window's share, unnormalised
     total = w + e.sum(dim=-1, keepdim=True)
     lse = (m + torch.log(total)).squeeze(-1)
     out = (window_out.float() * w + _grouped_matmul(e.to(cv.dtype), cv).float()) / total
-    # Every candidate is evicted by the block's end: the new buffer is the best M (empty ones sort last).
-    return out.to(window_out.dtype), lse, Buffer(ck[:, :, :M], cv[:, :, :M], cslot[:, :, :M], cscore[:, :, :M])
+    return out.to(window_out.dtype), lse
+
+
+class _BufferMerge(torch.autograd.Function):
+    """One softmax over the window (its output and log-sum-exp) and the visible buffer candidates, with a backward
+    written out: it keeps the inputs, the output and the lse, and recomputes the [bq, C] probabilities from them
+    (one small matmul), instead of autograd's dozen saved [bq, C] tensors or a recomputation of the whole step.
+
+    With p_c = exp(s_c - lse) (s_c = scale q . k_c, the visible candidates) and the window's share
+    p_w = exp(window_lse - lse): ``out = p_w window_out + sum_c p_c v_c``, ``lse = log(exp(window_lse) + sum_c
+    exp(s_c))``. Backward, with D = g_out . out - g_lse: ``g_s_c = p_c (g_out . v_c - D)``, ``g_window_lse =
+    p_w (g_out . window_out - D)``, ``g_window_out = p_w g_out``, ``g_v = sum_i p_ic g_out_i``, and q, k from g_s."""
+
+    @staticmethod
+    def forward(ctx, q, ck, cv, visible, window_out, window_lse, scale):
+        # buffer_merge_reference's arithmetic, in place (no graph to keep): a third fewer passes over [bq, C].
+        seen = visible.unsqueeze(2)  # [B, Hkv, 1, bq, C]
+        s = _grouped_matmul(q * scale, ck.transpose(-1, -2)).float()  # [B, Hkv, R, bq, C]
+        m = torch.maximum(window_lse, torch.where(seen, s, float("-inf")).amax(dim=-1))  # [B, Hkv, R, bq]
+        e = s.sub_(m.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_().mul_(seen)
+        w = torch.exp(window_lse - m).unsqueeze(-1)
+        total = e.sum(dim=-1, keepdim=True).add_(w)
+        lse = m.add_(torch.log(total).squeeze(-1))
+        out = _grouped_matmul(e.to(cv.dtype), cv).float().addcmul_(window_out.float(), w).div_(total)
+        out = out.to(window_out.dtype)
+        ctx.save_for_backward(q, ck, cv, visible, window_out, window_lse, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, ck, cv, visible, window_out, window_lse, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        g_out = torch.zeros_like(out, dtype=torch.float32) if g_out is None else g_out.float()
+        D = (g_out * out.float()).sum(-1)  # [B, Hkv, R, bq]
+        if g_lse is not None:
+            D = D - g_lse.float()
+        s = _grouped_matmul(q.float() * scale, ck.float().transpose(-1, -2))  # [B, Hkv, R, bq, C]
+        p = (s - lse.unsqueeze(-1)).clamp_(min=EXP_FLOOR).exp_().mul_(visible.unsqueeze(2))
+        pw = torch.exp(window_lse.float() - lse)  # [B, Hkv, R, bq]
+        B, Hkv, R, bq, C = p.shape
+        g_v = None
+        if ctx.needs_input_grad[2]:  # sum over the R query heads and bq queries: [B, Hkv, C, Dv]
+            g_v = torch.matmul(p.reshape(B, Hkv, R * bq, C).transpose(-1, -2),
+                               g_out.reshape(B, Hkv, R * bq, -1)).to(cv.dtype)
+        g_pv = _grouped_matmul(g_out, cv.float().transpose(-1, -2))  # [B, Hkv, R, bq, C]: g_out . v_c
+        g_s = p.mul_(g_pv.sub_(D.unsqueeze(-1)))  # p is not needed past here
+        g_q = _grouped_matmul(g_s, ck.float()).mul_(scale).to(q.dtype) if ctx.needs_input_grad[0] else None
+        g_k = None
+        if ctx.needs_input_grad[1]:
+            g_k = torch.matmul(g_s.reshape(B, Hkv, R * bq, C).transpose(-1, -2),
+                               q.float().reshape(B, Hkv, R * bq, -1)).mul_(scale).to(ck.dtype)
+        g_wo = (g_out * pw.unsqueeze(-1)).to(window_out.dtype) if ctx.needs_input_grad[4] else None
+        g_wlse = pw * ((g_out * window_out.float()).sum(-1) - D) if ctx.needs_input_grad[5] else None
+        return g_q, g_k, g_v, None, g_wo, g_wlse, None
 
 
 # ----------------------------------------------------------------------------- prefill attention
@@ -389,6 +456,7 @@ def window_attention(
     sink_slot = P + torch.arange(n_sinks, device=dev).view(1, 1, -1)  # [B, 1, S']
     first_plain = int(pad_offsets.max()) + sinks  # from this slot on every key is a real non-sink token
     steady_mask = None  # the mask of a full block whose keys are all real non-sink tokens: the same for all
+    steady_memo: dict = {}  # what attend derives from it (the flash kernel's additive mask), kept for the next blocks
     outs, lses, scores = [], [], []
     probe = torch.zeros(B, Hkv, ctx_k.shape[2], device=dev) if probe_window is not None else None
     for a in range(0, T, block):
@@ -409,7 +477,8 @@ def window_attention(
                                                        scale=scale, enable_gqa=True))  # [B, Hq, bq, D]
             continue
         qb = qg[:, :, :, a: a + bq]
-        out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale)  # [B, Hq, bq, D], [B, Hq, bq]
+        out, lse = attend(q[:, :, a: a + bq], keys, values, mask, scale,
+                          memo=steady_memo if steady else None)  # [B, Hq, bq, D], [B, Hq, bq]
         if scorer is not None and scorer.uses_mass or probe is not None:
             # Each key's received mass (summed over queries, averaged over heads) from the attention's lse: for the
             # scorer, and for the teacher's probe from queries at least probe_window ahead only.
@@ -440,12 +509,9 @@ def window_attention(
                 eslot = torch.where(valid, e.view(1, 1, bq), -1).expand(B, Hkv, bq)
                 evicted = (ctx_k.index_select(2, idx), ctx_v.index_select(2, idx), eslot, escore)
         if buffer is not None:
-            args = (qb, out.view(B, Hkv, R, bq, -1), lse.view(B, Hkv, R, bq), scale, buffer, evicted)
-            if torch.is_grad_enabled() and any(x.requires_grad for x in args[:3]):
-                # Its [bq, M + bq] candidate logits are recomputed in the backward instead of kept for every block.
-                out, lse, buffer = checkpoint(buffered_block_attention, *args, use_reentrant=False)
-            else:
-                out, lse, buffer = buffered_block_attention(*args)
+            # (Its backward keeps the candidates' k, v, not their [bq, M + bq] probabilities: _BufferMerge.)
+            out, lse, buffer = buffered_block_attention(qb, out.view(B, Hkv, R, bq, -1), lse.view(B, Hkv, R, bq),
+                                                        scale, buffer, evicted)
         outs.append(out.reshape(B, Hq, bq, -1))
         lses.append(lse.reshape(B, Hq, bq))
     out = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, Hq, D]

@@ -100,3 +100,30 @@ def test_received_mass_equals_the_column_sums_of_the_softmax(B, Hkv, R, bq, W, S
                                   gap=gap, stride=stride, first=-start % stride)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert expected.sum() > 0.1 * bq  # the window holds most of the attention: the test compares real mass
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_buffer_merge_backward_equals_autograd_through_the_reference(dtype):
+    """The priority buffer's softmax merge (window output and lse + visible candidates): the written-out backward of
+    attention._BufferMerge against autograd through buffer_merge_reference, every input's gradient and the lse's,
+    with rows that see no candidate, a candidate no row sees, and GQA (R = 3 query heads per kv head)."""
+    gen = torch.Generator().manual_seed(0)
+    B, Hkv, R, bq, C, D = 2, 2, 3, 9, 11, 5
+    rand = lambda *shape, dt=dtype: torch.randn(*shape, generator=gen, dtype=dt)
+    q, ck, cv = rand(B, Hkv, R, bq, D), rand(B, Hkv, C, D), rand(B, Hkv, C, D)
+    wo, wlse = rand(B, Hkv, R, bq, D), rand(B, Hkv, R, bq, dt=torch.float32)
+    visible = torch.rand(B, Hkv, bq, C, generator=gen) < 0.5
+    visible[:, :, 0] = False  # a query that sees no candidate (only the window)
+    visible[..., 3] = False  # a candidate that no query sees
+    g_out, g_lse = rand(B, Hkv, R, bq, D), rand(B, Hkv, R, bq, dt=torch.float32)
+    results = []
+    for merge in (attention._BufferMerge.apply, attention.buffer_merge_reference):
+        leaves = [x.clone().requires_grad_() for x in (q, ck, cv, wo, wlse)]
+        out, lse = merge(leaves[0], leaves[1], leaves[2], visible, leaves[3], leaves[4], 0.7)
+        ((out * g_out).sum() + (lse * g_lse).sum()).backward()
+        results.append((out.detach(), lse.detach(), *(x.grad for x in leaves)))
+    tol = TOLERANCE[dtype]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dwindow_out", "dwindow_lse"), *results):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=name)
+    assert results[0][4][..., 3, :].abs().max() == 0  # the unseen candidate's value gets no gradient
