@@ -225,8 +225,7 @@ def test_essay_data_is_the_split_as_a_stream_and_a_word_pool(tokenizer, monkeypa
 def test_induction_drills_and_curriculum(haystack):
     from ahn.demo.text.teacher import DRILL_FIRST_ID
 
-    r = TextTeacherRecipe(max_len=1024, short_len=256, induction_steps=5, induction_len=64, hold_steps=10,
-                          grow_until=20, steps=40)
+    r = TextTeacherRecipe(max_len=1024, short_len=256, induction_steps=5, induction_len=64, spread_until=20, steps=60)
     rng = random.Random(0)
     kinds = set()
     for _ in range(40):
@@ -243,10 +242,15 @@ def test_induction_drills_and_curriculum(haystack):
             assert ex.input_ids[-span:] in [ex.input_ids[i:i + span] for i in range(1, 64 - 2 * span + 1)]
             kinds.add("span")
     assert kinds == {"aba", "span"}
-    lengths = [curriculum_length(r, s, rng) for s in range(40)]
-    assert lengths[:5] == [64] * 5 and lengths[5:10] == [256] * 5 and lengths[19] < 1024
-    assert lengths == [l // 64 * 64 for l in lengths]
-    assert lengths[20::2] == [1024] * 10 and all(512 <= l <= 1024 for l in lengths[21::2])
+    lengths = [curriculum_length(r, s, rng) for s in range(60)]
+    assert lengths[:5] == [64] * 5 and lengths == [l // 64 * 64 for l in lengths]
+    assert all(64 <= l <= 1024 for l in lengths[5:20]) and min(lengths[5:20]) < 256  # every length, the short ones too
+    assert lengths[20::2] == [1024] * 20 and all(256 <= l <= 1024 for l in lengths[21::2])
+    assert len(set(lengths[21::2])) > 5
+    # The third phase's drills: half over the first phase's ids, half over every id but the specials (digits too).
+    from ahn.demo.text.teacher import FIRST_ORDINARY_ID
+    wide = induction_example(r, haystack, 1024, random.Random(3), 0)
+    assert min(t for t, label in zip(wide.input_ids, wide.labels) if label != tasks.IGNORE_INDEX) >= FIRST_ORDINARY_ID
 
 
 def test_every_length_the_default_curriculum_trains_at_holds_every_task(tokenizer, haystack, words):
@@ -256,7 +260,7 @@ def test_every_length_the_default_curriculum_trains_at_holds_every_task(tokenize
 
     r = TextTeacherRecipe(vocab_size=len(tokenizer))
     rng = random.Random(0)
-    lengths = sorted({curriculum_length(r, s, rng) for s in range(r.induction_steps, r.steps)})
+    lengths = sorted({curriculum_length(r, s, rng) for s in range(r.spread_until, r.steps)})  # the task mix's
     assert lengths[0] == r.short_len and lengths[-1] == r.max_len
     for length in lengths:
         for kind in tasks.NEEDLE_KINDS:
@@ -285,7 +289,7 @@ def test_mixed_loss_weighs_text_and_answers_apart():
 
 def test_train_text_teacher_end_to_end_and_atomically(tmp_path):
     recipe = TextTeacherRecipe(vocab_size=600, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                               num_kv_heads=1, max_len=256, short_len=256, min_len=256, batch_tokens=512,
+                               num_kv_heads=1, max_len=256, short_len=256, batch_tokens=512,
                                min_pairs=2, max_pairs=8, eval_needles=2, eval_recall=1, eval_ppl_windows=1)
     text = corpus.sample_text()
     out = tmp_path / "teacher"

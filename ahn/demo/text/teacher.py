@@ -73,7 +73,7 @@ from ahn._io import make_readable, temporary_prefix
 from ahn._progress import library_progress
 from ahn._shipped import TEXT_TEACHER_DIR, load_text_teacher
 from ahn.demo.text import corpus, tasks
-from ahn.demo.text.tokenizer import VOCAB_SIZE, train_tokenizer
+from ahn.demo.text.tokenizer import SPECIALS, VOCAB_SIZE, train_tokenizer
 
 WEIGHTS_DIR = TEXT_TEACHER_DIR  # the shipped teacher
 TRAINING_RECORD = "training.json"
@@ -93,25 +93,23 @@ class TextTeacherRecipe:
     rope_theta: float = 10000.0
     max_len: int = 1024  # the context it is trained (and evaluated) at (why not 2048: the module docstring)
     batch_tokens: int = 4096  # tokens per step: batch size = batch_tokens // length
-    steps: int = 1600
+    steps: int = 1700
     lr: float = 1e-3
     warmup: int = 50
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
-    induction_steps: int = 500  # first phase: random-token drills only, at induction_len over induction_vocab ids
+    induction_steps: int = 600  # first phase: random-token drills only, at induction_len over induction_vocab ids
     induction_len: int = 64
     induction_vocab: int = 256
     p_aba: float = 0.3  # share of "a b a" triples among the drills (the rest: a random span, repeated)
-    short_len: int = 256  # curriculum after the first phase: the length grows from here (the needle kinds need 256)
-    hold_steps: int = 500
-    grow_until: int = 1100  # the step at which the length reaches max_len; the drill stops here too
+    spread_until: int = 1000  # second phase: the same drills at every length from induction_len to max_len
+    short_len: int = 256  # then the task mix at max_len and random lengths from here (the needle kinds need 256)
     length_multiple: int = 64
-    min_len: int = 512  # the shortest random length after the curriculum
     p_lm: float = 0.35  # task mix (the rest is recall)
     p_needle: float = 0.35
-    p_copy: float = 0.3  # share of the drill (over all ids) while the length grows (taken from every task alike)
+    p_copy: float = 0.3  # share of the drills in the third phase (half over induction_vocab ids, half over all)
     min_pairs: int = 8
     max_pairs: int = 64
     pair_tokens: int = 12  # budget per pair when capping the pairs a length holds (a 7-token sentence + queries)
@@ -132,26 +130,27 @@ def text_teacher_config(recipe: TextTeacherRecipe, tokenizer) -> Qwen2Config:
 
 
 def curriculum_length(recipe: TextTeacherRecipe, step: int, rng: random.Random) -> int:
-    """The length trained at ``step`` (see the module docstring)."""
-    short, m = min(recipe.short_len, recipe.max_len), recipe.length_multiple
+    """The length trained at ``step`` (see the module docstring): ``induction_len`` in the first phase, then a
+    random multiple of ``length_multiple`` from ``induction_len`` (second phase) or ``short_len`` (third) to
+    ``max_len``, the third phase at ``max_len`` every other step."""
+    m = recipe.length_multiple
     if step < recipe.induction_steps:
         return min(recipe.induction_len, recipe.max_len)
-    if step < recipe.hold_steps:
-        return short
-    if step < recipe.grow_until:
-        f = (step - recipe.hold_steps) / (recipe.grow_until - recipe.hold_steps)
-        return max(short, int(short + f * (recipe.max_len - short)) // m * m)
-    if step % 2 == 0:
+    if step < recipe.spread_until:
+        lo = recipe.induction_len
+    elif step % 2 == 0:
         return recipe.max_len
-    lo = min(recipe.min_len, recipe.max_len) // m
-    return rng.randint(lo, recipe.max_len // m) * m
+    else:
+        lo = recipe.short_len
+    return rng.randint(max(1, min(lo, recipe.max_len) // m), recipe.max_len // m) * m
 
 
 def max_pairs_for(recipe: TextTeacherRecipe, length: int) -> int:
     return max(1, min(recipe.max_pairs, (length - 64) // recipe.pair_tokens))
 
 
-DRILL_FIRST_ID = 300  # drills draw ids from here up: below are the byte alphabet and the special tokens
+DRILL_FIRST_ID = 300  # drills over few ids draw them from here up (below: the byte alphabet and the special tokens)
+FIRST_ORDINARY_ID = len(SPECIALS)  # drills over all ids: every id but the special tokens (the digits included)
 
 
 def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length: int, rng: random.Random,
@@ -160,8 +159,9 @@ def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length:
     by default), which only attention to earlier tokens predicts: with probability ``recipe.p_aba`` triples ``a b
     a`` (the label on each third token: a previous-token head), otherwise essay text, a random span, essay text and
     the span again (the loss on the repeat but its first token: an induction head)."""
-    hi = recipe.vocab_size if vocab is None else min(recipe.vocab_size, DRILL_FIRST_ID + vocab)
-    draw = lambda: rng.randrange(DRILL_FIRST_ID, hi)
+    lo, hi = (FIRST_ORDINARY_ID, recipe.vocab_size) if vocab is None else \
+        (DRILL_FIRST_ID, min(recipe.vocab_size, DRILL_FIRST_ID + vocab))
+    draw = lambda: rng.randrange(lo, hi)
     if rng.random() < recipe.p_aba:
         ids, labels = [bos_token_id], [tasks.IGNORE_INDEX]
         for _ in range((length - 1) // 3):
@@ -185,7 +185,8 @@ def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor,
                    rng: random.Random, drill: bool) -> tasks.TextExample:
     """One training example of ``length`` tokens from the recipe's task mix."""
     if drill and rng.random() < recipe.p_copy:
-        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id)
+        vocab = recipe.induction_vocab if rng.random() < 0.5 else None
+        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, vocab)
     u = rng.random()
     if u < recipe.p_lm:
         return tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
@@ -275,7 +276,7 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an int >= 1")
         recipe = replace(recipe, steps=steps, induction_steps=min(recipe.induction_steps, steps),
-                         hold_steps=min(recipe.hold_steps, steps), grow_until=min(recipe.grow_until, steps))
+                         spread_until=min(recipe.spread_until, steps))
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1")
@@ -305,12 +306,11 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
     for step in bar:
         length = curriculum_length(recipe, step, rng)
         batch_size = max(1, recipe.batch_tokens // length)
-        if step < recipe.induction_steps:
+        if step < recipe.spread_until:
             examples = [induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id,
                                           recipe.induction_vocab) for _ in range(batch_size)]
         else:
-            drill = step < recipe.grow_until
-            examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, drill)
+            examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, True)
                         for _ in range(batch_size)]
         batch = tasks.collate(examples)
         is_lm = torch.tensor([e.kind == "lm" for e in examples])
