@@ -301,7 +301,9 @@ def test_train_text_teacher_end_to_end_and_atomically(tmp_path):
     assert not (out / "stale.txt").exists()
     saved = json.loads((out / TRAINING_RECORD).read_text())
     assert saved["recipe"]["steps"] == 3 and saved["threads"] == 1 and saved["seed"] == 0
-    assert set(saved["heldout_full_attention"]) == {"length", "needle_single", "recall", "perplexity"}
+    assert set(saved["heldout_full_attention"]) == {"length", "needle_single", "recall", "perplexity", "copy"}
+    assert set(saved["heldout_full_attention"]["copy"]) == {"drill_ids", "all_ids"}
+    assert all(0.0 <= x <= 1.0 for x in saved["heldout_full_attention"]["copy"].values())
     assert record["loss_curve"][0]["steps"] == [0, 2]
     model, tok = load_text_teacher(out)
     assert model.dtype == torch.float32 and not model.training and len(tok) == 600
@@ -310,3 +312,23 @@ def test_train_text_teacher_end_to_end_and_atomically(tmp_path):
         train_text_teacher(out, steps=0)
     with pytest.raises(FileNotFoundError, match="python -m ahn.demo.text.teacher"):
         load_text_teacher(tmp_path / "nothing")
+
+
+def test_span_copy_accuracy_scores_the_repeat_and_nothing_else(haystack):
+    """An oracle that knows every next token scores 1, one that always predicts the same id scores 0: the scored
+    positions are the repeat's tokens, aligned with the logits that predict them."""
+    from types import SimpleNamespace
+
+    from ahn.demo.text.teacher import span_copy_accuracy
+
+    def oracle(input_ids):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, int(input_ids.max()) + 1).float())
+
+    def constant(input_ids):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 600))
+
+    assert span_copy_accuracy(oracle, haystack, 128, random.Random(0), 300, 556, 0, copies=3) == 1.0
+    assert span_copy_accuracy(constant, haystack, 128, random.Random(0), 300, 556, 0, copies=3) == 0.0
+    with pytest.raises(ValueError, match="tokens"):
+        span_copy_accuracy(oracle, haystack, 40, random.Random(0), 300, 556, 0)
