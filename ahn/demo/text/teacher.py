@@ -64,9 +64,13 @@ above: that drill sequence first, then the task mix with the drills kept to the 
   measure), although half of the last 700 steps'
   drills were over all ids.
 
-Next to try: widen the drill's ids step by step while the circuit holds (256, 512, 1024, all, in the second
-phase) instead of at once, or drill spans of essay tokens once the circuit exists; the language modelling needs
-more than the last 700 steps (perplexity 420 against 189 for the first try's 1000).
+Widening the ids step by step was tried once, badly: a side run restarted from the side run's model above (its
+circuit copying 0.93 at 256 tokens) with a fresh AdamW at a constant lr 1e-3 and no warm-up, drilling 512, then
+1024, 2048 and all ids for 100 steps each, lost the circuit within 50 steps (drill loss 6.3, copying 0.00 even
+over the original 256 ids) and never regained it in 400: the restart's shock and the wider ids are confounded.
+Next to try: widen the ids gradually inside one run (one optimizer, the learning rate decaying), or drill spans
+of essay tokens once the circuit exists; the language modelling needs more than the last 700 steps (perplexity
+420 against 189 for the first try's 1000).
 """
 
 from __future__ import annotations
