@@ -179,12 +179,11 @@ FIRST_ORDINARY_ID = len(SPECIALS)  # drills over all ids: every id but the speci
 
 def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length: int, rng: random.Random,
                       bos_token_id: int, vocab: Optional[int] = None) -> tasks.TextExample:
-    """A random-token drill of ``length`` tokens over ids ``DRILL_FIRST_ID .. DRILL_FIRST_ID + vocab - 1`` (all ids
-    by default), which only attention to earlier tokens predicts: with probability ``recipe.p_aba`` triples ``a b
-    a`` (the label on each third token: a previous-token head), otherwise essay text, a random span, essay text and
-    the span again (the loss on the repeat but its first token: an induction head)."""
-    lo, hi = (FIRST_ORDINARY_ID, recipe.vocab_size) if vocab is None else \
-        (DRILL_FIRST_ID, min(recipe.vocab_size, DRILL_FIRST_ID + vocab))
+    """A random-token drill of ``length`` tokens over the ids of :func:`drill_ids` (``vocab`` of them, or every id but
+    the specials by default), which only attention to earlier tokens predicts: with probability ``recipe.p_aba``
+    triples ``a b a`` (the label on each third token: a previous-token head), otherwise a random span repeated in
+    essay text (:func:`repeated_span_example`: an induction head)."""
+    lo, hi = drill_ids(recipe.vocab_size, vocab)
     draw = lambda: rng.randrange(lo, hi)
     if rng.random() < recipe.p_aba:
         ids, labels = [bos_token_id], [tasks.IGNORE_INDEX]
@@ -196,8 +195,23 @@ def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length:
         return tasks.TextExample("copy", ids + [bos_token_id] * pad, labels + [tasks.IGNORE_INDEX] * pad,
                                  prompt_len=length)
     span = rng.randrange(min(8, (length - 1) // 2), (length - 1) // 2 + 1)
-    seg = [draw() for _ in range(span)]
-    before = rng.randint(1, length - 2 * span)  # BOS and essay text, the span, essay text, the span again
+    return repeated_span_example(haystack, [draw() for _ in range(span)], length, rng, bos_token_id)
+
+
+def drill_ids(vocab_size: int, vocab: Optional[int] = None) -> tuple[int, int]:
+    """``[lo, hi)``: the ids a drill draws from, ``vocab`` of them from ``DRILL_FIRST_ID`` up, or (None) every id
+    but the specials."""
+    if vocab is None:
+        return FIRST_ORDINARY_ID, vocab_size
+    return DRILL_FIRST_ID, min(vocab_size, DRILL_FIRST_ID + vocab)
+
+
+def repeated_span_example(haystack: torch.Tensor, seg: list[int], length: int, rng: random.Random,
+                          bos_token_id: int) -> tasks.TextExample:
+    """BOS and essay text, the span ``seg``, essay text and the span again: ``length`` tokens, the loss on the
+    repeat but its first token (what only copying the earlier span predicts)."""
+    span = len(seg)
+    before = rng.randint(1, length - 2 * span)
     first = tasks.lm_example(haystack, before, rng, bos_token_id).input_ids
     between = tasks.lm_example(haystack, 1 + length - before - 2 * span, rng, bos_token_id).input_ids[1:]
     ids = first + seg + between + seg
@@ -288,9 +302,8 @@ def evaluate_teacher(model, tokenizer, texts: Sequence[str], length: int, seed: 
         count += ids.shape[1] - 1
     out["perplexity"] = math.exp(total / max(count, 1))
     vocab = model.config.vocab_size
-    out["copy"] = {name: span_copy_accuracy(model, haystack, length, rng, lo, hi, tokenizer.bos_token_id, copies)
-                   for name, (lo, hi) in (("drill_ids", (DRILL_FIRST_ID, min(vocab, DRILL_FIRST_ID + drill_vocab))),
-                                          ("all_ids", (FIRST_ORDINARY_ID, vocab)))}
+    out["copy"] = {name: span_copy_accuracy(model, haystack, length, rng, *drill_ids(vocab, n), tokenizer.bos_token_id,
+                                            copies) for name, n in (("drill_ids", drill_vocab), ("all_ids", None))}
     return out
 
 
@@ -303,12 +316,11 @@ def span_copy_accuracy(model, haystack: torch.Tensor, length: int, rng: random.R
         raise ValueError(f"ids [{lo}, {hi}) and length {length}: need at least one id and {2 * span + 2} tokens")
     right = []
     for _ in range(copies):
-        seg = [rng.randrange(lo, hi) for _ in range(span)]
-        first = tasks.lm_example(haystack, rng.randint(1, length - 2 * span), rng, bos_token_id).input_ids
-        between = tasks.lm_example(haystack, 1 + length - len(first) - 2 * span, rng, bos_token_id).input_ids[1:]
-        ids = torch.tensor([first + seg + between + seg])
+        ex = repeated_span_example(haystack, [rng.randrange(lo, hi) for _ in range(span)], length, rng, bos_token_id)
+        ids, labels = torch.tensor([ex.input_ids]), torch.tensor(ex.labels)
+        scored = (labels != tasks.IGNORE_INDEX).nonzero().squeeze(-1)  # position t is predicted at t - 1
         pred = model(input_ids=ids).logits[0].argmax(-1)
-        right.append((pred[length - span:length - 1] == ids[0, length - span + 1:]).float().mean().item())
+        right.append((pred[scored - 1] == ids[0, scored]).float().mean().item())
     return sum(right) / len(right)
 
 
@@ -380,7 +392,7 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
     model.eval()
     scores = evaluate_teacher(model, tokenizer, heldout_texts, recipe.max_len, seed=seed,
                               needles=recipe.eval_needles, recall=recipe.eval_recall,
-                              ppl_windows=recipe.eval_ppl_windows,
+                              ppl_windows=recipe.eval_ppl_windows, drill_vocab=recipe.induction_vocab,
                               pairs=[n for n in (8, 16, 32, 64) if recipe.min_pairs <= n <= recipe.max_pairs])
     record = {"seed": seed, "recipe": asdict(recipe), "seconds": seconds,
               "seconds_per_step": seconds / recipe.steps, "threads": torch.get_num_threads(),
