@@ -65,11 +65,14 @@ def chunk_gated_delta_rule(
 
     h = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     states, pseudo_values = [], []
-    for n in range(N):
-        u = U[:, :, n] - W[:, :, n] @ h  # [B, H, C, V]
+    # unbind, not U[:, :, n] per chunk: a slice's backward writes into a zero tensor of the whole input, N times
+    # over (O(N^2) memory traffic at long contexts); unbind's backward stacks the N gradients once.
+    per_chunk = zip(U.unbind(2), W.unbind(2), chunk_decay_total.unbind(2), k_decay.transpose(-1, -2).unbind(2))
+    for U_n, W_n, decay_n, k_decay_n in per_chunk:
+        u = U_n - W_n @ h  # [B, H, C, V]
         states.append(h)
         pseudo_values.append(u)
-        h = h * chunk_decay_total[:, :, n] + k_decay[:, :, n].transpose(-1, -2) @ u
+        h = h * decay_n + k_decay_n @ u
     h_start = torch.stack(states, dim=2)  # [B, H, N, K, V]
     u = torch.stack(pseudo_values, dim=2)  # [B, H, N, C, V]
     o = q_decay @ h_start + scores @ u  # [B, H, N, C, V]

@@ -82,10 +82,13 @@ def chunk_gdn2(
         q_decay = qn * Gn.exp()  # reads h0 decayed to position i
         G_end = Gn[..., -1, :]  # [B, H, n, K]
         k_decay = kn * (G_end[..., None, :] - Gn).exp()  # k_j decayed to the chunk end
-        for i in range(Gn.shape[2]):  # the state passing: the only sequential part
-            u = U[:, :, i] - W[:, :, i] @ h  # [B, H, C, V]
-            outs.append(q_decay[:, :, i] @ h + scores[:, :, i] @ u)
-            h = h * G_end[:, :, i].exp()[..., None] + k_decay[:, :, i].transpose(-1, -2) @ u
+        # The state passing, the only sequential part (unbind, not [:, :, i]: see gated_delta_rule's chunk.py).
+        per_chunk = zip(U.unbind(2), W.unbind(2), q_decay.unbind(2), scores.unbind(2), G_end.exp()[..., None].unbind(2),
+                        k_decay.transpose(-1, -2).unbind(2))
+        for U_i, W_i, q_decay_i, scores_i, decay_i, k_decay_i in per_chunk:
+            u = U_i - W_i @ h  # [B, H, C, V]
+            outs.append(q_decay_i @ h + scores_i @ u)
+            h = h * decay_i + k_decay_i @ u
     o = torch.stack(outs, dim=2)  # [B, H, N, C, V]
     o = rearrange(o, "b h n c v -> b (n c) h v")[:, :T]
     return o, h

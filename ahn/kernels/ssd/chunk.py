@@ -41,9 +41,9 @@ def chunk_ssd(
 
     h = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
     states = []
-    for n in range(N):
+    for decay_n, state_n in zip(chunk_decay_total.unbind(2), chunk_states.unbind(2)):  # unbind: see gated_delta_rule
         states.append(h)
-        h = h * chunk_decay_total[:, :, n] + chunk_states[:, :, n]
+        h = h * decay_n + state_n
     h_start = torch.stack(states, dim=2)  # [B, H, N, K, V]
     o = (qc * G.exp()[..., None]) @ h_start + o_intra  # [B, H, N, C, V]
     o = rearrange(o, "b h n c v -> b (n c) h v")[:, :T]
