@@ -470,8 +470,9 @@ def window_attention(
             mask = window_block_mask(start + a, bq, lo, hi, window, sinks, P, sink_slot)  # [B, bq, S' + L']
             if steady:
                 steady_mask = mask
-        keys = torch.cat([sink_k, ctx_k[:, :, lo - ctx_start: hi - ctx_start]], dim=2)
-        values = torch.cat([sink_v, ctx_v[:, :, lo - ctx_start: hi - ctx_start]], dim=2)
+        keys, values = ctx_k[:, :, lo - ctx_start: hi - ctx_start], ctx_v[:, :, lo - ctx_start: hi - ctx_start]
+        if n_sinks:  # (without sinks, the teacher's probe: the slices as they are, no copy)
+            keys, values = torch.cat([sink_k, keys], dim=2), torch.cat([sink_v, values], dim=2)
         if plain:
             outs.append(F.scaled_dot_product_attention(q[:, :, a: a + bq], keys, values, attn_mask=mask.unsqueeze(1),
                                                        scale=scale, enable_gqa=True))  # [B, Hq, bq, D]
