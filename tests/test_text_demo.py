@@ -223,16 +223,15 @@ def test_essay_data_is_the_split_as_a_stream_and_a_word_pool(tokenizer, monkeypa
 
 # ------------------------------------------------------------------ teacher recipe
 def test_induction_drills_and_curriculum(haystack):
-    from ahn.demo.text.teacher import DRILL_FIRST_ID
-
-    r = TextTeacherRecipe(max_len=1024, short_len=256, induction_steps=5, induction_len=64, spread_until=20, steps=60)
+    r = TextTeacherRecipe(max_len=1024, short_len=256, induction_len=64)
     rng = random.Random(0)
+    pool = list(range(300, 556, 3))  # any ids (drill_pool's are the task words' and the digits')
     kinds = set()
     for _ in range(40):
-        ex = induction_example(r, haystack, 64, rng, 0, vocab=256)
+        ex = induction_example(r, haystack, 64, rng, 0, pool)
         assert len(ex.input_ids) == len(ex.labels) == 64
         answers = [i for i, label in enumerate(ex.labels) if label != tasks.IGNORE_INDEX]
-        assert answers and all(DRILL_FIRST_ID <= ex.input_ids[i] < DRILL_FIRST_ID + 256 for i in answers)
+        assert answers and all(ex.input_ids[i] in pool for i in answers)
         if ex.input_ids[1] == ex.input_ids[3]:  # "a b a" triples: each third token repeats the one two back
             assert answers == list(range(3, 64, 3)) and all(ex.input_ids[i] == ex.input_ids[i - 2] for i in answers)
             kinds.add("aba")
@@ -242,15 +241,51 @@ def test_induction_drills_and_curriculum(haystack):
             assert ex.input_ids[-span:] in [ex.input_ids[i:i + span] for i in range(1, 64 - 2 * span + 1)]
             kinds.add("span")
     assert kinds == {"aba", "span"}
-    lengths = [curriculum_length(r, s, rng) for s in range(60)]
+    lengths = [curriculum_length(r, 1, s, rng) for s in range(5)] + [curriculum_length(r, 2, s, rng) for s in range(15)]
+    lengths += [curriculum_length(r, 3, s, rng) for s in range(40)]
     assert lengths[:5] == [64] * 5 and lengths == [l // 64 * 64 for l in lengths]
     assert all(64 <= l <= 1024 for l in lengths[5:20]) and min(lengths[5:20]) < 256  # every length, the short ones too
     assert lengths[20::2] == [1024] * 20 and all(256 <= l <= 1024 for l in lengths[21::2])
     assert len(set(lengths[21::2])) > 5
-    # The third phase's drills: half over the first phase's ids, half over every id but the specials (digits too).
-    from ahn.demo.text.teacher import FIRST_ORDINARY_ID
-    wide = induction_example(r, haystack, 1024, random.Random(3), 0)
-    assert min(t for t, label in zip(wide.input_ids, wide.labels) if label != tasks.IGNORE_INDEX) >= FIRST_ORDINARY_ID
+
+
+def test_the_curriculum_moves_on_when_the_drills_loss_is_low_or_at_a_cap():
+    from ahn.demo.text.teacher import Curriculum
+
+    r = TextTeacherRecipe(induction_steps=100, induction_target=0.5, spread_steps=80, spread_target=0.3,
+                          min_phase_steps=20, target_window=10, task_steps=30, warmup=5, min_lr_ratio=0.1)
+    c = Curriculum(r)
+    losses = [5.0] * 40 + [0.4] * 100  # the first phase's drills: below its target from step 40 on
+    step = 0
+    while not c.done(step):
+        c.advance(step)
+        if c.done(step):
+            break
+        if c.phase < 3:
+            c.observe(losses[step] if c.phase == 1 else 0.35)  # the second phase never reaches 0.3: its cap
+        step += 1
+    assert c.ends == [50, 130] and step == 160  # 40 + a full window of 10 low losses; 50 + the cap of 80; + 30
+    c2 = Curriculum(r)
+    assert c2.lr_factor(0) == pytest.approx(0.2) and c2.lr_factor(10) == 1.0  # warm-up
+    for s in range(25):
+        c2.advance(s)
+        c2.observe(0.0)
+    assert c2.phase == 2 and c2.ends == [20]  # not before min_phase_steps, however low the loss
+    assert c2.lr_factor(24) == 1.0  # constant through the drills
+    assert c.lr_factor(130) == pytest.approx(1.0) and c.lr_factor(159) == pytest.approx(0.1, abs=0.01)
+
+
+def test_the_drills_ids_are_the_task_words_and_the_digits(tokenizer, words):
+    from ahn.demo.text.teacher import drill_pool
+
+    pool = drill_pool(tokenizer, words)
+    assert pool == sorted(set(pool)) and len(pool) == len(words) + 10  # one token per word (single_token_words), digit
+    assert {tokenizer.decode([i]) for i in pool} == {" " + w for w in words} | set("0123456789")
+    picked = tasks.task_words(tokenizer, [corpus.sample_text()] * 3, n=5, seed=1)
+    assert len(picked) == 5 and picked == sorted(picked) and set(picked) <= set(words)
+    assert picked == tasks.task_words(tokenizer, [corpus.sample_text()] * 3, n=5, seed=1)  # a fixed sample
+    assert tasks.task_words(tokenizer, [corpus.sample_text()] * 3, n=10**6) == tasks.single_token_words(
+        tokenizer, [corpus.sample_text()] * 3)  # fewer than n: all of them
 
 
 def test_every_length_the_default_curriculum_trains_at_holds_every_task(tokenizer, haystack, words):
@@ -260,7 +295,7 @@ def test_every_length_the_default_curriculum_trains_at_holds_every_task(tokenize
 
     r = TextTeacherRecipe(vocab_size=len(tokenizer))
     rng = random.Random(0)
-    lengths = sorted({curriculum_length(r, s, rng) for s in range(r.spread_until, r.steps)})  # the task mix's
+    lengths = sorted({curriculum_length(r, 3, s, rng) for s in range(r.task_steps)})  # the task mix's
     assert lengths[0] == r.short_len and lengths[-1] == r.max_len
     for length in lengths:
         for kind in tasks.NEEDLE_KINDS:
@@ -305,6 +340,13 @@ def test_train_text_teacher_end_to_end_and_atomically(tmp_path):
     assert set(saved["heldout_full_attention"]["copy"]) == {"drill_ids", "all_ids"}
     assert all(0.0 <= x <= 1.0 for x in saved["heldout_full_attention"]["copy"].values())
     assert record["loss_curve"][0]["steps"] == [0, 2]
+    from ahn.demo.text.teacher import teacher_task_words
+    assert teacher_task_words(out) == saved["task_words"] == tasks.task_words(load_text_teacher(out)[1], [text])
+    assert teacher_task_words(tmp_path / "nothing") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / TRAINING_RECORD).write_text('{"task_words": [3]}')
+    with pytest.raises(ValueError, match="task_words must be a list of words"):
+        teacher_task_words(tmp_path / "bad")
     model, tok = load_text_teacher(out)
     assert model.dtype == torch.float32 and not model.training and len(tok) == 600
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
@@ -328,7 +370,7 @@ def test_span_copy_accuracy_scores_the_repeat_and_nothing_else(haystack):
     def constant(input_ids):
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 600))
 
-    assert span_copy_accuracy(oracle, haystack, 128, random.Random(0), 300, 556, 0, copies=3) == 1.0
-    assert span_copy_accuracy(constant, haystack, 128, random.Random(0), 300, 556, 0, copies=3) == 0.0
+    assert span_copy_accuracy(oracle, haystack, 128, random.Random(0), range(300, 556), 0, copies=3) == 1.0
+    assert span_copy_accuracy(constant, haystack, 128, random.Random(0), range(300, 556), 0, copies=3) == 0.0
     with pytest.raises(ValueError, match="tokens"):
-        span_copy_accuracy(oracle, haystack, 40, random.Random(0), 300, 556, 0)
+        span_copy_accuracy(oracle, haystack, 40, random.Random(0), range(300, 556), 0)

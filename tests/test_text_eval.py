@@ -137,6 +137,28 @@ def tiny_text_teacher(tmp_path_factory):
     return d, texts
 
 
+def test_the_evaluation_and_the_distillation_data_draw_from_the_teachers_word_pool(tiny_text_teacher):
+    from transformers import AutoTokenizer
+
+    from ahn.demo.text import tasks
+    from ahn.demo.text.run import held_out_sets, training_records
+
+    teacher, texts = tiny_text_teacher
+    tok = AutoTokenizer.from_pretrained(teacher)
+    every = tasks.single_token_words(tok, texts["heldout"])
+    pool = tasks.single_token_words(tok, texts["train"])[:8]
+    assert not set(every) <= set(pool)
+    settings = quick_settings(length=192, recall_pairs=(2,))
+    sets = held_out_sets(tok, texts["heldout"], settings, 192, pool)
+    asked = {a for ex in sets["recall"][2] for a in ex.answers}
+    assert asked and asked <= set(pool)
+    records = training_records(tok, texts["train"], quick_settings(length=192, train_sequences=30), 192, pool)
+    pool_ids = {tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in pool}
+    answers = {t for r in records for t, label in zip(r["input_ids"], r["labels"]) if label != tasks.IGNORE_INDEX}
+    recall_answers = answers - {i for d in "0123456789 ,." for i in tok(d, add_special_tokens=False)["input_ids"]}
+    assert recall_answers and recall_answers <= pool_ids
+
+
 def test_text_demo_end_to_end_in_miniature(tiny_text_teacher, tmp_path):
     teacher, texts = tiny_text_teacher
     settings = quick_settings(length=192)

@@ -48,7 +48,7 @@ from .evaluate import (
     REGIONS, accuracy, equal_bytes_slots, needle_region, perplexity, plot_lines, plot_needle_grid, position_edges,
     position_nll, repeat_mask, span_matches,
 )
-from .teacher import WEIGHTS_DIR, train_text_teacher
+from .teacher import WEIGHTS_DIR, teacher_task_words, train_text_teacher
 
 MODE_NAMES = ("full", "window", "paper", "recommended", "buffer_only", "memory_only")
 MEMORY_MODES = MODE_NAMES[2:]
@@ -182,12 +182,14 @@ def _lengths(settings: TextSettings, length: int) -> list[int]:
     return list(range(512, length, step)) + [length]
 
 
-def training_records(tokenizer, texts: Sequence[str], settings: TextSettings, length: int) -> list[dict]:
+def training_records(tokenizer, texts: Sequence[str], settings: TextSettings, length: int,
+                     words: Optional[Sequence[str]] = None) -> list[dict]:
     """The distillation data: ``input_ids`` + ``labels`` records (labels mark task answers only, so that
-    ``response_weight`` weights answers against the essay tokens) from the training ``texts``."""
+    ``response_weight`` weights answers against the essay tokens) from the training ``texts``; ``words``: the key /
+    value pool (the teacher's, :func:`teacher_task_words`; default: :func:`tasks.single_token_words` of ``texts``)."""
     rng = random.Random(settings.seed)
     haystack = tasks.token_stream(tokenizer, texts)
-    words = tasks.single_token_words(tokenizer, texts)
+    words = list(words) if words is not None else tasks.single_token_words(tokenizer, texts)
     n = settings.train_sequences or settings.steps * settings.batch_size
     top = min(64, len(words) // 2, max_pairs(tokenizer, words, length))
     if top < 1:
@@ -238,12 +240,14 @@ def max_pairs(tokenizer, words: Sequence[str], length: int) -> int:
     return p
 
 
-def held_out_sets(tokenizer, texts: Sequence[str], settings: TextSettings, length: int) -> dict:
+def held_out_sets(tokenizer, texts: Sequence[str], settings: TextSettings, length: int,
+                  words: Optional[Sequence[str]] = None) -> dict:
     """The evaluation examples, from the held-out ``texts`` with ``settings.eval_seed``: the needle grid (single
-    needles), each needle kind at ``length``, the perplexity windows and recall by pair count."""
+    needles), each needle kind at ``length``, the perplexity windows and recall by pair count; ``words`` as for
+    :func:`training_records`."""
     rng = random.Random(settings.eval_seed)
     haystack = tasks.token_stream(tokenizer, texts)
-    words = tasks.single_token_words(tokenizer, texts)
+    words = list(words) if words is not None else tasks.single_token_words(tokenizer, texts)
     needles = [tasks.needle_example(tokenizer, haystack, n, d / 100, "single", rng, words)
                for d in settings.needle_depths for n in _lengths(settings, length)
                for _ in range(settings.needles_per_cell)]
@@ -475,10 +479,11 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
     equal = equal_bytes_slots(base, AHNConfig(memory=settings.memory, window=settings.window, sinks=settings.sinks,
                                               **mode_configs(settings, 0)["recommended"]))
     configs = mode_configs(settings, equal["slots"])
-    sets = held_out_sets(tokenizer, heldout, settings, length)
+    words = teacher_task_words(teacher_dir)  # the pool it was trained to retrieve (the teacher module's why)
+    sets = held_out_sets(tokenizer, heldout, settings, length, words)
     memories = [m for m in MEMORY_MODES if m in modes]
     if memories:
-        records = training_records(tokenizer, train, settings, length)
+        records = training_records(tokenizer, train, settings, length, words)
         # Named by its content, so that a rerun whose data differ (another mix, count or seed) is another distill
         # run, which distill refuses in the same adapter folder, naming the data.
         data = out / f"{TRAIN_DATA}-{_digest(records)}.jsonl"

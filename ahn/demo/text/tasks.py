@@ -108,6 +108,21 @@ def single_token_words(tokenizer, texts: Sequence[str], min_count: int = 3, min_
     return [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
 
 
+TASK_WORDS = 246  # the key / value pool's size: with the ten digits, the text teacher's 256 drill ids
+
+
+def task_words(tokenizer, texts: Sequence[str], n: int = TASK_WORDS, seed: int = 0) -> list[str]:
+    """The key / value pool of recall and the needles' keys: ``n`` of :func:`single_token_words` of ``texts`` (a
+    fixed random sample, ``seed``; all of them if there are fewer), sorted.
+
+    A fixed pool, not every word: the small text teacher learns to copy the ids it was drilled on and no others
+    (:mod:`ahn.demo.text.teacher`), so it is drilled on this pool's ids, and the pool it was trained with is saved
+    beside it (``training.json``'s ``task_words``) for every evaluation to draw from. Its words are ordinary
+    words that the essays use around the needles and pairs too: they cannot be told from the text by their ids."""
+    words = single_token_words(tokenizer, texts)
+    return sorted(random.Random(seed).sample(words, n)) if len(words) > n else words
+
+
 def essay_data(tokenizer, split: str = "heldout") -> tuple[torch.Tensor, list[str]]:
     """(haystack, words) of the essays of ``split`` (:func:`ahn.demo.text.corpus.essays`, fetched on first use):
     their :func:`token_stream` (cleaned, in name order) and their :func:`single_token_words`. The evaluation

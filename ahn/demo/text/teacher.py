@@ -117,23 +117,28 @@ class TextTeacherRecipe:
     rope_theta: float = 10000.0
     max_len: int = 1024  # the context it is trained (and evaluated) at (why not 2048: the module docstring)
     batch_tokens: int = 4096  # tokens per step: batch size = batch_tokens // length
-    steps: int = 1700
+    steps: int = 2300  # at most: the three phases' caps
     lr: float = 1e-3
     warmup: int = 50
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
-    induction_steps: int = 600  # first phase: random-token drills only, at induction_len over induction_vocab ids
+    induction_steps: int = 1000  # first phase (at most): random-token drills at induction_len over drill_pool's ids
+    induction_target: float = 0.6  # ... until their mean loss over the last target_window steps is this low
     induction_len: int = 64
-    induction_vocab: int = 256
+    task_words: int = tasks.TASK_WORDS  # the key / value pool (tasks.task_words); with the digits: the drills' ids
     p_aba: float = 0.3  # share of "a b a" triples among the drills (the rest: a random span, repeated)
-    spread_until: int = 1000  # second phase: the same drills at every length from induction_len to max_len
+    spread_steps: int = 600  # second phase (at most): the same drills at every length from induction_len to max_len
+    spread_target: float = 0.4  # ... until their mean loss is this low
+    min_phase_steps: int = 200  # a drill phase lasts at least this long
+    target_window: int = 50
+    task_steps: int = 700  # third phase: the task mix (the learning rate's cosine decay runs over it)
     short_len: int = 256  # then the task mix at max_len and random lengths from here (the needle kinds need 256)
     length_multiple: int = 64
     p_lm: float = 0.35  # task mix (the rest is recall)
     p_needle: float = 0.35
-    p_copy: float = 0.3  # share of the drills in the third phase (half over induction_vocab ids, half over all)
+    p_copy: float = 0.3  # share of the drills in the third phase (over the same ids)
     min_pairs: int = 8
     max_pairs: int = 64
     pair_tokens: int = 12  # budget per pair when capping the pairs a length holds (a 7-token sentence + queries)
@@ -153,14 +158,14 @@ def text_teacher_config(recipe: TextTeacherRecipe, tokenizer) -> Qwen2Config:
     )
 
 
-def curriculum_length(recipe: TextTeacherRecipe, step: int, rng: random.Random) -> int:
-    """The length trained at ``step`` (see the module docstring): ``induction_len`` in the first phase, then a
-    random multiple of ``length_multiple`` from ``induction_len`` (second phase) or ``short_len`` (third) to
-    ``max_len``, the third phase at ``max_len`` every other step."""
+def curriculum_length(recipe: TextTeacherRecipe, phase: int, step: int, rng: random.Random) -> int:
+    """The length trained at ``step`` of ``phase`` (1, 2, 3; see the module docstring): ``induction_len`` in the
+    first, then a random multiple of ``length_multiple`` from ``induction_len`` (second phase) or ``short_len``
+    (third) to ``max_len``, the third phase at ``max_len`` every other step."""
     m = recipe.length_multiple
-    if step < recipe.induction_steps:
+    if phase == 1:
         return min(recipe.induction_len, recipe.max_len)
-    if step < recipe.spread_until:
+    if phase == 2:
         lo = recipe.induction_len
     elif step % 2 == 0:
         return recipe.max_len
@@ -169,22 +174,68 @@ def curriculum_length(recipe: TextTeacherRecipe, step: int, rng: random.Random) 
     return rng.randint(max(1, min(lo, recipe.max_len) // m), recipe.max_len // m) * m
 
 
+class Curriculum:
+    """Which phase a training step is in, moved on by the drills' loss: the first phase ends once the mean drill
+    loss of the last ``target_window`` steps is at most ``induction_target`` (the circuit has formed at
+    ``induction_len``; at least ``min_phase_steps``, at most ``induction_steps`` steps), the second the same way
+    at ``spread_target`` (it holds at every length; at most ``spread_steps``), the third runs ``task_steps`` steps.
+    A fixed schedule had the circuit form a hundred steps later in one run than in another and then never reach
+    long lengths. The learning rate warms up, stays at ``lr`` through the drills and decays by a cosine over the
+    third phase. ``ends``: the step each finished phase ended at."""
+
+    def __init__(self, recipe: TextTeacherRecipe):
+        self.recipe, self.phase, self.start, self.ends, self._losses = recipe, 1, 0, [], []
+
+    def advance(self, step: int) -> None:
+        """Called before ``step`` runs: moves to the next phase when the current one is done."""
+        r, ran = self.recipe, step - self.start
+        recent = self._losses[-r.target_window:]
+        reached = len(recent) == r.target_window and ran >= r.min_phase_steps
+        cap, target = ((r.induction_steps, r.induction_target) if self.phase == 1 else (r.spread_steps, r.spread_target))
+        if self.phase < 3 and (ran >= cap or reached and sum(recent) / len(recent) <= target):
+            self.phase, self.start = self.phase + 1, step
+            self.ends.append(step)
+            self._losses = []
+
+    def observe(self, drill_loss: Optional[float]) -> None:
+        if drill_loss is not None:
+            self._losses.append(drill_loss)
+
+    def done(self, step: int) -> bool:
+        return self.phase == 3 and step - self.start >= self.recipe.task_steps
+
+    def lr_factor(self, step: int) -> float:
+        r = self.recipe
+        warm = min(1.0, (step + 1) / r.warmup)
+        if self.phase < 3:
+            return warm
+        f = min(step - self.start, r.task_steps) / max(r.task_steps, 1)
+        return warm * (0.5 * (1 + math.cos(math.pi * f)) * (1 - r.min_lr_ratio) + r.min_lr_ratio)
+
+
 def max_pairs_for(recipe: TextTeacherRecipe, length: int) -> int:
     return max(1, min(recipe.max_pairs, (length - 64) // recipe.pair_tokens))
 
 
-DRILL_FIRST_ID = 300  # drills over few ids draw them from here up (below: the byte alphabet and the special tokens)
-FIRST_ORDINARY_ID = len(SPECIALS)  # drills over all ids: every id but the special tokens (the digits included)
+FIRST_ORDINARY_ID = len(SPECIALS)  # every id but the special tokens
+
+
+def drill_pool(tokenizer, words: Sequence[str]) -> list[int]:
+    """The ids the drills draw from: the token of each " word" of ``words`` (the key / value pool) and of each
+    digit (the needles' numbers), sorted. Only these: the circuit the drills form copies the ids it was drilled on
+    and no others (the fourth try, in the module docstring)."""
+    ids = {i for w in words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]}
+    ids |= {i for d in "0123456789" for i in tokenizer(d, add_special_tokens=False)["input_ids"]}
+    return sorted(ids)
 
 
 def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length: int, rng: random.Random,
-                      bos_token_id: int, vocab: Optional[int] = None) -> tasks.TextExample:
-    """A random-token drill of ``length`` tokens over the ids of :func:`drill_ids` (``vocab`` of them, or every id but
-    the specials by default), which only attention to earlier tokens predicts: with probability ``recipe.p_aba``
-    triples ``a b a`` (the label on each third token: a previous-token head), otherwise a random span repeated in
-    essay text (:func:`repeated_span_example`: an induction head)."""
-    lo, hi = drill_ids(recipe.vocab_size, vocab)
-    draw = lambda: rng.randrange(lo, hi)
+                      bos_token_id: int, pool: Sequence[int]) -> tasks.TextExample:
+    """A random-token drill of ``length`` tokens over the ids ``pool`` (:func:`drill_pool`), which only attention
+    to earlier tokens predicts: with probability ``recipe.p_aba`` triples ``a b a`` (the label on each third token:
+    a previous-token head), otherwise a random span repeated in essay text (:func:`repeated_span_example`: an
+    induction head)."""
+    draw = lambda: pool[rng.randrange(len(pool))]
     if rng.random() < recipe.p_aba:
         ids, labels = [bos_token_id], [tasks.IGNORE_INDEX]
         for _ in range((length - 1) // 3):
@@ -196,14 +247,6 @@ def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length:
                                  prompt_len=length)
     span = rng.randrange(min(8, (length - 1) // 2), (length - 1) // 2 + 1)
     return repeated_span_example(haystack, [draw() for _ in range(span)], length, rng, bos_token_id)
-
-
-def drill_ids(vocab_size: int, vocab: Optional[int] = None) -> tuple[int, int]:
-    """``[lo, hi)``: the ids a drill draws from, ``vocab`` of them from ``DRILL_FIRST_ID`` up, or (None) every id
-    but the specials."""
-    if vocab is None:
-        return FIRST_ORDINARY_ID, vocab_size
-    return DRILL_FIRST_ID, min(vocab_size, DRILL_FIRST_ID + vocab)
 
 
 def repeated_span_example(haystack: torch.Tensor, seg: list[int], length: int, rng: random.Random,
@@ -221,10 +264,10 @@ def repeated_span_example(haystack: torch.Tensor, seg: list[int], length: int, r
 
 def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor, words: Sequence[str], length: int,
                    rng: random.Random, drill: bool) -> tasks.TextExample:
-    """One training example of ``length`` tokens from the recipe's task mix."""
+    """One training example of ``length`` tokens from the recipe's task mix (``drill``: drills over
+    :func:`drill_pool` of ``words`` among them)."""
     if drill and rng.random() < recipe.p_copy:
-        vocab = recipe.induction_vocab if rng.random() < 0.5 else None
-        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, vocab)
+        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, drill_pool(tokenizer, words))
     u = rng.random()
     if u < recipe.p_lm:
         return tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
@@ -254,12 +297,6 @@ def mixed_loss(model, batch: dict, is_lm: torch.Tensor) -> tuple[torch.Tensor, d
     return loss, parts
 
 
-def _lr_factor(recipe: TextTeacherRecipe, step: int) -> float:
-    warm = min(1.0, (step + 1) / recipe.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(step, recipe.steps) / recipe.steps))
-    return warm * (cosine * (1 - recipe.min_lr_ratio) + recipe.min_lr_ratio)
-
-
 @torch.no_grad()
 def answer_correct(model, example: tasks.TextExample) -> list[bool]:
     """Greedy correctness of each answer of ``example`` under ``model`` (teacher-forced argmax over every answer
@@ -272,18 +309,18 @@ def answer_correct(model, example: tasks.TextExample) -> list[bool]:
 @torch.no_grad()
 def evaluate_teacher(model, tokenizer, texts: Sequence[str], length: int, seed: int = 0, needles: int = 40,
                      recall: int = 8, pairs: Sequence[int] = (8, 16, 32, 64), ppl_windows: int = 16,
-                     words: Optional[Sequence[str]] = None, copies: int = 8,
-                     drill_vocab: int = TextTeacherRecipe.induction_vocab) -> dict:
+                     words: Optional[Sequence[str]] = None, copies: int = 8) -> dict:
     """Full-attention scores of ``model`` on ``texts`` (the held-out essays): single-needle accuracy at
     ``length`` tokens over evenly spaced depths, recall accuracy per number of pairs (per query), the
     perplexity of ``ppl_windows`` random windows of ``length`` tokens, and ``copy``: the share of a repeated
     random span's tokens predicted right (:func:`span_copy_accuracy`, ``copies`` examples), its ids drawn from the
-    first phases' ``drill_vocab`` ids (``"drill_ids"``) and from every ordinary id (``"all_ids"``): whether the
-    copying circuit exists, and whether it reaches beyond the ids it was drilled on. ``words``: the key / value
-    pool (default: :func:`tasks.single_token_words` of ``texts``)."""
+    drills' ids (:func:`drill_pool` of ``words``: ``"drill_ids"``) and from every ordinary id (``"all_ids"``):
+    whether the copying circuit exists, and whether it reaches beyond the ids it was drilled on. ``words``: the
+    key / value pool (pass the teacher's own, ``training.json``'s ``task_words``; default: :func:`tasks.task_words` of
+    ``texts``)."""
     rng = random.Random(seed)
     haystack = tasks.token_stream(tokenizer, texts)
-    words = list(words) if words is not None else tasks.single_token_words(tokenizer, texts)
+    words = list(words) if words is not None else tasks.task_words(tokenizer, texts)
     hits = [answer_correct(model, tasks.needle_example(tokenizer, haystack, length, i / max(needles - 1, 1),
                                                        "single", rng, words))[0] for i in range(needles)]
     out = {"length": length, "needle_single": sum(hits) / max(len(hits), 1), "recall": {}}
@@ -301,22 +338,24 @@ def evaluate_teacher(model, tokenizer, texts: Sequence[str], length: int, seed: 
         total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1
     out["perplexity"] = math.exp(total / max(count, 1))
-    vocab = model.config.vocab_size
-    out["copy"] = {name: span_copy_accuracy(model, haystack, length, rng, *drill_ids(vocab, n), tokenizer.bos_token_id,
-                                            copies) for name, n in (("drill_ids", drill_vocab), ("all_ids", None))}
+    pools = {"drill_ids": drill_pool(tokenizer, words),
+             "all_ids": range(FIRST_ORDINARY_ID, model.config.vocab_size)}
+    out["copy"] = {name: span_copy_accuracy(model, haystack, length, rng, pool, tokenizer.bos_token_id, copies)
+                   for name, pool in pools.items()}
     return out
 
 
-def span_copy_accuracy(model, haystack: torch.Tensor, length: int, rng: random.Random, lo: int, hi: int,
+def span_copy_accuracy(model, haystack: torch.Tensor, length: int, rng: random.Random, pool: Sequence[int],
                        bos_token_id: int, copies: int = 8, span: int = 32) -> float:
     """Mean share of tokens right (teacher-forced argmax) when ``model`` repeats a random ``span``-token sequence
-    of ids ``lo .. hi - 1`` that it read earlier in ``length`` tokens of essay text (BOS, text, the span, text, the
+    of ids from ``pool`` that it read earlier in ``length`` tokens of essay text (BOS, text, the span, text, the
     span again; every repeated token but the first is scored), over ``copies`` examples."""
-    if hi <= lo or length < 2 * span + 2:
-        raise ValueError(f"ids [{lo}, {hi}) and length {length}: need at least one id and {2 * span + 2} tokens")
+    if not len(pool) or length < 2 * span + 2:
+        raise ValueError(f"{len(pool)} ids and length {length}: need at least one id and {2 * span + 2} tokens")
     right = []
     for _ in range(copies):
-        ex = repeated_span_example(haystack, [rng.randrange(lo, hi) for _ in range(span)], length, rng, bos_token_id)
+        ex = repeated_span_example(haystack, [pool[rng.randrange(len(pool))] for _ in range(span)], length, rng,
+                                   bos_token_id)
         ids, labels = torch.tensor([ex.input_ids]), torch.tensor(ex.labels)
         scored = (labels != tasks.IGNORE_INDEX).nonzero().squeeze(-1)  # position t is predicted at t - 1
         pred = model(input_ids=ids).logits[0].argmax(-1)
@@ -337,8 +376,7 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
     if steps is not None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an int >= 1")
-        recipe = replace(recipe, steps=steps, induction_steps=min(recipe.induction_steps, steps),
-                         spread_until=min(recipe.spread_until, steps))
+        recipe = replace(recipe, steps=steps)
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1")
@@ -351,7 +389,8 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
         heldout_texts = [corpus.clean(t) for t in corpus.essays("heldout").values()]
     tokenizer = train_tokenizer(train_texts, recipe.vocab_size)
     haystack = tasks.token_stream(tokenizer, train_texts)
-    words = tasks.single_token_words(tokenizer, train_texts)
+    words = tasks.task_words(tokenizer, train_texts, recipe.task_words)
+    pool = drill_pool(tokenizer, words)
 
     torch.manual_seed(seed)  # the model's random init
     model = Qwen2ForCausalLM(text_teacher_config(recipe, tokenizer))
@@ -360,17 +399,21 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=recipe.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(recipe, s))
+    curriculum = Curriculum(recipe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, curriculum.lr_factor)
     rng = random.Random(seed + 1)
     curve = []  # (step, length, loss, lm part, task part)
     start = time.perf_counter()
     bar = tqdm(range(recipe.steps), desc="text teacher", disable=not progress)
     for step in bar:
-        length = curriculum_length(recipe, step, rng)
+        curriculum.advance(step)
+        if curriculum.done(step):
+            break
+        length = curriculum_length(recipe, curriculum.phase, step, rng)
         batch_size = max(1, recipe.batch_tokens // length)
-        if step < recipe.spread_until:
-            examples = [induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id,
-                                          recipe.induction_vocab) for _ in range(batch_size)]
+        if curriculum.phase < 3:
+            examples = [induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, pool)
+                        for _ in range(batch_size)]
         else:
             examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, True)
                         for _ in range(batch_size)]
@@ -383,26 +426,47 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
         sched.step()
         opt.zero_grad(set_to_none=True)
         curve.append((step, length, loss.item(), parts.get("lm"), parts.get("task")))
-        bar.set_postfix(loss=f"{curve[-1][2]:.3f}", len=length)
+        if curriculum.phase < 3:
+            curriculum.observe(parts.get("task"))
+        bar.set_postfix(loss=f"{curve[-1][2]:.3f}", len=length, phase=curriculum.phase)
         if progress and (step + 1) % 100 == 0:
             block = _summary(curve[-100:], every=100)[0]
-            bar.write(f"steps {block['steps'][0]}-{block['steps'][1]}: length {block['length']}, text loss "
-                      f"{_fmt(block['lm'])}, answer / drill loss {_fmt(block['task'])}")
+            bar.write(f"steps {block['steps'][0]}-{block['steps'][1]}: phase {curriculum.phase}, length "
+                      f"{block['length']}, text loss {_fmt(block['lm'])}, answer / drill loss {_fmt(block['task'])}")
+    bar.close()
+    steps_run = len(curve)
     seconds = time.perf_counter() - start
     model.eval()
     scores = evaluate_teacher(model, tokenizer, heldout_texts, recipe.max_len, seed=seed,
                               needles=recipe.eval_needles, recall=recipe.eval_recall,
-                              ppl_windows=recipe.eval_ppl_windows, drill_vocab=recipe.induction_vocab,
+                              ppl_windows=recipe.eval_ppl_windows, words=words,
                               pairs=[n for n in (8, 16, 32, 64) if recipe.min_pairs <= n <= recipe.max_pairs])
     record = {"seed": seed, "recipe": asdict(recipe), "seconds": seconds,
-              "seconds_per_step": seconds / recipe.steps, "threads": torch.get_num_threads(),
+              "steps_run": steps_run, "phase_ends": curriculum.ends,
+              "seconds_per_step": seconds / max(steps_run, 1), "threads": torch.get_num_threads(),
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "torch": torch.__version__},
               "parameters": sum(p.numel() for p in model.parameters()),
-              "train_tokens": int(haystack.numel()), "words": len(words),
+              "train_tokens": int(haystack.numel()), "task_words": words, "drill_ids": len(pool),
               "loss_curve": _summary(curve), "heldout_full_attention": scores}
     _save_atomically(out, model, tokenizer, record)
     return record
+
+
+def teacher_task_words(path) -> Optional[list[str]]:
+    """The key / value pool the text teacher at ``path`` was trained with (its ``training.json``'s ``task_words``),
+    or None when it does not record one (a teacher from before the pool, or not trained here): an evaluation then
+    draws from :func:`tasks.single_token_words` of its text."""
+    record = Path(path) / TRAINING_RECORD
+    if not record.is_file():
+        return None
+    try:
+        words = json.loads(record.read_text()).get("task_words")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{record} is not a JSON object: retrain the teacher or remove the file") from None
+    if words is not None and not (isinstance(words, list) and all(isinstance(w, str) and w for w in words)):
+        raise ValueError(f"{record}: task_words must be a list of words, got {str(words)[:80]}")
+    return words
 
 
 def _fmt(x: Optional[float]) -> str:
