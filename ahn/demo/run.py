@@ -333,7 +333,8 @@ def add_arguments(p) -> None:
                    help="train the teacher from scratch first instead of using the shipped one (recall: ~6 min on one core; "
                         "text: python -m ahn.demo.text.teacher's recipe, about an hour on 2 cores)")
     p.add_argument("--teacher-steps", type=int_at_least(1), default=None,
-                   help="steps of --retrain-teacher (default: the recipe's)")
+                   help="at most this many steps of --retrain-teacher (default: the recipe's; the text teacher's phases end "
+                        "on its loss, so it may stop before)")
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help=f"torch CPU threads (default {DEMO_THREADS}: the results depend on the thread count in the last "
                         "digits; the documented table is reproduced at 2)")

@@ -534,7 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      description="Train the text teacher from its seed (about an hour on 2 cores).")
     parser.add_argument("--out", required=True, help="folder to write (replaced whole when it exists)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help=f"default {TextTeacherRecipe.steps}")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"at most this many steps (default {TextTeacherRecipe.steps}; the phases end on the loss)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
