@@ -306,7 +306,13 @@ def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor,
         return tasks.needle_example(tokenizer, haystack, length, rng.random(), kind, rng, words)
     top = max_pairs_for(recipe, length)
     pairs = rng.randint(min(recipe.min_pairs, top), top)
-    return tasks.recall_example(tokenizer, words, pairs, length, rng, haystack)
+    while True:
+        try:  # max_pairs_for is a budget per pair; a tokenizer that spends more on a pair gets fewer pairs
+            return tasks.recall_example(tokenizer, words, pairs, length, rng, haystack)
+        except ValueError:
+            if pairs == 1:
+                raise
+            pairs -= 1
 
 
 def mixed_loss(model, batch: dict, is_lm: torch.Tensor) -> tuple[torch.Tensor, dict]:
