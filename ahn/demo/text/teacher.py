@@ -293,11 +293,12 @@ def repeated_span_example(haystack: torch.Tensor, seg: list[int], length: int, r
 
 
 def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor, words: Sequence[str], length: int,
-                   rng: random.Random, drill: bool) -> tasks.TextExample:
-    """One training example of ``length`` tokens from the recipe's task mix (``drill``: drills over
-    :func:`drill_pool` of ``words`` among them)."""
+                   rng: random.Random, drill: bool, pool: Optional[Sequence[int]] = None) -> tasks.TextExample:
+    """One training example of ``length`` tokens from the recipe's task mix (``drill``: drills over ``pool``, by
+    default :func:`drill_pool` of ``words``, among them; a caller drawing many passes it once)."""
     if drill and rng.random() < recipe.p_copy:
-        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, drill_pool(tokenizer, words))
+        pool = drill_pool(tokenizer, words) if pool is None else pool
+        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, pool)
     u = rng.random()
     if u < recipe.p_lm:
         return tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
@@ -451,7 +452,7 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
             examples = [induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, pool)
                         for _ in range(batch_size)]
         else:
-            examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, True)
+            examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, True, pool)
                         for _ in range(batch_size)]
         batch = tasks.collate(examples)
         is_lm = torch.tensor([e.kind == "lm" for e in examples])
