@@ -213,6 +213,18 @@ def test_generators_are_seeded_and_refuse_what_cannot_fit(tokenizer, haystack, w
         tasks.lm_example(haystack[:50], 300, random.Random(0), 0)
 
 
+def test_recall_capacity_is_the_most_pairs_a_length_holds(tokenizer, haystack, words):
+    """The teacher's task mix and the demo's data ask for up to this many pairs: at the capacity an example
+    builds (with its 16 queries and 8 tokens of essay text); two pairs more (a sentence is 8 tokens) do not fit."""
+    for length in (128, 256, 400):
+        top = tasks.recall_capacity(tokenizer, words, length)
+        assert top >= 1
+        assert len(tasks.recall_example(tokenizer, words, top, length, random.Random(0), haystack).input_ids) == length
+        with pytest.raises(ValueError, match="longer length"):
+            tasks.recall_example(tokenizer, words, top + 2, length, random.Random(0), haystack)
+    assert tasks.recall_capacity(tokenizer, words, 20) == 0 and tasks.recall_capacity(tokenizer, [], 400) == 0
+
+
 def test_essay_data_is_the_split_as_a_stream_and_a_word_pool(tokenizer, monkeypatch):
     asked = []
     monkeypatch.setattr(corpus, "essays", lambda split: asked.append(split) or {"x": "\n" + corpus.sample_text()})

@@ -191,7 +191,7 @@ def training_records(tokenizer, texts: Sequence[str], settings: TextSettings, le
     haystack = tasks.token_stream(tokenizer, texts)
     words = list(words) if words is not None else tasks.single_token_words(tokenizer, texts)
     n = settings.train_sequences or settings.steps * settings.batch_size
-    top = min(64, len(words) // 2, max_pairs(tokenizer, words, length))
+    top = min(64, len(words) // 2, tasks.recall_capacity(tokenizer, words, length))
     if top < 1:
         raise ValueError(f"the training text gives {len(words)} one-token words and a recall example of {length} tokens "
                          "holds no pair: give more text or a longer length")
@@ -227,19 +227,6 @@ def fitting_kinds(tokenizer, haystack, length: int, words: Sequence[str]) -> lis
             if _fits(lambda r: tasks.needle_example(tokenizer, haystack, length, 0.5, k, r, words))]
 
 
-def max_pairs(tokenizer, words: Sequence[str], length: int) -> int:
-    """The most word pairs a recall example of ``length`` tokens holds (:func:`tasks.recall_example`: BOS, one
-    sentence per pair, up to 16 queries with their values), with at least 8 tokens of essay text left."""
-    probe = words[:20]
-    pair = max(len(tokenizer(tasks.PAIR.format(key=w, value=w), add_special_tokens=False)["input_ids"]) for w in probe)
-    query = max(len(tokenizer(tasks.RECALL_QUESTION.format(key=w) + f" {w}.", add_special_tokens=False)["input_ids"])
-                for w in probe)
-    p = 0
-    while 1 + (p + 1) * pair + min(p + 1, 16) * query <= length - 8:
-        p += 1
-    return p
-
-
 def held_out_sets(tokenizer, texts: Sequence[str], settings: TextSettings, length: int,
                   words: Optional[Sequence[str]] = None) -> dict:
     """The evaluation examples, from the held-out ``texts`` with ``settings.eval_seed``: the needle grid (single
@@ -258,11 +245,11 @@ def held_out_sets(tokenizer, texts: Sequence[str], settings: TextSettings, lengt
                  for _ in range(settings.needles_per_cell)] for k in fitting_kinds(tokenizer, haystack, length, words)}
     ppl = [[tokenizer.bos_token_id] + haystack[k * length:(k + 1) * length - 1].tolist()
            for k in range(min(windows, settings.ppl_windows))]
-    too_many = [p for p in settings.recall_pairs if 2 * p > len(words) or p > max_pairs(tokenizer, words, length)]
+    too_many = [p for p in settings.recall_pairs if 2 * p > len(words) or p > tasks.recall_capacity(tokenizer, words, length)]
     if too_many:
         raise ValueError(f"recall_pairs {too_many} do not fit: a pair needs two distinct one-token words (the held-out "
                          f"text has {len(words)}) and a recall example of {length} tokens holds "
-                         f"{max_pairs(tokenizer, words, length)} pairs; ask for fewer pairs or a longer length")
+                         f"{tasks.recall_capacity(tokenizer, words, length)} pairs; ask for fewer pairs or a longer length")
     recall = {p: [tasks.recall_example(tokenizer, words, p, length, rng, haystack)
                   for _ in range(settings.recall_examples)] for p in settings.recall_pairs}
     return {"needles": needles, "kinds": kinds, "ppl": ppl, "recall": recall}

@@ -123,6 +123,21 @@ def task_words(tokenizer, texts: Sequence[str], n: int = TASK_WORDS, seed: int =
     return sorted(random.Random(seed).sample(words, n)) if len(words) > n else words
 
 
+def recall_capacity(tokenizer, words: Sequence[str], length: int, queries: int = 16) -> int:
+    """The most word pairs a :func:`recall_example` of ``length`` tokens holds (BOS, one sentence per pair, up to
+    ``queries`` queries with their values) with at least 8 tokens of essay text left, as ``tokenizer`` counts
+    them (the longest sentence and query of the first 20 ``words``)."""
+    probe = list(words[:20])
+    if not probe:
+        return 0
+    pair = max(len(_encode(tokenizer, PAIR.format(key=w, value=w))) for w in probe)
+    query = max(len(_encode(tokenizer, RECALL_QUESTION.format(key=w) + f" {w}.")) for w in probe)
+    p = 0
+    while 1 + (p + 1) * pair + min(p + 1, queries) * query <= length - 8:
+        p += 1
+    return p
+
+
 def essay_data(tokenizer, split: str = "heldout") -> tuple[torch.Tensor, list[str]]:
     """(haystack, words) of the essays of ``split`` (:func:`ahn.demo.text.corpus.essays`, fetched on first use):
     their :func:`token_stream` (cleaned, in name order) and their :func:`single_token_words`. The evaluation

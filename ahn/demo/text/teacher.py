@@ -171,7 +171,6 @@ class TextTeacherRecipe:
     p_copy: float = 0.3  # share of the drills in the third phase (over the same ids)
     min_pairs: int = 8
     max_pairs: int = 64
-    pair_tokens: int = 12  # budget per pair when capping the pairs a length holds (a 7-token sentence + queries)
     eval_needles: int = 40  # held-out evaluation at max_len, in training.json
     eval_recall: int = 8  # examples per number of pairs
     eval_ppl_windows: int = 16
@@ -243,10 +242,6 @@ class Curriculum:
         return warm * (0.5 * (1 + math.cos(math.pi * f)) * (1 - r.min_lr_ratio) + r.min_lr_ratio)
 
 
-def max_pairs_for(recipe: TextTeacherRecipe, length: int) -> int:
-    return max(1, min(recipe.max_pairs, (length - 64) // recipe.pair_tokens))
-
-
 FIRST_ORDINARY_ID = len(SPECIALS)  # every id but the special tokens
 
 
@@ -305,15 +300,10 @@ def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor,
     if u < recipe.p_lm + recipe.p_needle:
         kind = rng.choice(("single", "single", "multikey", "multivalue", "multiquery"))
         return tasks.needle_example(tokenizer, haystack, length, rng.random(), kind, rng, words)
-    top = max_pairs_for(recipe, length)
-    pairs = rng.randint(min(recipe.min_pairs, top), top)
-    while True:
-        try:  # max_pairs_for is a budget per pair; a tokenizer that spends more on a pair gets fewer pairs
-            return tasks.recall_example(tokenizer, words, pairs, length, rng, haystack)
-        except ValueError:
-            if pairs == 1:
-                raise
-            pairs -= 1
+    top = min(recipe.max_pairs, len(words) // 2, tasks.recall_capacity(tokenizer, words, length))
+    if top < 1:
+        raise ValueError(f"a recall example of {length} tokens holds no pair of {len(words)} words: train at longer lengths")
+    return tasks.recall_example(tokenizer, words, rng.randint(min(recipe.min_pairs, top), top), length, rng, haystack)
 
 
 def mixed_loss(model, batch: dict, is_lm: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -362,7 +352,7 @@ def evaluate_teacher(model, tokenizer, texts: Sequence[str], length: int, seed: 
                                                        "single", rng, words))[0] for i in range(needles)]
     out = {"length": length, "needle_single": sum(hits) / max(len(hits), 1), "recall": {}}
     for n in pairs:
-        if n > max_pairs_for(TextTeacherRecipe(max_pairs=max(pairs)), length) or 2 * n > len(words):
+        if n > tasks.recall_capacity(tokenizer, words, length) or 2 * n > len(words):
             continue
         got = [ok for _ in range(recall) for ok in answer_correct(
             model, tasks.recall_example(tokenizer, words, n, length, rng, haystack))]
