@@ -253,12 +253,48 @@ def test_induction_drills_and_curriculum(haystack):
             assert ex.input_ids[-span:] in [ex.input_ids[i:i + span] for i in range(1, 64 - 2 * span + 1)]
             kinds.add("span")
     assert kinds == {"aba", "span"}
+    digits = pool[:10]  # spans of the digits alone: copying must follow more than the current token
+    only_spans = TextTeacherRecipe(p_aba=0.0, p_digit_span=1.0)
+    for _ in range(5):
+        ex = induction_example(only_spans, haystack, 64, rng, 0, pool, None, digits)
+        assert all(ex.input_ids[i] in digits for i, label in enumerate(ex.labels) if label != tasks.IGNORE_INDEX)
     lengths = [curriculum_length(r, 1, s, rng) for s in range(5)] + [curriculum_length(r, 2, s, rng) for s in range(15)]
     lengths += [curriculum_length(r, 3, s, rng) for s in range(40)]
     assert lengths[:5] == [64] * 5 and lengths == [l // 64 * 64 for l in lengths]
     assert all(64 <= l <= 1024 for l in lengths[5:20]) and min(lengths[5:20]) < 256  # every length, the short ones too
     assert lengths[20::2] == [1024] * 20 and all(256 <= l <= 1024 for l in lengths[21::2])
     assert len(set(lengths[21::2])) > 5
+
+
+def test_cued_drills_ask_for_the_value_a_key_and_the_tasks_cue_preceded(tokenizer, haystack, words):
+    from ahn.demo.text.teacher import cued_drill_example, drill_cues, drill_pool
+
+    pool = drill_pool(tokenizer, words)
+    cues = drill_cues(tokenizer, words)
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert cues[0] == enc(" is") and cues[1][:len(enc(" is:"))] == enc(" is:")  # the pair's and the needle's
+    assert set(cues[0] + cues[1]) <= set(pool)  # the drills copy the cues too (a question ends with one)
+    rng, seen = random.Random(0), set()
+    for length in (64, 64, 64, 256, 1024):
+        for _ in range(6):
+            ex = cued_drill_example(haystack, length, rng, 0, pool, cues)
+            assert len(ex.input_ids) == len(ex.labels) == length
+            labelled = [i for i, label in enumerate(ex.labels) if label != tasks.IGNORE_INDEX]
+            assert labelled and all(ex.labels[i] == ex.input_ids[i] for i in labelled)
+            first = labelled[0]  # the first query's value: the one before it is the cue, the key before that
+            content = set(pool) - set(cues[0] + cues[1])
+            for cue in cues + [[ex.input_ids[first - 1]]]:
+                if ex.input_ids[first - len(cue):first] == cue and ex.input_ids[first - len(cue) - 1] in content:
+                    break
+            key = ex.input_ids[first - len(cue) - 1]
+            stated = [i for i in range(1, first - len(cue) - 1) if ex.input_ids[i:i + 1 + len(cue)] == [key] + cue]
+            n = 1 + len(cue)
+            answer = ex.input_ids[first:first + 3]
+            assert any(ex.input_ids[i + n:i + n + 1] == answer[:1] for i in stated)  # stated with its value before
+            seen.add(len(cue))
+    assert seen >= {1, len(cues[1])}
+    with pytest.raises(ValueError, match="longer length"):
+        cued_drill_example(haystack, 12, rng, 0, pool, cues)
 
 
 def test_the_curriculum_moves_on_when_the_drills_loss_is_low_or_at_a_cap():
@@ -287,12 +323,14 @@ def test_the_curriculum_moves_on_when_the_drills_loss_is_low_or_at_a_cap():
     assert c.lr_factor(130) == pytest.approx(1.0) and c.lr_factor(159) == pytest.approx(0.1, abs=0.01)
 
 
-def test_the_drills_ids_are_the_task_words_and_the_digits(tokenizer, words):
-    from ahn.demo.text.teacher import drill_pool
+def test_the_drills_ids_are_the_task_words_the_digits_and_the_cues(tokenizer, words):
+    from ahn.demo.text.teacher import digit_ids, drill_cues, drill_pool
 
     pool = drill_pool(tokenizer, words)
-    assert pool == sorted(set(pool)) and len(pool) == len(words) + 10  # one token per word (single_token_words), digit
-    assert {tokenizer.decode([i]) for i in pool} == {" " + w for w in words} | set("0123456789")
+    cue_ids = {i for cue in drill_cues(tokenizer, words) for i in cue}
+    assert pool == sorted(set(pool)) and len(pool) == len(words) + 10 + len(cue_ids)  # one token per word, digit, cue
+    assert {tokenizer.decode([i]) for i in set(pool) - cue_ids} == {" " + w for w in words} | set("0123456789")
+    assert [tokenizer.decode([i]) for i in digit_ids(tokenizer)] == list("0123456789")
     picked = tasks.task_words(tokenizer, [corpus.sample_text()] * 3, n=5, seed=1)
     assert len(picked) == 5 and picked == sorted(picked) and set(picked) <= set(words)
     assert picked == tasks.task_words(tokenizer, [corpus.sample_text()] * 3, n=5, seed=1)  # a fixed sample

@@ -158,7 +158,9 @@ class TextTeacherRecipe:
     induction_target: float = 0.6  # ... until their mean loss over the last target_window steps is this low
     induction_len: int = 64
     task_words: int = tasks.TASK_WORDS  # the key / value pool (tasks.task_words); with the digits: the drills' ids
-    p_aba: float = 0.3  # share of "a b a" triples among the drills (the rest: a random span, repeated)
+    p_aba: float = 0.3  # share of "a b a" triples among the drills
+    p_cued: float = 0.0  # share of cued recall drills (:func:`cued_drill_example`; the rest: a random span, repeated)
+    p_digit_span: float = 0.25  # share of the repeated spans drawn from the digits alone
     spread_steps: int = 1000  # second phase (at most): the same drills at every length from induction_len to max_len
     spread_target: float = 0.4  # ... until their mean loss is this low
     min_phase_steps: int = 200  # a drill phase lasts at least this long
@@ -245,23 +247,86 @@ class Curriculum:
 FIRST_ORDINARY_ID = len(SPECIALS)  # every id but the special tokens
 
 
+def digit_ids(tokenizer) -> list[int]:
+    """The ids of the ten digits (the needles' numbers are written digit by digit), sorted."""
+    return sorted({i for d in "0123456789" for i in tokenizer(d, add_special_tokens=False)["input_ids"]})
+
+
+def _content_ids(tokenizer, words: Sequence[str]) -> set[int]:
+    return {i for w in words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]} | set(digit_ids(tokenizer))
+
+
+def drill_cues(tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """The tokens between a key and the first token of its answer, as ``tokenizer`` writes the tasks: the recall
+    pair's (" {key} is {value}": [" is"]) and the needle's (" {key} is: {number}": [" is", ":", and the number's
+    leading space when that is a token of its own]). They join the drills' ids (:func:`drill_pool`): a
+    question ends with them, and the copying circuit copies only what it was drilled on."""
+    content = _content_ids(tokenizer, words)
+    cues = []
+    for template, value in ((tasks.PAIR, words[-1]), (tasks.NEEDLE, "1234567")):
+        key_ids = tasks._encode(tokenizer, " " + words[0])
+        sentence, value_ids = tasks._value_ids(tokenizer, template.format(key=words[0], value=value), value)
+        k, v = tasks._find(sentence, key_ids) + len(key_ids), tasks._find(sentence, value_ids)
+        lead = next((i for i, t in enumerate(value_ids) if t in content), len(value_ids))
+        cues.append(sentence[k:v] + value_ids[:lead])
+    return cues
+
+
 def drill_pool(tokenizer, words: Sequence[str]) -> list[int]:
-    """The ids the drills draw from: the token of each " word" of ``words`` (the key / value pool) and of each
-    digit (the needles' numbers), sorted. Only these: the circuit the drills form copies the ids it was drilled on
-    and no others (the fourth try, in the module docstring)."""
-    ids = {i for w in words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"]}
-    ids |= {i for d in "0123456789" for i in tokenizer(d, add_special_tokens=False)["input_ids"]}
-    return sorted(ids)
+    """The ids the drills draw from: the token of each " word" of ``words`` (the key / value pool), of each digit
+    (the needles' numbers) and of the cues (:func:`drill_cues`: what a question ends with before its answer),
+    sorted. Only these: the circuit the drills form copies the ids it was drilled on and no others (the fourth
+    try, in the module docstring)."""
+    return sorted(_content_ids(tokenizer, words) | {i for cue in drill_cues(tokenizer, words) for i in cue})
+
+
+def cued_drill_example(haystack: torch.Tensor, length: int, rng: random.Random, bos_token_id: int,
+                       pool: Sequence[int], cues: Sequence[Sequence[int]]) -> tasks.TextExample:
+    """Associative recall over random ids of ``pool``, cued as the tasks cue it: pairs ``key cue value`` (a
+    value of 1-3 ids; the cue one of ``cues`` (:func:`drill_cues`) for the whole example, or one random pool id)
+    scattered in essay text, then some of the keys asked for as ``key cue`` and answered (the loss on the values).
+    The span drill teaches copying what followed the current token; here the current token is the cue, which
+    every pair shares, and only the key a few tokens back tells the pairs apart."""
+    cue_ids = {i for c in cues for i in c}
+    pool = [i for i in pool if i not in cue_ids]  # keys and values: the words and digits
+    u = rng.random()
+    cue = list(cues[0] if u < 0.4 else cues[-1] if u < 0.8 else [pool[rng.randrange(len(pool))]])
+    vlen = rng.randint(1, 3)
+    per = 1 + len(cue) + vlen
+    room = (length - 9) // per
+    if room < 2:
+        raise ValueError(f"a cued drill of {length} tokens holds no pair and question: ask for a longer length")
+    n = rng.randint(max(1, min(2, room // 2)), max(1, min(64, room * 2 // 3)))
+    q = max(1, min(n, room - n, 16))
+    keys = rng.sample(list(pool), n)
+    values = [[pool[rng.randrange(len(pool))] for _ in range(vlen)] for _ in range(n)]
+    filler = tasks._filler(haystack, length - 1 - (n + q) * per, rng)
+    cuts = sorted(rng.randrange(len(filler) + 1) for _ in range(n))
+    order = rng.sample(range(n), n)
+    ids, prev = [bos_token_id], 0
+    for cut, i in zip(cuts, order):
+        ids += filler[prev:cut] + [keys[i]] + cue + values[i]
+        prev = cut
+    ids += filler[prev:]
+    labels = [tasks.IGNORE_INDEX] * len(ids)
+    for i in rng.sample(range(n), q):
+        ids += [keys[i]] + cue + values[i]
+        labels += [tasks.IGNORE_INDEX] * (1 + len(cue)) + values[i]
+    return tasks.TextExample("copy", ids, labels, prompt_len=length)
 
 
 def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length: int, rng: random.Random,
-                      bos_token_id: int, pool: Sequence[int]) -> tasks.TextExample:
+                      bos_token_id: int, pool: Sequence[int], cues: Optional[Sequence[Sequence[int]]] = None,
+                      digits: Sequence[int] = ()) -> tasks.TextExample:
     """A random-token drill of ``length`` tokens over the ids ``pool`` (:func:`drill_pool`), which only attention
     to earlier tokens predicts: with probability ``recipe.p_aba`` triples ``a b a`` (the label on each third token:
-    a previous-token head), otherwise a random span repeated in essay text (:func:`repeated_span_example`: an
-    induction head)."""
+    a previous-token head), with ``recipe.p_cued`` (when ``cues`` are given) a cued recall
+    (:func:`cued_drill_example`), otherwise a random span repeated in essay text (:func:`repeated_span_example`: an
+    induction head), its ids drawn from ``digits`` alone with ``recipe.p_digit_span`` (when given: ten ids repeat
+    within a span, so copying must follow more than the current token, as a needle's number asks)."""
     draw = lambda: pool[rng.randrange(len(pool))]
-    if rng.random() < recipe.p_aba:
+    u = rng.random()
+    if u < recipe.p_aba:
         ids, labels = [bos_token_id], [tasks.IGNORE_INDEX]
         for _ in range((length - 1) // 3):
             a, b = draw(), draw()
@@ -270,7 +335,11 @@ def induction_example(recipe: TextTeacherRecipe, haystack: torch.Tensor, length:
         pad = length - len(ids)
         return tasks.TextExample("copy", ids + [bos_token_id] * pad, labels + [tasks.IGNORE_INDEX] * pad,
                                  prompt_len=length)
+    if cues and u < recipe.p_aba + recipe.p_cued:
+        return cued_drill_example(haystack, length, rng, bos_token_id, pool, cues)
     span = rng.randrange(min(8, (length - 1) // 2), (length - 1) // 2 + 1)
+    if digits and rng.random() < recipe.p_digit_span:
+        draw = lambda: digits[rng.randrange(len(digits))]
     return repeated_span_example(haystack, [draw() for _ in range(span)], length, rng, bos_token_id)
 
 
@@ -288,12 +357,16 @@ def repeated_span_example(haystack: torch.Tensor, seg: list[int], length: int, r
 
 
 def sample_example(recipe: TextTeacherRecipe, tokenizer, haystack: torch.Tensor, words: Sequence[str], length: int,
-                   rng: random.Random, drill: bool, pool: Optional[Sequence[int]] = None) -> tasks.TextExample:
+                   rng: random.Random, drill: bool, pool: Optional[Sequence[int]] = None,
+                   cues: Optional[Sequence[Sequence[int]]] = None, digits: Optional[Sequence[int]] = None
+                   ) -> tasks.TextExample:
     """One training example of ``length`` tokens from the recipe's task mix (``drill``: drills over ``pool``, by
     default :func:`drill_pool` of ``words``, among them; a caller drawing many passes it once)."""
     if drill and rng.random() < recipe.p_copy:
         pool = drill_pool(tokenizer, words) if pool is None else pool
-        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, pool)
+        cues = drill_cues(tokenizer, words) if cues is None else cues
+        digits = digit_ids(tokenizer) if digits is None else digits
+        return induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, pool, cues, digits)
     u = rng.random()
     if u < recipe.p_lm:
         return tasks.lm_example(haystack, length, rng, tokenizer.bos_token_id)
@@ -418,6 +491,7 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
     haystack = tasks.token_stream(tokenizer, train_texts)
     words = tasks.task_words(tokenizer, train_texts, recipe.task_words)
     pool = drill_pool(tokenizer, words)
+    cues, digits = drill_cues(tokenizer, words), digit_ids(tokenizer)
 
     torch.manual_seed(seed)  # the model's random init
     model = Qwen2ForCausalLM(text_teacher_config(recipe, tokenizer))
@@ -439,10 +513,10 @@ def train_text_teacher(out_dir, seed: int = 0, steps: Optional[int] = None, thre
         length = curriculum_length(recipe, curriculum.phase, step, rng)
         batch_size = max(1, recipe.batch_tokens // length)
         if curriculum.phase < 3:
-            examples = [induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, pool)
+            examples = [induction_example(recipe, haystack, length, rng, tokenizer.bos_token_id, pool, cues, digits)
                         for _ in range(batch_size)]
         else:
-            examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, True, pool)
+            examples = [sample_example(recipe, tokenizer, haystack, words, length, rng, True, pool, cues, digits)
                         for _ in range(batch_size)]
         batch = tasks.collate(examples)
         is_lm = torch.tensor([e.kind == "lm" for e in examples])
