@@ -34,8 +34,8 @@ def load_text_teacher(path=TEXT_TEACHER_DIR):
     if missing:
         raise FileNotFoundError(
             f"the text teacher at {path} lacks {', '.join(missing)}"
-            + ("; no text teacher ships yet (README: 'Does it work on real text?')" if path == TEXT_TEACHER_DIR else "")
-            + "; run `ahn demo --task text --retrain-teacher` (it trains one into OUT/teacher first, about an hour on "
+            + ("; the shipped teacher should be there: reinstall ahn" if path == TEXT_TEACHER_DIR else "")
+            + "; run `ahn demo --task text --retrain-teacher` (it trains one into OUT/teacher first, 40 minutes or so on "
               "2 cores), or train one with `python -m ahn.demo.text.teacher --out DIR` and pass --teacher DIR")
     model = Qwen2ForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)

@@ -92,7 +92,7 @@ class TextSettings:
     length: Optional[int] = None
     needle_lengths: Optional[tuple] = None
     needle_depths: tuple = (0, 25, 50, 75, 100)
-    steps: int = 150  # docs/demo.md: sized to the 15-minute target from 1-thread step times (not yet timed at 2)
+    steps: int = 150  # docs/demo.md: 7-8 minutes a memory at 2 threads with the shipped teacher (target 15)
     batch_size: int = 4
     learning_rate: float = 3e-3
     warmup_ratio: float = 0.05
