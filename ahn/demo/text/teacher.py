@@ -18,7 +18,8 @@ length, each example drawn from a mix of tasks (:mod:`ahn.demo.text.tasks`) over
   ``max_len``, until their loss is ``spread_target`` (at most ``spread_steps``). Third, ``task_steps`` of the task
   mix, with the drills kept at ``p_copy`` of each batch (:class:`Curriculum`). The drills draw only from
   :func:`drill_pool`: the ids of the key / value pool (``task_words`` ordinary words of the essays,
-  :func:`tasks.task_words`, saved in ``training.json`` for the evaluations) and of the digits. Why: mixed into
+  :func:`tasks.task_words`, saved in ``training.json`` for the evaluations), of the digits and of the tokens a
+  question ends with before its answer (:func:`drill_cues`); a quarter of the spans are digits alone. Why: mixed into
   essay tasks at 256 tokens, drills of essay spans never got a run off its plateau; alone, short and over few
   ids they form the circuit within a few hundred steps, but a circuit formed at 64 tokens copied only 16% of a
   span at 256; trained at every length it copied 92% at 256 and 77% at 1024; and it copies only the ids it was
@@ -32,7 +33,7 @@ phase, a random multiple of ``length_multiple`` up to ``max_len`` in the second,
 
 Context 1024, not 2048: on the 2 shared CPU cores this was built on, a step of 4096 tokens took 1.6-4.7 s at
 256 tokens and 2.4-6 s at 1024 (one thread; two threads were 3x slower while other jobs ran; alone, two threads
-ran the default recipe's 2879 steps, 12M tokens, in 52 minutes). At 2048 a step holds two sequences (a noisy task gradient) and attention costs
+ran the fifth recipe's 2879 steps, 12M tokens, in 52 minutes, the sixth's 1942 in 39). At 2048 a step holds two sequences (a noisy task gradient) and attention costs
 more per token; the demo's window (256 + 16 sinks) still leaves three quarters of 1024 tokens beyond it.
 
 How good it is (the shipped weights: the sixth recipe, the default, at the end of this docstring): with full
@@ -627,7 +628,7 @@ def _save_atomically(out: Path, model, tokenizer, record: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ahn.demo.text.teacher",
-                                     description="Train the text teacher from its seed (about an hour on 2 cores).")
+                                     description="Train the text teacher from its seed (39 minutes on 2 cores for the shipped one).")
     parser.add_argument("--out", required=True, help="folder to write (replaced whole when it exists)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None,
