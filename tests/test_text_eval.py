@@ -17,7 +17,8 @@ from ahn.demo.evaluate import answer_correct
 from ahn.demo.teacher import DEMO_SINKS, DEMO_TASK, DEMO_WINDOW, load_teacher
 from ahn.demo.text.corpus import sample_text
 from ahn.demo.text.evaluate import (
-    equal_bytes_slots, needle_region, plot_needle_grid, position_edges, position_nll, repeat_mask, span_matches,
+    answer_token_shares, equal_bytes_slots, needle_region, plot_needle_grid, position_edges, position_nll, repeat_mask,
+    span_matches,
 )
 from ahn.demo.text.run import MODE_NAMES, RESULTS_NAME, TextSettings, quick_settings, run_text_demo
 from ahn.demo.text.tokenizer import train_tokenizer
@@ -51,6 +52,21 @@ def test_span_matches_find_far_needles_with_full_attention_only(recall_teacher):
     acc = {m: sum(found[m][i] for i in beyond) / len(beyond) for m in found}
     assert acc["full"] >= 0.9 and acc["window"] <= 0.3
     assert sum(found["window"][i] for i in within) / len(within) >= 0.8
+
+
+def test_answer_token_shares_give_partial_credit_per_token(recall_teacher):
+    """A two-token span whose first token the model predicts and whose second it cannot (replaced by a token other
+    than the model's argmax there: what precedes each prediction is unchanged) scores exactly 1/2, and no greedy
+    match; a span the model gets whole scores 1."""
+    model, batch = recall_teacher
+    seq = batch["input_ids"][0].tolist()
+    a = batch["answer_positions"][0, 0].item()
+    assert span_matches(model, "full", [seq], [[(a, a + 1)]]) == [[True]]
+    with torch.no_grad(), model.attention_mode("full"):
+        after = model(input_ids=torch.tensor([seq[:a + 1]])).logits[0, -1].argmax().item()  # predicts position a + 1
+    seq[a + 1] = (after + 1) % model.config.vocab_size
+    assert answer_token_shares(model, "full", [seq], [[(a, a + 1), (a, a + 2)]]) == [[1.0, 0.5]]
+    assert span_matches(model, "full", [seq], [[(a, a + 2)]]) == [[False]]
 
 
 def test_needle_regions_and_bad_input(recall_teacher):
@@ -169,8 +185,11 @@ def test_text_demo_end_to_end_in_miniature(tiny_text_teacher, tmp_path):
     assert saved == json.loads(json.dumps(results))
     assert tuple(saved["modes"]) == MODE_NAMES
     for mode, r in saved["modes"].items():
-        for key in ("needle_beyond", "needle_within"):
+        for key in ("needle_beyond", "needle_within", "needle_tokens_beyond", "needle_tokens_within"):
             assert r[key] is None or 0 <= r[key] <= 1, (mode, key)
+        for region in ("beyond", "within"):  # a whole needle found has all its tokens right
+            assert (r[f"needle_{region}"] is None) == (r[f"needle_tokens_{region}"] is None)
+            assert r[f"needle_{region}"] is None or r[f"needle_tokens_{region}"] >= r[f"needle_{region}"]
         assert r["ppl_beyond"] > 1 and r["ppl_first_window"] > 1
         assert sorted(r["recall"]) == ["2", "4"] and all(0 <= v <= 1 for v in r["recall"].values())
         assert len(r["needle_grid"]) == 2 and len(r["needle_grid"][0]) == len(saved["needle_lengths"])

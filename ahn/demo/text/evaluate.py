@@ -8,7 +8,9 @@ Everything runs through an :class:`ahn.AHNModel` in one of its attention modes (
   it: greedy decoding emits answer token i iff the argmax after ``prefix + answer[:i]`` is answer[i], for
   every i, which is what the argmaxes of that one forward are (a parallel forward equals prefill +
   decode, the model's invariant 3). Rows of a batch are right-padded: a causal model's positions never
-  see what follows them, so padding changes nothing that is scored.
+  see what follows them, so padding changes nothing that is scored. :func:`answer_token_shares` gives the
+  share of an answer's tokens that the same forward predicts right: partial credit, for a teacher that
+  gets all of a number but its last digit.
 * **Where a needle is** (:func:`needle_region`): the query q is the position that predicts the answer's
   first token. A token at position p is visible to it through sinks + window iff p < sinks
   or q - p < window. A needle is *beyond* the window when none of its tokens is (so only full attention
@@ -65,18 +67,29 @@ def _check_spans(sequences, spans) -> list[tuple[list[int], list[tuple[int, int]
     return out
 
 
-@torch.no_grad()
 def span_matches(model, mode: str, sequences: Sequence[Sequence[int]], spans: Sequence[Sequence[tuple[int, int]]],
                  batch_size: int = EVAL_BATCH, progress: bool = False, desc: str = "") -> list[list[bool]]:
     """For each sequence and each of its answer ``spans`` ([start, end) token positions): whether ``model`` in
     ``mode`` predicts every token of the span by argmax from the sequence before it, which is whether greedy
     decoding after ``sequence[:start]`` produces exactly ``sequence[start:end]`` (module docstring)."""
+    shares = answer_token_shares(model, mode, sequences, spans, batch_size, progress, desc)
+    return [[s == 1.0 for s in row] for row in shares]
+
+
+@torch.no_grad()
+def answer_token_shares(model, mode: str, sequences: Sequence[Sequence[int]],
+                        spans: Sequence[Sequence[tuple[int, int]]], batch_size: int = EVAL_BATCH,
+                        progress: bool = False, desc: str = "") -> list[list[float]]:
+    """For each sequence and each of its answer ``spans``: the share of the span's tokens that ``model`` in
+    ``mode`` predicts by argmax from the true text before each of them (teacher forcing). 1.0 is a greedy match
+    (:func:`span_matches`); below it, how much of the answer the model still carries (a seven-digit number
+    whose last digit alone is wrong scores 6/7)."""
     _check_mode(model, mode)
     rows_in = _check_spans(sequences, spans)
     base = model.base_model
     device = model.device
     order = sorted(range(len(rows_in)), key=lambda i: -len(rows_in[i][0]))  # similar lengths batch together
-    found: list[list[bool]] = [[] for _ in rows_in]
+    found: list[list[float]] = [[] for _ in rows_in]
     bar = tqdm(total=len(rows_in), desc=desc or f"{mode}: answers", disable=not progress, leave=False)
     with model.attention_mode(mode):
         for first in range(0, len(order), batch_size):
@@ -90,7 +103,7 @@ def span_matches(model, mode: str, sequences: Sequence[Sequence[int]], spans: Se
                 seq, row = rows_in[i]
                 for a, b in row:
                     pred = base.lm_head(hidden[r, a - 1:b - 1]).argmax(-1).cpu()  # [b - a] predictions of a .. b-1
-                    found[i].append(bool((pred == torch.tensor(seq[a:b])).all()))
+                    found[i].append((pred == torch.tensor(seq[a:b])).float().mean().item())
             bar.update(len(rows))
     bar.close()
     return found

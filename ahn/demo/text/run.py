@@ -45,7 +45,7 @@ from ahn.model import AHNModel, add_memory
 
 from . import corpus, tasks
 from .evaluate import (
-    REGIONS, accuracy, equal_bytes_slots, needle_region, perplexity, plot_lines, plot_needle_grid, position_edges,
+    REGIONS, accuracy, answer_token_shares, equal_bytes_slots, needle_region, perplexity, plot_lines, plot_needle_grid, position_edges,
     position_nll, repeat_mask, span_matches,
 )
 from .teacher import WEIGHTS_DIR, teacher_task_words, train_text_teacher
@@ -262,10 +262,10 @@ def score_mode(model: AHNModel, mode: str, sets: dict, settings: TextSettings, l
     att = attention_mode(mode)
     W, S = settings.window, settings.sinks
     needles = sets["needles"]
-    hits = span_matches(model, att, [e.input_ids for e in needles], [e.answer_spans for e in needles],
-                        progress=progress, desc=f"{mode}: needles")
-    rows = [{"length": len(e.input_ids), "depth": round(100 * e.depth), "region": _region(e, 0, W, S), "found": h[0]}
-            for e, h in zip(needles, hits)]
+    shares = answer_token_shares(model, att, [e.input_ids for e in needles], [e.answer_spans for e in needles],
+                                 progress=progress, desc=f"{mode}: needles")
+    rows = [{"length": len(e.input_ids), "depth": round(100 * e.depth), "region": _region(e, 0, W, S),
+             "found": h[0] == 1.0, "tokens": h[0]} for e, h in zip(needles, shares)]
     kinds = {}
     for kind, examples in sets["kinds"].items():
         found = span_matches(model, att, [e.input_ids for e in examples], [e.answer_spans for e in examples],
@@ -311,14 +311,20 @@ def summarise(scores: dict, settings: TextSettings, lengths: Sequence[int]) -> d
         by_region = {r: accuracy([x["found"] for x in rows if x["region"] == r]) for r in REGIONS}
         grid = [[accuracy([x["found"] for x in rows if x["depth"] == round(d) and x["length"] == n])
                  for n in lengths] for d in settings.needle_depths]
+        tokens = {r: _mean([x["tokens"] for x in rows if x["region"] == r]) for r in REGIONS}
         out[mode] = {"needle_beyond": by_region["beyond"], "needle_within": by_region["within"],
-                     "needle_straddle": by_region["straddle"],
+                     "needle_straddle": by_region["straddle"], "needle_tokens_beyond": tokens["beyond"],
+                     "needle_tokens_within": tokens["within"],
                      "needle_counts": {r: sum(x["region"] == r for x in rows) for r in REGIONS},
                      "needle_grid": grid, "ppl_beyond": s["ppl_beyond"], "ppl_first_window": s["ppl_first_window"],
                      "ppl_by_position": s["ppl_by_position"], "ppl_repeat": s["ppl_repeat"],
                      "repeat_tokens": s["repeat_tokens"], "recall": s["recall"], "recall_beyond": s["recall_beyond"],
                      "needle_kinds": s["needle_kinds"]}
     return out
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
 
 
 def targets(modes: dict, train_seconds: dict) -> list[dict]:
@@ -368,10 +374,11 @@ def format_table(results: dict) -> str:
 
     modes = results["modes"]
     pairs = list(next(iter(modes.values()))["recall"])
-    lines = ["| mode | needles beyond | within | ppl first window | ppl beyond | ppl repeats beyond | "
-             + " | ".join(f"recall {p}" for p in pairs) + " |", "|" + " --- |" * (6 + len(pairs))]
+    lines = ["| mode | needles beyond | (their digits) | within | ppl first window | ppl beyond | ppl repeats beyond | "
+             + " | ".join(f"recall {p}" for p in pairs) + " |", "|" + " --- |" * (7 + len(pairs))]
     for mode, r in modes.items():
-        lines.append(f"| {mode} | {pct(r['needle_beyond'])} | {pct(r['needle_within'])} | {num(r['ppl_first_window'])} "
+        lines.append(f"| {mode} | {pct(r['needle_beyond'])} | {pct(r.get('needle_tokens_beyond'))} "
+                     f"| {pct(r['needle_within'])} | {num(r['ppl_first_window'])} "
                      f"| {num(r['ppl_beyond'])} | {num(r['ppl_repeat'])} | "
                      + " | ".join(pct(r["recall"][p]) for p in pairs) + " |")
     kinds = list(next(iter(modes.values()))["needle_kinds"])
@@ -395,7 +402,8 @@ def format_table(results: dict) -> str:
                   for d, row in zip(results["needle_depths"], r["needle_grid"])]
     first = next(iter(modes.values()))
     lines += ["", f"Needles: {first['needle_counts']['beyond']} beyond the window, {first['needle_counts']['within']} "
-              f"within, {first['needle_counts']['straddle']} straddling; repeats: {first['repeat_tokens']} tokens.", "",
+              f"within, {first['needle_counts']['straddle']} straddling ((their digits): the share of the numbers' tokens predicted "
+              f"right from the true text before each); repeats: {first['repeat_tokens']} tokens.", "",
               "| target | goal | measured | |", "| --- | --- | ---: | --- |"]
     for t in results["targets"]:
         v = t["value"]
