@@ -1,0 +1,158 @@
+"""Could a linear memory carry what the window drops? A training-free probe of a teacher's own keys.
+
+ahn's memories read with the attention's own queries and write the attention's own keys and values (l2-normed,
+after RoPE, as :mod:`ahn.memory` reads them): training teaches only their gates and read-out. So whether a memory
+*can* return a word pair's value once the pair has left the window is decided, before any training, by the
+geometry of the teacher's keys. This probe measures it on word-pair recall examples:
+
+1. One full-attention forward records every layer's queries, keys and values (through transformers' public
+   ``AttentionInterface``: a recording wrapper around SDPA, so the model computes exactly what it always does).
+2. For each query whose pair lies beyond the window and each query head: the teacher's attention probability on
+   the pair's value token (the heads that retrieve put nearly all of it there), and what a delta-rule memory
+   (``S <- S + (v - S k) k^T``, write strength 1, no decay: the best case of DeltaNet / GatedDeltaNet's rule) holds
+   after the evicted tokens are written, read with the query: the read counts as right when it is closer (cosine)
+   to the pair's value than to any other pair's value written. Two write policies: ``every`` evicted token (the
+   paper's memory writes all of them) and the pairs' ``values`` only (a perfect salience gate).
+
+``python -m ahn.demo.text.probe`` runs it on the shipped text teacher and the held-out essays; the retrieving
+heads' rows are the ones to read (docs/demo.md has a run). Chance is one over the pairs written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from . import tasks
+
+RECORDING = "ahn_probe_recording"
+_records: Optional[dict] = None  # layer -> (q, k, v) while a recording forward runs
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    if _records is not None:
+        _records[module.layer_idx] = (query.detach(), key.detach(), value.detach())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.no_grad()
+def record_qkv(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every layer's ``(q [B, Hq, T, D], k, v [B, Hkv, T, D])`` after the family's projections and RoPE, from one
+    full-attention forward of the plain (memory-less) ``model``; its attention implementation is restored."""
+    global _records
+    AttentionInterface.register(RECORDING, _recording_attention)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(RECORDING)
+    _records = {}
+    try:
+        model(input_ids=input_ids, use_cache=False)
+        return _records
+    finally:
+        _records = None
+        model.set_attn_implementation(before)
+
+
+def delta_read(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The read of a delta-rule memory written with ``keys, values [n, D]`` in order (write strength 1, no decay),
+    read with ``query [D]``; keys and query are used as given (normalise them first)."""
+    D = keys.shape[-1]
+    state = keys.new_zeros(D, values.shape[-1])  # [D_k, D_v]: read = query @ state
+    for k, v in zip(keys, values):
+        state = state + torch.outer(k, v - k @ state)
+    return query @ state
+
+
+@dataclass
+class HeadRow:
+    layer: int
+    head: int
+    queries: int
+    attention_on_value: float  # the teacher's mean attention probability on the pair's value token
+    every: float  # share of queries the memory written with every evicted token answers
+    values: float  # ... written with the pairs' values only
+
+
+def probe(model, examples: Sequence[tasks.TextExample], window: int, sinks: int) -> list[HeadRow]:
+    """The probe (module docstring) over recall ``examples`` (:func:`tasks.recall_example`) for sinks + ``window``
+    attention: one row per layer and query head, over the queries whose pair's value lies beyond the window."""
+    sums: dict = {}
+    for ex in examples:
+        records = record_qkv(model, torch.tensor([ex.input_ids]))
+        pairs = ex.value_spans + ex.distractor_spans
+        for layer, (q, k, v) in records.items():
+            q, k, v = q[0].float(), k[0].float(), v[0].float()
+            Hq, Hkv, D = q.shape[0], k.shape[0], q.shape[-1]
+            for (a, _), (value_at, _) in zip(ex.answer_spans, ex.value_spans):
+                t = a - 1  # the query that predicts the answer's first token
+                if t - value_at < window or value_at < sinks:
+                    continue  # still visible: not the memory's job
+                evicted = torch.arange(sinks, t - window + 1)
+                written = torch.tensor([lo for lo, _ in pairs if sinks <= lo <= t - window])
+                for h in range(Hq):
+                    g = h // (Hq // Hkv)
+                    logits = (k[g, :t + 1] @ q[h, t]) * D ** -0.5
+                    p = logits.softmax(-1)[value_at].item()
+                    kn, qn = F.normalize(k[g], dim=-1), F.normalize(q[h, t], dim=-1)
+                    right = []
+                    for rows in (evicted, written):
+                        read = delta_read(kn[rows], v[g, rows], qn)
+                        closest = F.cosine_similarity(read[None], v[g, written], dim=-1).argmax()
+                        right.append(float(written[closest].item() == value_at))
+                    s = sums.setdefault((layer, h), [0, 0.0, 0.0, 0.0])
+                    s[0] += 1
+                    s[1] += p
+                    s[2] += right[0]
+                    s[3] += right[1]
+    return [HeadRow(layer, h, n, p / n, e / n, w / n) for (layer, h), (n, p, e, w) in sorted(sums.items())]
+
+
+def format_rows(rows: Sequence[HeadRow], pairs: int) -> str:
+    """A markdown table of ``rows`` under a title naming the pair count."""
+    lines = [f"{pairs} pairs, queries whose pair lies beyond the window:", "",
+             "| layer | head | queries | teacher's attention on the value | memory right, every token written | "
+             "values only |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r.layer} | {r.head} | {r.queries} | {r.attention_on_value:.3f} | {r.every:.0%} | {r.values:.0%} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from ahn._shipped import load_text_teacher
+    from .corpus import clean, essays
+    from .teacher import WEIGHTS_DIR, teacher_task_words
+
+    p = argparse.ArgumentParser(prog="python -m ahn.demo.text.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=str(WEIGHTS_DIR), help="model folder with its tokenizer (default: the shipped "
+                   "text teacher)")
+    p.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument("--examples", type=int, default=6, help="recall examples per pair count")
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--sinks", type=int, default=16)
+    p.add_argument("--min-attention", type=float, default=0.5,
+                   help="show only heads whose attention on the value averages at least this (0: every head)")
+    p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_text_teacher(args.teacher)
+    words = teacher_task_words(Path(args.teacher))
+    haystack = tasks.token_stream(tokenizer, [clean(t) for t in essays("heldout").values()])
+    rng = random.Random(args.seed)
+    for n in args.pairs:
+        examples = [tasks.recall_example(tokenizer, words, n, args.length, rng, haystack) for _ in range(args.examples)]
+        rows = [r for r in probe(model, examples, args.window, args.sinks) if r.attention_on_value >= args.min_attention]
+        print(format_rows(rows, n), flush=True)
+
+
+if __name__ == "__main__":
+    main()
