@@ -11,7 +11,7 @@ from helpers import tiny_model
 
 from ahn._shipped import load_text_teacher
 from ahn.demo.text import corpus, tasks
-from ahn.demo.text.probe import delta_read, format_rows, probe, record_qkv
+from ahn.demo.text.probe import delta_reads, format_rows, probe, record_qkv
 from ahn.demo.text.teacher import WEIGHTS_DIR, teacher_task_words
 
 
@@ -37,16 +37,19 @@ def test_recording_changes_nothing_and_gives_every_layers_qkv():
     torch.testing.assert_close(k.norm(dim=-1), raw.norm(dim=-1), rtol=1e-5, atol=1e-5)
 
 
-def test_delta_read_returns_what_orthonormal_keys_stored_and_the_last_write_of_a_repeated_key():
+def test_delta_reads_return_what_orthonormal_keys_stored_and_the_last_write_of_a_repeated_key():
     g = torch.Generator().manual_seed(1)
     keys = torch.linalg.qr(torch.randn(8, 8, generator=g))[0][:5]  # 5 orthonormal rows
     values = torch.randn(5, 3, generator=g)
-    for i in range(5):
-        torch.testing.assert_close(delta_read(keys, values, keys[i]), values[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(delta_reads(keys, values, [5] * 5, keys), values, rtol=1e-5, atol=1e-5)
+    # Read i after i + 1 writes: key i's value; key 4 read after 2 writes: nothing stored under it yet.
+    early = delta_reads(keys, values, [1, 2, 3, 4, 2], keys)
+    torch.testing.assert_close(early[:4], values[:4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(early[4], torch.zeros(3), rtol=0, atol=1e-5)
     again = torch.cat([keys, keys[:1]]), torch.cat([values, -values[:1]])  # the delta rule overwrites, not adds
-    torch.testing.assert_close(delta_read(*again, keys[0]), -values[0], rtol=1e-5, atol=1e-5)
-    x = F.normalize(torch.randn(8, generator=g), dim=-1)  # orthogonal to nothing stored: a mix of the values
-    torch.testing.assert_close(delta_read(keys, values, x), (keys @ x) @ values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(delta_reads(*again, [6], keys[:1])[0], -values[0], rtol=1e-5, atol=1e-5)
+    x = F.normalize(torch.randn(1, 8, generator=g), dim=-1)  # a mix of the values, by its overlap with each key
+    torch.testing.assert_close(delta_reads(keys, values, [5], x), (x @ keys.T) @ values, rtol=1e-5, atol=1e-5)
 
 
 def test_the_shipped_teacher_retrieves_in_one_layer_and_its_keys_hold_pairs_for_a_selective_memory():

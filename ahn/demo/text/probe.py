@@ -60,14 +60,18 @@ def record_qkv(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, 
         model.set_attn_implementation(before)
 
 
-def delta_read(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """The read of a delta-rule memory written with ``keys, values [n, D]`` in order (write strength 1, no decay),
-    read with ``query [D]``; keys and query are used as given (normalise them first)."""
-    D = keys.shape[-1]
-    state = keys.new_zeros(D, values.shape[-1])  # [D_k, D_v]: read = query @ state
-    for k, v in zip(keys, values):
-        state = state + torch.outer(k, v - k @ state)
-    return query @ state
+def delta_reads(keys: torch.Tensor, values: torch.Tensor, written: Sequence[int], queries: torch.Tensor) -> torch.Tensor:
+    """Reads of a delta-rule memory written with ``keys, values [n, D]`` in order (write strength 1, no decay): read
+    ``i`` uses ``queries[i]`` after the first ``written[i]`` rows are written (``written`` non-decreasing). Keys and
+    queries are used as given (normalise them first). Returns ``[m, D_v]``."""
+    state = keys.new_zeros(keys.shape[-1], values.shape[-1])  # [D_k, D_v]: read = query @ state
+    reads, done = [], 0
+    for i, n in enumerate(written):
+        for k, v in zip(keys[done:n], values[done:n]):
+            state = state + torch.outer(k, v - k @ state)
+        done = max(done, n)
+        reads.append(queries[i] @ state)
+    return torch.stack(reads) if reads else values.new_zeros(0, values.shape[-1])
 
 
 @dataclass
@@ -86,31 +90,34 @@ def probe(model, examples: Sequence[tasks.TextExample], window: int, sinks: int)
     sums: dict = {}
     for ex in examples:
         records = record_qkv(model, torch.tensor([ex.input_ids]))
-        pairs = ex.value_spans + ex.distractor_spans
+        pair_values = sorted(lo for lo, _ in ex.value_spans + ex.distractor_spans if lo >= sinks)
+        asked = sorted((a - 1, lo) for (a, _), (lo, _) in zip(ex.answer_spans, ex.value_spans)
+                       if a - 1 - lo >= window and lo >= sinks)  # (query, its value), beyond the window, in order
+        if not asked:
+            continue
+        t = torch.tensor([q for q, _ in asked])
+        right_value = torch.tensor([lo for _, lo in asked])
+        every = torch.arange(sinks, int(t.max()) - window + 1)  # what has left the window by the last query
+        values_pos = torch.tensor(pair_values)
         for layer, (q, k, v) in records.items():
             q, k, v = q[0].float(), k[0].float(), v[0].float()
             Hq, Hkv, D = q.shape[0], k.shape[0], q.shape[-1]
-            for (a, _), (value_at, _) in zip(ex.answer_spans, ex.value_spans):
-                t = a - 1  # the query that predicts the answer's first token
-                if t - value_at < window or value_at < sinks:
-                    continue  # still visible: not the memory's job
-                evicted = torch.arange(sinks, t - window + 1)
-                written = torch.tensor([lo for lo, _ in pairs if sinks <= lo <= t - window])
-                for h in range(Hq):
-                    g = h // (Hq // Hkv)
-                    logits = (k[g, :t + 1] @ q[h, t]) * D ** -0.5
-                    p = logits.softmax(-1)[value_at].item()
-                    kn, qn = F.normalize(k[g], dim=-1), F.normalize(q[h, t], dim=-1)
-                    right = []
-                    for rows in (evicted, written):
-                        read = delta_read(kn[rows], v[g, rows], qn)
-                        closest = F.cosine_similarity(read[None], v[g, written], dim=-1).argmax()
-                        right.append(float(written[closest].item() == value_at))
-                    s = sums.setdefault((layer, h), [0, 0.0, 0.0, 0.0])
-                    s[0] += 1
-                    s[1] += p
-                    s[2] += right[0]
-                    s[3] += right[1]
+            for h in range(Hq):
+                g = h // (Hq // Hkv)
+                logits = (q[h, t] @ k[g].T) * D ** -0.5  # [m, T]
+                logits = logits.masked_fill(torch.arange(k.shape[1]) > t[:, None], float("-inf"))
+                p = logits.softmax(-1).gather(1, right_value[:, None])[:, 0]
+                kn, qn = F.normalize(k[g], dim=-1), F.normalize(q[h, t], dim=-1)
+                s = sums.setdefault((layer, h), [0, 0.0, 0.0, 0.0])
+                s[0] += len(asked)
+                s[1] += p.sum().item()
+                for slot, rows in ((2, every), (3, values_pos)):
+                    n = [int((rows <= int(x) - window).sum()) for x in t]  # rows written before each query
+                    reads = delta_reads(kn[rows], v[g, rows], n, qn)  # [m, D]
+                    for i, x in enumerate(t.tolist()):
+                        stored = values_pos[values_pos <= x - window]  # the pairs' values the memory could return
+                        closest = F.cosine_similarity(reads[i][None], v[g, stored], dim=-1).argmax()
+                        s[slot] += float(stored[closest].item() == right_value[i].item())
     return [HeadRow(layer, h, n, p / n, e / n, w / n) for (layer, h), (n, p, e, w) in sorted(sums.items())]
 
 
@@ -132,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ahn.demo.text.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default=str(WEIGHTS_DIR), help="model folder with its tokenizer (default: the shipped "
                    "text teacher)")
-    p.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 32, 64], help="pair counts (default: the text demo's)")
     p.add_argument("--examples", type=int, default=6, help="recall examples per pair count")
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--window", type=int, default=256)
@@ -147,8 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model, tokenizer = load_text_teacher(args.teacher)
     words = teacher_task_words(Path(args.teacher))
     haystack = tasks.token_stream(tokenizer, [clean(t) for t in essays("heldout").values()])
-    rng = random.Random(args.seed)
     for n in args.pairs:
+        rng = random.Random(args.seed * 1000 + n)  # each pair count's examples, whichever others are asked
         examples = [tasks.recall_example(tokenizer, words, n, args.length, rng, haystack) for _ in range(args.examples)]
         rows = [r for r in probe(model, examples, args.window, args.sinks) if r.attention_on_value >= args.min_attention]
         print(format_rows(rows, n), flush=True)

@@ -58,6 +58,7 @@ TABLE_NAME = "results.md"
 NEEDLE_PLOT, PPL_PLOT, RECALL_PLOT = "needles.png", "perplexity.png", "recall.png"
 TRAIN_DATA = "train"  # + the data's digest + .jsonl
 TIMING_NAME = "train_seconds.json"
+SCORING = 2  # what score_mode measures: kept scores of another version are measured again (2: needle digit shares)
 # The issue's targets (issue 26, "Targets"): the recommended configuration on the held-out essays.
 NEEDLE_TARGET = 0.95  # needles beyond the window
 PPL_GAP_TARGET = 0.5  # share of the window -> full perplexity gap closed beyond the first window
@@ -511,7 +512,7 @@ def run_text_demo(out: Optional[Path] = None, settings: TextSettings = TextSetti
         _write_json(timing_path, timing)
     scores = {}
     key = _digest({"settings": asdict(settings), "length": length, "heldout": _digest(heldout), "slots": equal["slots"],
-                   "teacher": _file_digest(teacher_dir / SAFE_WEIGHTS_NAME)})
+                   "teacher": _file_digest(teacher_dir / SAFE_WEIGHTS_NAME), "scoring": SCORING})
     for mode in tqdm(modes, desc="ahn demo --task text: scoring", disable=not progress):
         path = out / f"scores-{mode}.json"
         adapter = _file_digest(adapters[mode] / WEIGHTS_NAME) if mode in adapters else None
