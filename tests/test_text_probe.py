@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_model
@@ -42,10 +43,12 @@ def test_delta_reads_return_what_orthonormal_keys_stored_and_the_last_write_of_a
     keys = torch.linalg.qr(torch.randn(8, 8, generator=g))[0][:5]  # 5 orthonormal rows
     values = torch.randn(5, 3, generator=g)
     torch.testing.assert_close(delta_reads(keys, values, [5] * 5, keys), values, rtol=1e-5, atol=1e-5)
-    # Read i after i + 1 writes: key i's value; key 4 read after 2 writes: nothing stored under it yet.
-    early = delta_reads(keys, values, [1, 2, 3, 4, 2], keys)
+    # Read i after i + 1 writes: key i's value; key 4 read after 4 writes: nothing stored under it yet.
+    early = delta_reads(keys, values, [1, 2, 3, 4, 4], keys)
     torch.testing.assert_close(early[:4], values[:4], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(early[4], torch.zeros(3), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        delta_reads(keys, values, [3, 2], keys[:2])
     again = torch.cat([keys, keys[:1]]), torch.cat([values, -values[:1]])  # the delta rule overwrites, not adds
     torch.testing.assert_close(delta_reads(*again, [6], keys[:1])[0], -values[0], rtol=1e-5, atol=1e-5)
     x = F.normalize(torch.randn(1, 8, generator=g), dim=-1)  # a mix of the values, by its overlap with each key

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import random
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import tasks
 
@@ -40,7 +39,7 @@ _records: Optional[dict] = None  # layer -> (q, k, v) while a recording forward 
 def _recording_attention(module, query, key, value, attention_mask, **kwargs):
     if _records is not None:
         _records[module.layer_idx] = (query.detach(), key.detach(), value.detach())
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
 @torch.no_grad()
@@ -67,9 +66,11 @@ def delta_reads(keys: torch.Tensor, values: torch.Tensor, written: Sequence[int]
     state = keys.new_zeros(keys.shape[-1], values.shape[-1])  # [D_k, D_v]: read = query @ state
     reads, done = [], 0
     for i, n in enumerate(written):
+        if n < done:
+            raise ValueError(f"written={list(written)!r} must be non-decreasing: a memory cannot unwrite")
         for k, v in zip(keys[done:n], values[done:n]):
             state = state + torch.outer(k, v - k @ state)
-        done = max(done, n)
+        done = n
         reads.append(queries[i] @ state)
     return torch.stack(reads) if reads else values.new_zeros(0, values.shape[-1])
 
@@ -132,6 +133,7 @@ def format_rows(rows: Sequence[HeadRow], pairs: int) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from ahn._cli_args import int_at_least
     from ahn._shipped import load_text_teacher
     from .corpus import clean, essays
     from .teacher import WEIGHTS_DIR, teacher_task_words
@@ -139,24 +141,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ahn.demo.text.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default=str(WEIGHTS_DIR), help="model folder with its tokenizer (default: the shipped "
                    "text teacher)")
-    p.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 32, 64], help="pair counts (default: the text demo's)")
-    p.add_argument("--examples", type=int, default=6, help="recall examples per pair count")
-    p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--sinks", type=int, default=16)
+    p.add_argument("--pairs", type=int_at_least(1), nargs="+", default=[8, 16, 32, 64], help="pair counts (default: the text demo's)")
+    p.add_argument("--examples", type=int_at_least(1), default=6, help="recall examples per pair count")
+    p.add_argument("--length", type=int_at_least(2), default=1024)
+    p.add_argument("--window", type=int_at_least(1), default=256)
+    p.add_argument("--sinks", type=int_at_least(0), default=16)
     p.add_argument("--min-attention", type=float, default=0.5,
                    help="show only heads whose attention on the value averages at least this (0: every head)")
     p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int_at_least(1), default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_text_teacher(args.teacher)
+    try:
+        model, tokenizer = load_text_teacher(args.teacher)
+    except FileNotFoundError as e:
+        p.error(str(e))
     words = teacher_task_words(Path(args.teacher))
     haystack = tasks.token_stream(tokenizer, [clean(t) for t in essays("heldout").values()])
     for n in args.pairs:
         rng = random.Random(args.seed * 1000 + n)  # each pair count's examples, whichever others are asked
-        examples = [tasks.recall_example(tokenizer, words, n, args.length, rng, haystack) for _ in range(args.examples)]
+        try:
+            examples = [tasks.recall_example(tokenizer, words, n, args.length, rng, haystack)
+                        for _ in range(args.examples)]
+        except ValueError as e:
+            p.error(f"--pairs {n} --length {args.length}: {e}")
         rows = [r for r in probe(model, examples, args.window, args.sinks) if r.attention_on_value >= args.min_attention]
         print(format_rows(rows, n), flush=True)
 
