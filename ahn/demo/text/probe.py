@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from ahn._cli_args import int_at_least
+from ahn._shipped import load_text_teacher
+
 from . import tasks
+from .corpus import clean, essays
+from .teacher import WEIGHTS_DIR, teacher_task_words
 
 RECORDING = "ahn_probe_recording"
 _records: Optional[dict] = None  # layer -> (q, k, v) while a recording forward runs
@@ -133,11 +138,6 @@ def format_rows(rows: Sequence[HeadRow], pairs: int) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from ahn._cli_args import int_at_least
-    from ahn._shipped import load_text_teacher
-    from .corpus import clean, essays
-    from .teacher import WEIGHTS_DIR, teacher_task_words
-
     p = argparse.ArgumentParser(prog="python -m ahn.demo.text.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default=str(WEIGHTS_DIR), help="model folder with its tokenizer (default: the shipped "
                    "text teacher)")
