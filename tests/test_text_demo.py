@@ -15,7 +15,7 @@ import torch
 from ahn.demo.text import corpus, tasks
 from ahn.demo.text.teacher import (
     TRAINING_RECORD, WEIGHTS_DIR, TextTeacherRecipe, answer_correct, curriculum_length, induction_example,
-    load_text_teacher, mixed_loss, train_text_teacher,
+    load_text_teacher, mixed_loss, teacher_task_words, train_text_teacher,
 )
 from ahn.demo.text.tokenizer import BOS, EOS, PAD, train_tokenizer
 
@@ -429,8 +429,6 @@ def test_span_copy_accuracy_scores_the_repeat_and_nothing_else(haystack):
 def test_the_shipped_text_teacher_recalls_word_pairs_with_full_attention():
     """The shipped weights (the sixth recipe) answer word-pair recall over the repository's sample text, with its
     own key / value pool; the held-out essays' figures are in its training.json (recall 98-100% at 8 to 64 pairs)."""
-    from ahn.demo.text.teacher import teacher_task_words
-
     model, tokenizer = load_text_teacher()
     assert (WEIGHTS_DIR / "model.safetensors").stat().st_size < 25_000_000  # the issue's bound on shipped weights
     words = teacher_task_words(WEIGHTS_DIR)

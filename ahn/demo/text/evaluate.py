@@ -122,8 +122,9 @@ def needle_region(query: int, positions: Sequence[int], window: int, sinks: int)
     return "within" if all(visible) else "beyond" if not any(visible) else "straddle"
 
 
-def accuracy(flags: Sequence[bool]) -> Optional[float]:
-    """Share of True in ``flags``; None when there are none."""
+def accuracy(flags: Sequence[float]) -> Optional[float]:
+    """Mean of ``flags``: the share of True in found / not found flags, the mean share of per-answer token shares
+    (:func:`answer_token_shares`); None when there are none."""
     return sum(flags) / len(flags) if len(flags) else None
 
 

@@ -64,7 +64,8 @@ def record_qkv(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, 
         model.set_attn_implementation(before)
 
 
-def delta_reads(keys: torch.Tensor, values: torch.Tensor, written: Sequence[int], queries: torch.Tensor) -> torch.Tensor:
+def delta_reads(keys: torch.Tensor, values: torch.Tensor, written: Sequence[int],
+                queries: torch.Tensor) -> torch.Tensor:
     """Reads of a delta-rule memory written with ``keys, values [n, D]`` in order (write strength 1, no decay): read
     ``i`` uses ``queries[i]`` after the first ``written[i]`` rows are written (``written`` non-decreasing). Keys and
     queries are used as given (normalise them first). Returns ``[m, D_v]``."""
@@ -105,6 +106,7 @@ def probe(model, examples: Sequence[tasks.TextExample], window: int, sinks: int)
         right_value = torch.tensor([lo for _, lo in asked])
         every = torch.arange(sinks, int(t.max()) - window + 1)  # what has left the window by the last query
         values_pos = torch.tensor(pair_values)
+        stored = [values_pos[values_pos <= x - window] for x in t.tolist()]  # the values each query could get back
         for layer, (q, k, v) in records.items():
             q, k, v = q[0].float(), k[0].float(), v[0].float()
             Hq, Hkv, D = q.shape[0], k.shape[0], q.shape[-1]
@@ -120,10 +122,9 @@ def probe(model, examples: Sequence[tasks.TextExample], window: int, sinks: int)
                 for slot, rows in ((2, every), (3, values_pos)):
                     n = [int((rows <= int(x) - window).sum()) for x in t]  # rows written before each query
                     reads = delta_reads(kn[rows], v[g, rows], n, qn)  # [m, D]
-                    for i, x in enumerate(t.tolist()):
-                        stored = values_pos[values_pos <= x - window]  # the pairs' values the memory could return
-                        closest = F.cosine_similarity(reads[i][None], v[g, stored], dim=-1).argmax()
-                        s[slot] += float(stored[closest].item() == right_value[i].item())
+                    for i, there in enumerate(stored):
+                        closest = F.cosine_similarity(reads[i][None], v[g, there], dim=-1).argmax()
+                        s[slot] += float(there[closest].item() == right_value[i].item())
     return [HeadRow(layer, h, n, p / n, e / n, w / n) for (layer, h), (n, p, e, w) in sorted(sums.items())]
 
 
@@ -141,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ahn.demo.text.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default=str(WEIGHTS_DIR), help="model folder with its tokenizer (default: the shipped "
                    "text teacher)")
-    p.add_argument("--pairs", type=int_at_least(1), nargs="+", default=[8, 16, 32, 64], help="pair counts (default: the text demo's)")
+    p.add_argument("--pairs", type=int_at_least(1), nargs="+", default=[8, 16, 32, 64],
+                   help="pair counts (default: the text demo's)")
     p.add_argument("--examples", type=int_at_least(1), default=6, help="recall examples per pair count")
     p.add_argument("--length", type=int_at_least(2), default=1024)
     p.add_argument("--window", type=int_at_least(1), default=256)
@@ -166,7 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         for _ in range(args.examples)]
         except ValueError as e:
             p.error(f"--pairs {n} --length {args.length}: {e}")
-        rows = [r for r in probe(model, examples, args.window, args.sinks) if r.attention_on_value >= args.min_attention]
+        rows = [r for r in probe(model, examples, args.window, args.sinks)
+                if r.attention_on_value >= args.min_attention]
         print(format_rows(rows, n), flush=True)
 
 

@@ -45,8 +45,8 @@ from ahn.model import AHNModel, add_memory
 
 from . import corpus, tasks
 from .evaluate import (
-    REGIONS, accuracy, answer_token_shares, equal_bytes_slots, needle_region, perplexity, plot_lines, plot_needle_grid, position_edges,
-    position_nll, repeat_mask, span_matches,
+    REGIONS, accuracy, answer_token_shares, equal_bytes_slots, needle_region, perplexity, plot_lines, plot_needle_grid,
+    position_edges, position_nll, repeat_mask, span_matches,
 )
 from .teacher import WEIGHTS_DIR, teacher_task_words, train_text_teacher
 
@@ -312,7 +312,7 @@ def summarise(scores: dict, settings: TextSettings, lengths: Sequence[int]) -> d
         by_region = {r: accuracy([x["found"] for x in rows if x["region"] == r]) for r in REGIONS}
         grid = [[accuracy([x["found"] for x in rows if x["depth"] == round(d) and x["length"] == n])
                  for n in lengths] for d in settings.needle_depths]
-        tokens = {r: _mean([x["tokens"] for x in rows if x["region"] == r]) for r in REGIONS}
+        tokens = {r: accuracy([x["tokens"] for x in rows if x["region"] == r]) for r in REGIONS}
         out[mode] = {"needle_beyond": by_region["beyond"], "needle_within": by_region["within"],
                      "needle_straddle": by_region["straddle"], "needle_tokens_beyond": tokens["beyond"],
                      "needle_tokens_within": tokens["within"],
@@ -322,10 +322,6 @@ def summarise(scores: dict, settings: TextSettings, lengths: Sequence[int]) -> d
                      "repeat_tokens": s["repeat_tokens"], "recall": s["recall"], "recall_beyond": s["recall_beyond"],
                      "needle_kinds": s["needle_kinds"]}
     return out
-
-
-def _mean(values: Sequence[float]) -> Optional[float]:
-    return sum(values) / len(values) if values else None
 
 
 def targets(modes: dict, train_seconds: dict) -> list[dict]:
@@ -378,7 +374,7 @@ def format_table(results: dict) -> str:
     lines = ["| mode | needles beyond | (their digits) | within | ppl first window | ppl beyond | ppl repeats beyond | "
              + " | ".join(f"recall {p}" for p in pairs) + " |", "|" + " --- |" * (7 + len(pairs))]
     for mode, r in modes.items():
-        lines.append(f"| {mode} | {pct(r['needle_beyond'])} | {pct(r.get('needle_tokens_beyond'))} "
+        lines.append(f"| {mode} | {pct(r['needle_beyond'])} | {pct(r['needle_tokens_beyond'])} "
                      f"| {pct(r['needle_within'])} | {num(r['ppl_first_window'])} "
                      f"| {num(r['ppl_beyond'])} | {num(r['ppl_repeat'])} | "
                      + " | ".join(pct(r["recall"][p]) for p in pairs) + " |")
@@ -403,8 +399,8 @@ def format_table(results: dict) -> str:
                   for d, row in zip(results["needle_depths"], r["needle_grid"])]
     first = next(iter(modes.values()))
     lines += ["", f"Needles: {first['needle_counts']['beyond']} beyond the window, {first['needle_counts']['within']} "
-              f"within, {first['needle_counts']['straddle']} straddling ((their digits): the share of the numbers' tokens predicted "
-              f"right from the true text before each); repeats: {first['repeat_tokens']} tokens.", "",
+              f"within, {first['needle_counts']['straddle']} straddling ((their digits): the share of the numbers' "
+              f"tokens predicted right from the true text before each); repeats: {first['repeat_tokens']} tokens.", "",
               "| target | goal | measured | |", "| --- | --- | ---: | --- |"]
     for t in results["targets"]:
         v = t["value"]
