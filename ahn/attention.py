@@ -200,10 +200,10 @@ class _FlashWithLSE(torch.autograd.Function):
     channel on q, k and v (logits unchanged) carries it: ``dO' = [dO, 1]``, ``O' = [O, -g]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    def forward(ctx, q, k, v, mask, scale, causal=False):
+        out, lse = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.causal = scale, causal
         return out, lse
 
     @staticmethod
@@ -211,16 +211,17 @@ class _FlashWithLSE(torch.autograd.Function):
         q, k, v, mask, out, lse = ctx.saved_tensors
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous()
         if g_lse is None:
-            dq, dk, dv = _CPU_FLASH_BACKWARD(g_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
-            return dq, dk, dv, None, None
+            dq, dk, dv = _CPU_FLASH_BACKWARD(g_out, q, k, v, out, lse, 0.0, ctx.causal, attn_mask=mask,
+                                             scale=ctx.scale)
+            return dq, dk, dv, None, None, None
 
         def widen(x, value):
             return F.pad(x, (0, 1), value=value)
 
         carried = torch.cat([out, -g_lse.unsqueeze(-1).to(out.dtype)], dim=-1)
         dq, dk, dv = _CPU_FLASH_BACKWARD(widen(g_out, 1.0), widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), carried, lse,
-                                         0.0, False, attn_mask=mask, scale=ctx.scale)
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+                                         0.0, ctx.causal, attn_mask=mask, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None
 
 
 def _cpu_flash_with_lse(q: torch.Tensor) -> bool:
@@ -239,17 +240,27 @@ def _explicit_attention(q, keys, values, mask, scale):
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-           memo: Optional[dict] = None):
+           memo: Optional[dict] = None, causal: bool = False):
     """Softmax attention and its log-sum-exp, both differentiable: ``q [B, Hq, T, D]``, ``keys, values
     [B, Hkv, N, D]`` (GQA: query head h reads kv head h // (Hq / Hkv)), ``mask [B, T, N]`` or per kv head
-    ``[B, Hkv, T, N]`` bool (True: visible; every row sees at least one key), or None (all visible). Returns
-    ``(out [B, Hq, T, D], lse [B, Hq, T] float32)``.
+    ``[B, Hkv, T, N]`` bool (True: visible; every row sees at least one key), or None (all visible); ``causal``
+    (with ``mask`` None and T == N): query i sees keys 0 .. i, and the CPU flash kernel skips the tiles above the
+    diagonal (half the work of the same mask given explicitly). Returns ``(out [B, Hq, T, D], lse [B, Hq, T]
+    float32)``.
 
     On CPU this is torch's flash kernel (SDPA's speed, no [T, N] matrix kept); on CUDA torch's compiled
     flex_attention (:mod:`ahn.kernels.attention_lse`; also with ``AHN_ATTENTION_LSE=flex``); without either, or
     with ``AHN_ATTENTION_LSE=explicit``, an explicit float32 softmax (under activation checkpointing with autograd).
     ``memo``: a dict kept by a caller that passes the same mask again (a sliding window's steady blocks); what is
     derived from the mask (the flash kernel's additive form) is kept in it and reused."""
+    if causal:
+        if mask is not None or q.shape[2] != keys.shape[2]:
+            raise ValueError("attend(causal=True) takes no mask and as many queries as keys")
+        if _cpu_flash_with_lse(q):
+            out, lse = _FlashWithLSE.apply(q, keys, values, None, scale, True)
+            return out, lse.float()
+        T = q.shape[2]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(q.shape[0], T, T)
     if use_flex(q.device):
         return flex_attention_with_lse(q, keys, values, mask, scale)
     if _cpu_flash_with_lse(q):
@@ -457,6 +468,18 @@ def window_attention(
     first_plain = int(pad_offsets.max()) + sinks  # from this slot on every key is a real non-sink token
     steady_mask = None  # the mask of a full block whose keys are all real non-sink tokens: the same for all
     steady_memo: dict = {}  # what attend derives from it (the flash kernel's additive mask), kept for the next blocks
+    if not plain and scorer is None and buffer is None and first_plain == 0 and start == ctx_start == 0 \
+            and ctx_k.shape[2] == T and window >= T and (probe_window is None or probe_window >= 1):
+        # Every query sees every earlier token (no pads, no sinks, a window spanning the sequence, no cache: the
+        # teacher under the probe): one causal call, and the probe in one pass whose only mask is its gap.
+        out, lse = attend(q, ctx_k, ctx_v, None, scale, causal=True)  # [B, Hq, T, D], [B, Hq, T]
+        probe = None
+        if probe_window is not None:
+            with torch.no_grad():
+                unmasked = torch.ones((), dtype=torch.bool, device=dev).expand(1, T, T)  # the gap keeps j <= i - W
+                probe = received_mass_in_bands(qg, ctx_k, unmasked, lse.detach().view(B, Hkv, R, T), scale, own=0,
+                                               window=T, gap=probe_window)
+        return out.transpose(1, 2), lse, None, None, probe
     outs, lses, scores = [], [], []
     probe = torch.zeros(B, Hkv, ctx_k.shape[2], device=dev) if probe_window is not None else None
     for a in range(0, T, block):

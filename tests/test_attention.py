@@ -127,3 +127,55 @@ def test_the_buffer_merge_backward_equals_autograd_through_the_reference(dtype):
         assert a.dtype == b.dtype, name
         torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=name)
     assert results[0][4][..., 3, :].abs().max() == 0  # the unseen candidate's value gets no gradient
+
+
+@pytest.mark.parametrize("form", ["auto", "explicit"])
+def test_causal_attention_equals_the_same_mask_given_explicitly(form, monkeypatch):
+    """``attend(causal=True)`` (the CPU flash kernel's causal flag, or a lower-triangular mask where it is not used):
+    outputs, log-sum-exp and every gradient equal those of the mask written out, with GQA."""
+    monkeypatch.setenv("AHN_ATTENTION_LSE", form)
+    q, k, v, _ = inputs(torch.float64, T=29, N=29)
+    tril = torch.ones(29, 29, dtype=torch.bool).tril().expand(2, 29, 29)
+    gen = torch.Generator().manual_seed(2)
+    g_out, g_lse = torch.randn(q.shape, generator=gen, dtype=q.dtype), torch.randn(q.shape[:3], generator=gen)
+    results = []
+    for mask, causal in ((None, True), (tril, False)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = attend(*leaves, mask, 0.3, causal=causal)
+        ((out * g_out).sum() + (lse * g_lse).sum()).backward()
+        results.append((out.detach(), lse.detach(), *(x.grad for x in leaves)))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=name)
+    with pytest.raises(ValueError, match="causal=True"):
+        attend(q, k, v, tril, 0.3, causal=True)
+
+
+@pytest.mark.parametrize("pads", [[0, 0], [0, 4]])
+def test_the_teachers_probe_equals_the_full_softmax(pads, monkeypatch):
+    """The teacher's forward (a window spanning the sequence, no sinks, the probe on): output, log-sum-exp and each
+    token's mass from queries at least ``gap`` later equal the explicit causal softmax's. Without pads the attention
+    is one causal call; with a left-padded row it goes block by block (each pad query sees itself only)."""
+    B, Hq, Hkv, T, D, gap = 2, 4, 2, 30, 8, 6
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, Hq, T, D, generator=gen)
+    k, v = (torch.randn(B, Hkv, T, D, generator=gen) for _ in range(2))
+    P = torch.tensor(pads)
+    causal_calls = []
+    real_attend = attention.attend
+    monkeypatch.setattr(attention, "attend",
+                        lambda *a, **kw: causal_calls.append(kw.get("causal")) or real_attend(*a, **kw))
+    empty = k[:, :, :0]
+    out, lse, _, _, probe = attention.window_attention(
+        q, k, v, 0, empty, empty, start=0, window=T, sinks=0, pad_offsets=P, scale=0.4, block=8, probe_window=gap)
+    assert causal_calls == ([True] if max(pads) == 0 else [None] * 4)
+    slot = torch.arange(T)
+    visible = (slot.view(-1, 1) >= slot) & (slot >= P.view(B, 1, 1))  # [B, T, T]: causal over the real tokens
+    visible |= (slot.view(-1, 1) < P.view(B, 1, 1)) & (slot.view(-1, 1) == slot)  # a pad query sees itself
+    logits = (q.view(B, Hkv, Hq // Hkv, T, D) * 0.4) @ k.unsqueeze(2).transpose(-1, -2)
+    logits = logits.masked_fill(~visible.view(B, 1, 1, T, T), float("-inf"))
+    p = logits.softmax(-1)
+    torch.testing.assert_close(out, (p @ v.unsqueeze(2)).view(B, Hq, T, D).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, logits.logsumexp(-1).view(B, Hq, T), rtol=1e-5, atol=1e-5)
+    far = slot.view(-1, 1) - slot >= gap  # [T, T]: query slot - key slot
+    torch.testing.assert_close(probe, (p * far).sum(dim=3).mean(dim=2), rtol=1e-5, atol=1e-5)
+    assert (probe[..., -gap:] == 0).all() and probe[:, :, :T - gap].sum() > 1

@@ -205,7 +205,7 @@ def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
         if gap:
             rows = torch.tensor(pos[j0:j1], device=q.device).view(-1, 1)
             m = m & (torch.arange(c0, c1, device=q.device) <= rows + own - gap)
-        m = m.view(B, 1, 1, b, -1)
+        m = m.view(m.shape[0], 1, 1, b, -1)  # (a mask shared by the rows: one [1, bq, n])
         m0, m1 = max(c0, own + p1 + 1 - window) - c0, min(c1, own + p0 + 1 - gap) - c0  # the columns every query may see
         s = s.clamp_(min=EXP2_FLOOR).exp2_()
         # A broadcast bool multiply: 7x faster than masked_fill_ with the same broadcast mask (torch 2.13, CPU).
