@@ -469,9 +469,12 @@ def window_attention(
     steady_mask = None  # the mask of a full block whose keys are all real non-sink tokens: the same for all
     steady_memo: dict = {}  # what attend derives from it (the flash kernel's additive mask), kept for the next blocks
     if not plain and scorer is None and buffer is None and first_plain == 0 and start == ctx_start == 0 \
-            and ctx_k.shape[2] == T and window >= T and (probe_window is None or probe_window >= 1):
+            and ctx_k.shape[2] == T and window >= T and (probe_window is None or probe_window >= 1) \
+            and _cpu_flash_with_lse(q):
         # Every query sees every earlier token (no pads, no sinks, a window spanning the sequence, no cache: the
-        # teacher under the probe): one causal call, and the probe in one pass whose only mask is its gap.
+        # teacher under the probe): one causal call, and the probe in one pass whose only mask is its gap. (Only
+        # for the CPU flash kernel, which computes every tile of a mask it is given; flex skips the empty blocks of
+        # the per-block masks already, and the explicit softmax keeps its memory bounded by the blocks.)
         out, lse = attend(q, ctx_k, ctx_v, None, scale, causal=True)  # [B, Hq, T, D], [B, Hq, T]
         probe = None
         if probe_window is not None:
