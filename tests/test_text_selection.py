@@ -11,7 +11,8 @@ from helpers import tiny_model
 
 from ahn._shipped import load_text_teacher
 from ahn.demo.text import corpus, tasks
-from ahn.demo.text.selection import INPUTS, TARGET, activations, ablation, fit_scorer, format_row, header, kept_values
+from ahn.demo.text.selection import INPUTS, TARGET, activations, ablation, fit_scorer, format_row, header, kept_values, \
+    main
 from ahn.demo.text.teacher import WEIGHTS_DIR, teacher_task_words
 
 
@@ -69,3 +70,11 @@ def test_training_examples_of_different_lengths_are_refused():
     short, long = (tasks.TextExample("recall", [0] * n, [-100] * n, n) for n in (10, 12))
     with pytest.raises(ValueError, match="one length"):
         ablation(None, [short, long], {}, window=4, sinks=1, slots=2)
+
+
+@pytest.mark.parametrize("argv, message", [(["--window", "1024"], "no token of --length 1024 beyond the window"),
+                                           (["--length", "2000"], "beyond the teacher's context of 1024")])
+def test_the_cli_refuses_settings_with_nothing_to_count(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err

@@ -209,18 +209,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="pair counts of the fitting examples (training essays)")
     p.add_argument("--train-examples", type=int_at_least(1), default=8, help="fitting examples per pair count")
     p.add_argument("--slots", type=int_at_least(1), default=16, help="buffer slots M (the text demo's: 16)")
-    p.add_argument("--length", type=int_at_least(2), default=1024)
-    p.add_argument("--window", type=int_at_least(1), default=256)
-    p.add_argument("--sinks", type=int_at_least(0), default=16)
-    p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--threads", type=int_at_least(1), default=None)
+    p.add_argument("--length", type=int_at_least(2), default=1024, help="tokens per example (default: 1024, the "
+                   "shipped teacher's context)")
+    p.add_argument("--window", type=int_at_least(1), default=256, help="the window W (default: the text demo's 256)")
+    p.add_argument("--sinks", type=int_at_least(0), default=16, help="attention sinks S (default: the text demo's 16)")
+    p.add_argument("--seed", type=int, default=5, help="the examples' draw (held-out: seed + 1)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.window + args.sinks >= args.length:
+        p.error(f"--window {args.window} + --sinks {args.sinks} leave no token of --length {args.length} beyond the "
+                "window: give a longer length or a shorter window")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model, tokenizer = load_text_teacher(args.teacher)
     except FileNotFoundError as e:
         p.error(str(e))
+    if args.length > model.config.max_position_embeddings:
+        p.error(f"--length {args.length} is beyond the teacher's context of {model.config.max_position_embeddings}")
     torch.manual_seed(args.seed)
     words = teacher_task_words(Path(args.teacher))
 
