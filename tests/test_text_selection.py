@@ -11,8 +11,8 @@ from helpers import tiny_model
 
 from ahn._shipped import load_text_teacher
 from ahn.demo.text import corpus, tasks
-from ahn.demo.text.selection import INPUTS, TARGET, activations, ablation, fit_scorer, format_row, header, kept_values, \
-    main
+from ahn.demo.text.selection import (INPUTS, TARGET, ablation, activations, fit_scorer, format_row, header,
+                                     kept_values, main)
 from ahn.demo.text.teacher import WEIGHTS_DIR, teacher_task_words
 
 
