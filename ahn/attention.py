@@ -446,12 +446,13 @@ def window_attention(
     Query block [a, a+bq) needs only context slots [a-W+1, a+bq): cost O(T * (S + W + bq)), peak
     memory O(bq * (S + W + bq)) whatever T is. Without options (``need_lse`` False, no scorer, buffer
     or probe) each block is one SDPA call; otherwise one :func:`attend` call, which also gives the
-    log-sum-exp. With a ``scorer`` the token each query evicts (slot t - W) is scored, and with a scorer
-    that reads the received attention (``scorer.uses_mass``) the window attention each context slot
-    receives is accumulated into ``mass`` (from every ``mass_stride``-th query: those at slots divisible by
-    it, each counted ``mass_stride`` times; without autograd); with a
-    ``buffer`` the evicted tokens compete for it; ``probe_window``: also return, per context slot, the
-    attention mass received from queries at least that far ahead.
+    log-sum-exp; where every query sees every earlier token (the teacher's forward, CPU flash) one causal
+    call. With a ``scorer`` the token each query evicts (slot t - W) is scored, and with a scorer that
+    reads the received attention (``scorer.uses_mass``) the window attention each context slot receives is
+    accumulated into ``mass`` (from every ``mass_stride``-th query: those at slots divisible by it, each
+    counted ``mass_stride`` times; without autograd); with a ``buffer`` the evicted tokens compete for it;
+    ``probe_window``: also return, per context slot, the attention mass received from queries at least that far
+    ahead.
 
     Returns ``(out [B, T, Hq, D], lse [B, Hq, T] or None, evict_scores [B, Hkv, T] (score of the token
     query i evicts; -inf where none) or None, buffer or None, probe [B, Hkv, L] or None)``.

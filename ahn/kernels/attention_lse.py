@@ -172,12 +172,12 @@ def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
     the visible pairs (the softmax's probabilities, from its log-sum-exp), without autograd.
 
     ``q [B, Hkv, R, bq, D]`` (R query heads per kv head), ``keys [B, Hkv, n, D]``, ``mask [B, bq, n]`` bool
-    (True: visible), ``lse [B, Hkv, R, bq]`` float32 of the whole softmax (keys beyond these, the sinks say, count in
-    it), ``own``: the column of query 0's own slot; query i sees at most columns ``own + i - window + 1 .. own + i``
-    (a sliding window). ``gap``: count only queries at least this many slots after the key (the teacher's probe).
-    ``stride``, ``first``: count only queries ``first, first + stride, ...`` of the block, each ``stride`` times (an
-    estimate of the sum over all queries from every ``stride``-th: ``AHNConfig.salience_mass_stride``). Returns ``[B, Hkv, n]``
-    float32.
+    (True: visible; ``[1, bq, n]``: one for every row), ``lse [B, Hkv, R, bq]`` float32 of the whole softmax (keys
+    beyond these, the sinks say, count in it), ``own``: the column of query 0's own slot; query i sees at most
+    columns ``own + i - window + 1 .. own + i`` (a sliding window). ``gap``: count only queries at least this many
+    slots after the key (the teacher's probe). ``stride``, ``first``: count only queries ``first, first + stride,
+    ...`` of the block, each ``stride`` times (an estimate of the sum over all queries from every ``stride``-th:
+    ``AHNConfig.salience_mass_stride``). Returns ``[B, Hkv, n]`` float32.
 
     Steps of :data:`MASS_QUERIES` queries: each scores only its band of columns, with ``-lse`` folded into the
     matmul (``[q * scale, -lse] . [k, 1]``, in base 2) and the exp's argument floored at :data:`EXP2_FLOOR`; the
@@ -205,7 +205,7 @@ def received_mass_in_bands(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
         if gap:
             rows = torch.tensor(pos[j0:j1], device=q.device).view(-1, 1)
             m = m & (torch.arange(c0, c1, device=q.device) <= rows + own - gap)
-        m = m.view(m.shape[0], 1, 1, b, -1)  # (a mask shared by the rows: one [1, bq, n])
+        m = m.view(m.shape[0], 1, 1, b, -1)  # (B or 1: a mask shared by the rows)
         m0, m1 = max(c0, own + p1 + 1 - window) - c0, min(c1, own + p0 + 1 - gap) - c0  # the columns every query may see
         s = s.clamp_(min=EXP2_FLOOR).exp2_()
         # A broadcast bool multiply: 7x faster than masked_fill_ with the same broadcast mask (torch 2.13, CPU).
