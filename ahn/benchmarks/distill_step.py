@@ -72,12 +72,15 @@ def main(argv=None) -> int:
                    help="the recommended configuration's salience score reads the received attention")
     p.add_argument("--batch", type=int_at_least(1), default=None, help="samples per step (default: 16 for the demo, "
                                                                       "1 with --shape)")
-    p.add_argument("--steps", type=int_at_least(1), default=5, help="timed steps per mode (median kept)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="timed steps per mode, the median kept (default: 30 at the demo's shape, where a step takes a "
+                        "fraction of a second and 9-step ratios spread over 0.13 on a 2-core VM; 5 with --shape)")
     p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per mode first")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    steps = a.steps or (5 if a.shape else 30)
     seq_len = a.seq_len or DEMO_TASK.seq_len
     batch = a.batch or (1 if a.shape else 16)
     with tempfile.TemporaryDirectory(prefix="ahn-distill-step-") as tmp:
@@ -95,13 +98,13 @@ def main(argv=None) -> int:
         trainers = {}
         for mode, options in settings.items():
             cfg = DistillConfig(model=model_dir, data="synthetic", output=str(Path(tmp) / mode), window=a.window,
-                                sinks=a.sinks, batch_size=batch, max_steps=a.warmup + a.steps, progress=False,
+                                sinks=a.sinks, batch_size=batch, max_steps=a.warmup + steps, progress=False,
                                 synthetic=dict(task, num_examples=batch), **options)
             trainers[mode] = build_trainer(cfg)
         print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; {what}; {batch} x {seq_len} tokens, "
               f"window {a.window}, sinks {a.sinks}; recommended: buffer {a.buffer}, salience writes, deferring "
               f"read-out, salience mass {'on' if a.salience_mass else 'off'}", flush=True)
-        result = time_steps(trainers, a.steps, a.warmup)
+        result = time_steps(trainers, steps, a.warmup)
     (pw, pc), (rw, rc) = result["paper"], result["recommended"]
     print(f"\nmedian step: paper {pw:.2f} s wall / {pc:.2f} s CPU; recommended {rw:.2f} s wall / {rc:.2f} s CPU")
     print(f"recommended / paper: x{rw / pw:.2f} wall, x{rc / pc:.2f} CPU")
