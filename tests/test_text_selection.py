@@ -11,6 +11,7 @@ from helpers import tiny_model
 
 from ahn._shipped import load_text_teacher
 from ahn.demo.text import corpus, tasks
+from ahn.demo.text.probe import main as probe_main
 from ahn.demo.text.selection import (INPUTS, TARGET, ablation, activations, fit_scorer, format_row, header,
                                      kept_values, main)
 from ahn.demo.text.teacher import WEIGHTS_DIR, teacher_task_words
@@ -72,9 +73,11 @@ def test_training_examples_of_different_lengths_are_refused():
         ablation(None, [short, long], {}, window=4, sinks=1, slots=2)
 
 
+@pytest.mark.parametrize("cli", [main, probe_main])
 @pytest.mark.parametrize("argv, message", [(["--window", "1024"], "no token of --length 1024 beyond the window"),
                                            (["--length", "2000"], "beyond the teacher's context of 1024")])
-def test_the_cli_refuses_settings_with_nothing_to_count(argv, message, capsys):
+def test_the_clis_refuse_settings_with_nothing_to_count(cli, argv, message, capsys):
+    """Both offline analyses of the text teacher (this ablation and the probe) check their shared options."""
     with pytest.raises(SystemExit):
-        main(argv)
+        cli(argv)
     assert message in capsys.readouterr().err

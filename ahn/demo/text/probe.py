@@ -138,28 +138,47 @@ def format_rows(rows: Sequence[HeadRow], pairs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ahn.demo.text.probe", description=__doc__.split("\n\n")[0])
+def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
+    """The options the text teacher's offline analyses share: ``--teacher --length --window --sinks --seed
+    --threads``, with the text demo's defaults (:func:`load_for_cli` reads them)."""
     p.add_argument("--teacher", default=str(WEIGHTS_DIR), help="model folder with its tokenizer (default: the shipped "
                    "text teacher)")
-    p.add_argument("--pairs", type=int_at_least(1), nargs="+", default=[8, 16, 32, 64],
-                   help="pair counts (default: the text demo's)")
-    p.add_argument("--examples", type=int_at_least(1), default=6, help="recall examples per pair count")
-    p.add_argument("--length", type=int_at_least(2), default=1024)
-    p.add_argument("--window", type=int_at_least(1), default=256)
-    p.add_argument("--sinks", type=int_at_least(0), default=16)
-    p.add_argument("--min-attention", type=float, default=0.5,
-                   help="show only heads whose attention on the value averages at least this (0: every head)")
-    p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--threads", type=int_at_least(1), default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--length", type=int_at_least(2), default=1024, help="tokens per example (default: 1024, the "
+                   "shipped teacher's context)")
+    p.add_argument("--window", type=int_at_least(1), default=256, help="the window W (default: the text demo's 256)")
+    p.add_argument("--sinks", type=int_at_least(0), default=16, help="attention sinks S (default: the text demo's 16)")
+    p.add_argument("--seed", type=int, default=5, help="the examples' draw (default: 5)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def load_for_cli(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """``(model, tokenizer, words)`` of ``args.teacher`` (its key / value pool), after :func:`add_teacher_arguments`'
+    options are checked (``p.error`` naming the fix: nothing beyond the window, a length past the teacher's
+    context, a teacher folder that lacks a file); sets the threads."""
+    if args.window + args.sinks >= args.length:
+        p.error(f"--window {args.window} + --sinks {args.sinks} leave no token of --length {args.length} beyond the "
+                "window: give a longer length or a shorter window")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model, tokenizer = load_text_teacher(args.teacher)
     except FileNotFoundError as e:
         p.error(str(e))
-    words = teacher_task_words(Path(args.teacher))
+    if args.length > model.config.max_position_embeddings:
+        p.error(f"--length {args.length} is beyond the teacher's context of {model.config.max_position_embeddings}")
+    return model, tokenizer, teacher_task_words(Path(args.teacher))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ahn.demo.text.probe", description=__doc__.split("\n\n")[0])
+    add_teacher_arguments(p)
+    p.add_argument("--pairs", type=int_at_least(1), nargs="+", default=[8, 16, 32, 64],
+                   help="pair counts (default: the text demo's)")
+    p.add_argument("--examples", type=int_at_least(1), default=6, help="recall examples per pair count")
+    p.add_argument("--min-attention", type=float, default=0.5,
+                   help="show only heads whose attention on the value averages at least this (0: every head)")
+    args = p.parse_args(argv)
+    model, tokenizer, words = load_for_cli(p, args)
     haystack = tasks.token_stream(tokenizer, [clean(t) for t in essays("heldout").values()])
     for n in args.pairs:
         rng = random.Random(args.seed * 1000 + n)  # each pair count's examples, whichever others are asked

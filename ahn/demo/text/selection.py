@@ -25,19 +25,16 @@ from __future__ import annotations
 import argparse
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from ahn._cli_args import int_at_least
-from ahn._shipped import load_text_teacher
 from ahn.distill.losses import salience_loss
 
 from . import tasks
 from .corpus import clean, essays
-from .probe import record_qkv
-from .teacher import WEIGHTS_DIR, teacher_task_words
+from .probe import add_teacher_arguments, load_for_cli, record_qkv
 
 INPUTS = {  # name -> (received mass, key norm) beside the token's hidden state
     "token": (False, False),
@@ -201,34 +198,16 @@ def header(pairs: Sequence[int], slots: int) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ahn.demo.text.selection", description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=str(WEIGHTS_DIR), help="model folder with its tokenizer (default: the shipped "
-                   "text teacher)")
+    add_teacher_arguments(p)
     p.add_argument("--pairs", type=int_at_least(1), nargs="+", default=[8, 16], help="held-out pair counts")
     p.add_argument("--examples", type=int_at_least(1), default=12, help="held-out examples per pair count")
     p.add_argument("--train-pairs", type=int_at_least(1), nargs="+", default=[8, 16, 32, 64],
                    help="pair counts of the fitting examples (training essays)")
     p.add_argument("--train-examples", type=int_at_least(1), default=8, help="fitting examples per pair count")
     p.add_argument("--slots", type=int_at_least(1), default=16, help="buffer slots M (the text demo's: 16)")
-    p.add_argument("--length", type=int_at_least(2), default=1024, help="tokens per example (default: 1024, the "
-                   "shipped teacher's context)")
-    p.add_argument("--window", type=int_at_least(1), default=256, help="the window W (default: the text demo's 256)")
-    p.add_argument("--sinks", type=int_at_least(0), default=16, help="attention sinks S (default: the text demo's 16)")
-    p.add_argument("--seed", type=int, default=5, help="the examples' draw (held-out: seed + 1)")
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    if args.window + args.sinks >= args.length:
-        p.error(f"--window {args.window} + --sinks {args.sinks} leave no token of --length {args.length} beyond the "
-                "window: give a longer length or a shorter window")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer = load_text_teacher(args.teacher)
-    except FileNotFoundError as e:
-        p.error(str(e))
-    if args.length > model.config.max_position_embeddings:
-        p.error(f"--length {args.length} is beyond the teacher's context of {model.config.max_position_embeddings}")
+    model, tokenizer, words = load_for_cli(p, args)
     torch.manual_seed(args.seed)
-    words = teacher_task_words(Path(args.teacher))
 
     def draw(split: str, counts: Sequence[int], per_count: int, seed: int) -> dict:
         haystack = tasks.token_stream(tokenizer, [clean(t) for t in essays(split).values()])
