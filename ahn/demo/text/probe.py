@@ -81,6 +81,13 @@ def delta_reads(keys: torch.Tensor, values: torch.Tensor, written: Sequence[int]
     return torch.stack(reads) if reads else values.new_zeros(0, values.shape[-1])
 
 
+def beyond_window_queries(example: tasks.TextExample, window: int, sinks: int) -> list[tuple[int, int]]:
+    """``(query, value)`` positions of ``example``'s asked pairs whose value has left the window (and is not a sink)
+    at the query that predicts its answer, in order: what a memory or the buffer must carry."""
+    return sorted((a - 1, lo) for (a, _), (lo, _) in zip(example.answer_spans, example.value_spans)
+                  if a - 1 - lo >= window and lo >= sinks)
+
+
 @dataclass
 class HeadRow:
     layer: int
@@ -98,8 +105,7 @@ def probe(model, examples: Sequence[tasks.TextExample], window: int, sinks: int)
     for ex in examples:
         records = record_qkv(model, torch.tensor([ex.input_ids]))
         pair_values = sorted(lo for lo, _ in ex.value_spans + ex.distractor_spans if lo >= sinks)
-        asked = sorted((a - 1, lo) for (a, _), (lo, _) in zip(ex.answer_spans, ex.value_spans)
-                       if a - 1 - lo >= window and lo >= sinks)  # (query, its value), beyond the window, in order
+        asked = beyond_window_queries(ex, window, sinks)
         if not asked:
             continue
         t = torch.tensor([q for q, _ in asked])
@@ -107,6 +113,8 @@ def probe(model, examples: Sequence[tasks.TextExample], window: int, sinks: int)
         every = torch.arange(sinks, int(t.max()) - window + 1)  # what has left the window by the last query
         values_pos = torch.tensor(pair_values)
         stored = [values_pos[values_pos <= x - window] for x in t.tolist()]  # the values each query could get back
+        policies = [(slot, rows, [int((rows <= x - window).sum()) for x in t.tolist()])  # rows written by each query
+                    for slot, rows in ((2, every), (3, values_pos))]
         for layer, (q, k, v) in records.items():
             q, k, v = q[0].float(), k[0].float(), v[0].float()
             Hq, Hkv, D = q.shape[0], k.shape[0], q.shape[-1]
@@ -119,8 +127,7 @@ def probe(model, examples: Sequence[tasks.TextExample], window: int, sinks: int)
                 s = sums.setdefault((layer, h), [0, 0.0, 0.0, 0.0])
                 s[0] += len(asked)
                 s[1] += p.sum().item()
-                for slot, rows in ((2, every), (3, values_pos)):
-                    n = [int((rows <= int(x) - window).sum()) for x in t]  # rows written before each query
+                for slot, rows, n in policies:
                     reads = delta_reads(kn[rows], v[g, rows], n, qn)  # [m, D]
                     for i, there in enumerate(stored):
                         closest = F.cosine_similarity(reads[i][None], v[g, there], dim=-1).argmax()

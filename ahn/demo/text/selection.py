@@ -30,11 +30,11 @@ from typing import Optional, Sequence
 import torch
 
 from ahn._cli_args import int_at_least
-from ahn.distill.losses import salience_loss
+from ahn.distill.losses import evictable_positions, salience_loss
 
 from . import tasks
 from .corpus import clean, essays
-from .probe import add_teacher_arguments, load_for_cli, record_qkv
+from .probe import add_teacher_arguments, beyond_window_queries, load_for_cli, record_qkv
 
 INPUTS = {  # name -> (received mass, key norm) beside the token's hidden state
     "token": (False, False),
@@ -113,11 +113,12 @@ def fit_scorer(train: Sequence[Activations], candidates: torch.Tensor, layer: in
     cand = candidates.expand(len(train), -1)
     rows = X[cand]
     mu, sd = rows.mean(0), rows.std(0) + 1e-6
+    Z = (X - mu) / sd
     w = torch.zeros(X.shape[-1], requires_grad=True)  # (no bias: a shift changes no ranking and no softmax)
     opt = torch.optim.Adam([w], lr=lr)
     losses = []
     for _ in range(steps):
-        loss = salience_loss((((X - mu) / sd) @ w).unsqueeze(1), target, cand)
+        loss = salience_loss((Z @ w).unsqueeze(1), target, cand)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -130,16 +131,13 @@ def kept_values(example: tasks.TextExample, score: torch.Tensor, window: int, si
                 slots: int) -> tuple[int, int]:
     """``(kept, asked)``: of the queried values that lie beyond the window at their query, how many are among the
     ``slots`` best-scored tokens evicted by then (the buffer's content: the top M of what has left the window)."""
-    kept = asked = 0
-    for (a, _), (value, _) in zip(example.answer_spans, example.value_spans):
-        query = a - 1  # the position that predicts the answer
-        if query - value < window or value < sinks:
-            continue
+    asked = beyond_window_queries(example, window, sinks)
+    kept = 0
+    for query, value in asked:
         evicted = torch.arange(sinks, query - window + 1)
         top = evicted[score[evicted].topk(min(slots, len(evicted))).indices]
         kept += int(value in top.tolist())
-        asked += 1
-    return kept, asked
+    return kept, len(asked)
 
 
 @dataclass
@@ -158,7 +156,7 @@ def ablation(model, train: Sequence[tasks.TextExample], test: dict, window: int,
     if len(lengths) != 1:
         raise ValueError(f"the training examples must share one length, got {sorted(lengths)}")
     T = lengths.pop()
-    candidates = (torch.arange(T) >= sinks) & (torch.arange(T) + window <= T - 1)  # evictable_positions of one row
+    candidates = evictable_positions(torch.ones(1, T), window, sinks)[0]
     fit_acts = [activations(model, ex.input_ids, window, sinks) for ex in train]
     test_acts = {n: [(ex, activations(model, ex.input_ids, window, sinks)) for ex in exs] for n, exs in test.items()}
     Hkv = fit_acts[0].mass[0].shape[0]
@@ -168,13 +166,12 @@ def ablation(model, train: Sequence[tasks.TextExample], test: dict, window: int,
             scorers = {name: fit_scorer(fit_acts, candidates, layer, head, *use)[0] for name, use in INPUTS.items()}
             scorers[TARGET] = lambda a, layer=layer, head=head: a.far[layer][head]
             kept = {name: {} for name in scorers}
-            asked = {}
+            asked = {n: sum(len(beyond_window_queries(ex, window, sinks)) for ex, _ in pairs)
+                     for n, pairs in test_acts.items()}
             for n, pairs in test_acts.items():
                 for name, score in scorers.items():
-                    counts = [kept_values(ex, score(a), window, sinks, slots) for ex, a in pairs]
-                    total = sum(c[1] for c in counts)
-                    kept[name][n] = sum(c[0] for c in counts) / total if total else None
-                    asked[n] = total
+                    hits = sum(kept_values(ex, score(a), window, sinks, slots)[0] for ex, a in pairs)
+                    kept[name][n] = hits / asked[n] if asked[n] else None
             rows.append(SelectionRow(layer, head, kept, asked))
             if progress:
                 progress(rows[-1])
