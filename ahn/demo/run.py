@@ -331,7 +331,7 @@ def add_arguments(p) -> None:
                         f"{DemoSettings.salience_weight}; 0: the scorer learns through the gated writes only)")
     p.add_argument("--retrain-teacher", action="store_true",
                    help="train the teacher from scratch first instead of using the shipped one (recall: ~6 min on one core; "
-                        "text: python -m ahn.demo.text.teacher's recipe, 39 minutes on 2 cores for the shipped one)")
+                        "text: python -m ahn.demo.text.teacher's recipe, 52 minutes on 2 cores for the shipped one)")
     p.add_argument("--teacher-steps", type=int_at_least(1), default=None,
                    help="at most this many steps of --retrain-teacher (default: the recipe's; the text teacher's phases end "
                         "on its loss, so it may stop before)")
