@@ -246,6 +246,8 @@ def test_text_demo_flags_are_checked(tmp_path, capsys):
 
     for argv, message in ((["--task", "text", "--pairs", "8"], "--pairs belongs to the recall task"),
                           (["--quick"], "--quick belongs to the text task"),
+                          # a --no-X is a flag given, not one to drop silently
+                          (["--task", "text", "--no-salience-writes"], "--salience-writes belongs to the recall task"),
                           (["--task", "text", "--memory", "all"], "--memory all is the recall task's")):
         with pytest.raises(SystemExit) as e:
             main(["demo", *argv, "--out", str(tmp_path / "x")])
@@ -273,6 +275,11 @@ def test_demo_task_text_wiring(tmp_path, monkeypatch):
     assert main(["demo", "--task", "text", "--quick", "--steps", "3", "--teacher", str(tmp_path), "--out",
                  str(tmp_path / "q"), "--no-progress"]) == 0
     assert seen["settings"] == quick_settings(steps=3) and seen["teacher_dir"] == tmp_path
+    assert main(["demo", "--task", "text", "--quick", "--no-salience-mass", "--teacher", str(tmp_path), "--out",
+                 str(tmp_path / "q"), "--no-progress"]) == 0
+    assert seen["settings"] == quick_settings(salience_mass=False)
+    configs = text_run.mode_configs(seen["settings"], 40)
+    assert [configs[m]["salience_mass"] for m in ("recommended", "buffer_only", "memory_only")] == [False] * 3
     assert "".join(seen["texts"]["train"] + seen["texts"]["heldout"]) == sample_text()
     assert seen["threads"] == demo_run.DEMO_THREADS and seen["progress"] is False
     assert main(["demo", "--out", str(tmp_path / "r")]) == 0 and seen.get("recall")

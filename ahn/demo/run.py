@@ -231,8 +231,10 @@ def format_table(results: dict) -> str:
 
 TASKS = ("recall", "text")
 # Flags that only the recall task reads, and the text task's own: each refused with the other task.
+# A flag counts as given when its value is not None: every one of them defaults to None (--quick too), so a
+# --no-X (False) is refused with the other task as --X is, never silently dropped.
 RECALL_ONLY = (("pairs", "--pairs"), ("salience_writes", "--salience-writes"), ("readout", "--readout"),
-               ("salience_mass", "--salience-mass"), ("salience_mass_stride", "--salience-mass-stride"))
+               ("salience_mass_stride", "--salience-mass-stride"))
 TEXT_ONLY = (("teacher", "--teacher"), ("quick", "--quick"), ("needles_per_cell", "--needles-per-cell"),
              ("length", "--length"), ("modes", "--modes"))
 
@@ -241,7 +243,7 @@ def _check_task_flags(args) -> None:
     if args.task not in TASKS:
         raise ValueError(f"--task {args.task!r}: choose one of {', '.join(TASKS)}")
     other = RECALL_ONLY if args.task == "text" else TEXT_ONLY
-    given = [flag for name, flag in other if getattr(args, name, None) not in (None, False)]
+    given = [flag for name, flag in other if getattr(args, name, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to the "
                          f"{'recall' if args.task == 'text' else 'text'} task, not --task {args.task}; drop "
@@ -258,6 +260,7 @@ def _run_text(args) -> None:
 
     given = {k: v for k, v in (("memory", args.memory), ("steps", args.steps), ("seed", args.seed),
                                ("buffer_slots", args.buffer), ("salience_weight", args.salience_weight),
+                               ("salience_mass", args.salience_mass),
                                ("needles_per_cell", args.needles_per_cell), ("length", args.length)) if v is not None}
     settings = quick_settings(**given) if args.quick else TextSettings(**given)
     texts = None
@@ -322,7 +325,8 @@ def add_arguments(p) -> None:
                    help=f"memory read-out: add (the paper's) or defer (default {DemoSettings.readout})")
     p.add_argument("--salience-mass", action=argparse.BooleanOptionalAction, default=None,
                    help=f"the salience score reads the attention each token received in the window (default "
-                        f"{DemoSettings.salience_mass})")
+                        f"{DemoSettings.salience_mass}; --task text: in the recommended, buffer_only and memory_only "
+                        "modes)")
     p.add_argument("--salience-mass-stride", type=int_at_least(1), default=None, metavar="S",
                    help="estimate that mass from every S-th query (default: window // 256, at least 1, so exact at "
                         "the demo's window; docs/salience.md)")
@@ -342,7 +346,7 @@ def add_arguments(p) -> None:
     text = p.add_argument_group("the text task (--task text)")
     text.add_argument("--teacher", type=Path, default=None,
                       help="a model folder with its tokenizer to use as the teacher (default: the shipped text teacher)")
-    text.add_argument("--quick", action="store_true",
+    text.add_argument("--quick", action="store_true", default=None,
                       help="every stage at toy size on the shipped sample text (seconds to minutes; figures mean nothing)")
     text.add_argument("--needles-per-cell", type=int_at_least(1), default=None,
                       help="held-out needles per depth x length cell of the grid (default 8)")

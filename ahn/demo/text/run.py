@@ -74,6 +74,8 @@ class TextSettings:
 
     window / sinks: the attention of every mode but ``full`` (the issue's 256 + 16).
     memory: the memory rule. buffer_slots: the recommended configuration's slots per layer and kv head.
+    salience_mass: whether the salience score of the modes that have one (recommended, buffer_only, memory_only)
+        reads each token's received attention (``AHNConfig.salience_mass``; docs/salience.md has the ablation).
     length: the context length of training sequences and of held-out perplexity windows (default: the teacher's,
         ``max_position_embeddings``). needle_lengths: the needle grid's context lengths (default: 512 up to
         ``length`` in about four steps of a multiple of 256: 512, 768, 1024 for a 1024-token teacher); needle_depths: needle depths in percent of the haystack.
@@ -100,6 +102,7 @@ class TextSettings:
     lr_scheduler: str = "constant_with_warmup"
     response_weight: float = 10.0
     salience_weight: float = 1.0
+    salience_mass: bool = True
     train_sequences: Optional[int] = None
     lm_share: float = 0.5
     needles_per_cell: int = 8
@@ -120,6 +123,8 @@ class TextSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name}={v!r} must be an int >= 0")
+        if not isinstance(self.salience_mass, bool):
+            raise ValueError(f"salience_mass={self.salience_mass!r} must be True or False")
         if not 0 <= self.lm_share <= 1:
             raise ValueError(f"lm_share={self.lm_share!r} must lie in [0, 1]")
         bad = [d for d in self.needle_depths if not 0 <= d <= 100]
@@ -136,11 +141,12 @@ QUICK = dict(length=192, window=32, sinks=4, buffer_slots=4, steps=2, batch_size
 
 def mode_configs(settings: TextSettings, buffer_only_slots: int) -> dict[str, dict]:
     """The salience options of each memory mode (AHNConfig / DistillConfig fields)."""
-    recommended = dict(buffer_slots=settings.buffer_slots, salience_writes=True, readout="defer", salience_mass=True)
+    mass = settings.salience_mass
+    recommended = dict(buffer_slots=settings.buffer_slots, salience_writes=True, readout="defer", salience_mass=mass)
     return {
-        "paper": dict(buffer_slots=0, salience_writes=False, readout="add", salience_mass=True),
+        "paper": dict(buffer_slots=0, salience_writes=False, readout="add", salience_mass=True),  # no scorer to read it
         "recommended": recommended,
-        "buffer_only": dict(buffer_slots=buffer_only_slots, salience_writes=False, readout="add", salience_mass=True),
+        "buffer_only": dict(buffer_slots=buffer_only_slots, salience_writes=False, readout="add", salience_mass=mass),
         "memory_only": dict(recommended, buffer_slots=0),
     }
 
