@@ -424,9 +424,16 @@ def write_plots(results: dict, out: Path) -> None:
                      results["needle_lengths"], f"needle accuracy, window {att['window']} + {att['sinks']} sinks")
     mids = {m: ([(b["lo"] + b["hi"]) / 2 for b in r["ppl_by_position"]], [b["ppl"] for b in r["ppl_by_position"]])
             for m, r in modes.items()}
-    plot_lines(out / PPL_PLOT, "held-out essays", [("token position", "perplexity", mids, False)])
-    recall = {m: ([int(p) for p in r["recall"]], list(r["recall"].values())) for m, r in modes.items()}
-    plot_lines(out / RECALL_PLOT, "word-pair recall on held-out essays", [("word pairs", "accuracy", recall, True)])
+    panels = [("token position", "perplexity", mids, False)]
+    if "full" in mids:  # the gap to full attention, which the first panel's shared scale makes hard to read
+        ref = mids["full"][1]
+        ratio = {m: (xs, [y / r if y is not None and r else None for y, r in zip(ys, ref)]) for m, (xs, ys) in mids.items()}
+        panels.append(("token position", "perplexity / full attention's", ratio, False))
+    plot_lines(out / PPL_PLOT, "held-out essays", panels)
+    recall = [("word pairs", f"accuracy, {what}",
+               {m: ([int(p) for p in r[key]], list(r[key].values())) for m, r in modes.items()}, True)
+              for key, what in (("recall", "every query"), ("recall_beyond", "pair beyond the window"))]
+    plot_lines(out / RECALL_PLOT, "word-pair recall on held-out essays", recall)
 
 
 # ---------------------------------------------------------------------------- the run
